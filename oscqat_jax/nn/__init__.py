@@ -1,0 +1,1 @@
+"""Flax Linen glue over the functional core: quantized layers, quant setups and contexts."""

@@ -1,0 +1,171 @@
+"""Reading what the quantized layers leave in their variable collections.
+
+- :func:`dampening_total`: the summed dampening terms sown in a ``train`` call.
+- :func:`quantized_weights`: every quantized kernel as integers, scale and zero point.
+- :func:`oscillation_states` / :func:`oscillation_summary`: tracking state per layer.
+- :func:`reestimated_batch_stats`: BN running statistics from ``bn_stats`` passes (SPEC §8).
+
+Paths are module paths joined by ``/``, e.g. ``"block_3/depthwise"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from oscqat_jax import oscillation
+from oscqat_jax.nn.batchnorm import BN_BATCH_STATS
+from oscqat_jax.nn.config import QuantContext
+from oscqat_jax.nn.quantizer import DAMPENING, QUANTIZED_WEIGHTS
+
+
+class QuantizedWeight(NamedTuple):
+    """One quantized kernel: ``scale * (int_weight - zero_point)`` is the forward's weight.
+
+    Attributes:
+      int_weight: integer values, int8 (int16 above 8 bits), shaped like the kernel; frozen
+        entries hold their frozen value.
+      scale: float32, ``()`` or per output channel (``(1, 1, 1, C)`` / ``(1, C)``).
+      zero_point: int32 of the scale's shape for asymmetric quantizers, else None.
+      n_bits: bit width.
+      signed: whether the grid is signed (always True for weights).
+    """
+
+    int_weight: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    n_bits: int
+    signed: bool
+
+
+def _sown(tree: Mapping, name: str) -> dict[str, tuple]:
+    """``{module path: values}`` for every ``sow(..., name, ...)`` entry in a collection."""
+    flat = traverse_util.flatten_dict(dict(tree), is_leaf=lambda _, node: isinstance(node, tuple))
+    return {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == name}
+
+
+def dampening_total(mutated_variables: Mapping[str, Any]) -> jax.Array:
+    """Sum of every dampening term sown in a ``train`` call (float32 scalar; 0 if none).
+
+    ``mutated_variables`` is the second output of ``apply(..., mutable=[..., "dampening"])``.
+    """
+    terms = jax.tree_util.tree_leaves(mutated_variables.get(DAMPENING, {}))
+    return sum((jnp.asarray(t, jnp.float32) for t in terms), jnp.zeros((), jnp.float32))
+
+
+def _eval_context(value):
+    if isinstance(value, QuantContext):
+        return dataclasses.replace(value, mode="eval")
+    return value
+
+
+def quantized_weights(
+    model: nn.Module, variables: Mapping[str, Any], *args, **kwargs
+) -> dict[str, QuantizedWeight]:
+    """Runs ``model.apply(variables, *args, **kwargs)`` once in eval mode and returns every
+    quantized kernel, keyed by layer path.
+
+    Any :class:`QuantContext` among the arguments is switched to ``eval`` mode first, so the
+    integers are those of quantized inference (frozen values applied, nothing advanced).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(
+        (tuple(_eval_context(a) for a in args), {k: _eval_context(v) for k, v in kwargs.items()})
+    )
+    is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves]
+
+    # Compiled, with non-array arguments (flags, strings) closed over: one eager pass over a
+    # whole network would dispatch thousands of small ops.
+    def sow_weights(variables, arrays):
+        arrays = iter(arrays)
+        filled = [next(arrays) if a else leaf for leaf, a in zip(leaves, is_array, strict=True)]
+        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
+        _, mutated = model.apply(variables, *call_args, mutable=[QUANTIZED_WEIGHTS], **call_kwargs)
+        return mutated
+
+    array_args = [leaf for leaf, a in zip(leaves, is_array, strict=True) if a]
+    mutated = jax.jit(sow_weights)(variables, array_args)
+    out = {}
+    for path, values in _sown(mutated.get(QUANTIZED_WEIGHTS, {}), "kernel").items():
+        sown = values[0]
+        n_bits = int(sown["n_bits"])
+        int_dtype = np.int8 if n_bits <= 8 else np.int16
+        zero_point = sown.get("zero_point")
+        out[path] = QuantizedWeight(
+            int_weight=np.asarray(sown["int_weight"]).astype(int_dtype),
+            scale=np.asarray(sown["scale"], np.float32),
+            zero_point=None if zero_point is None else np.asarray(zero_point).astype(np.int32),
+            n_bits=n_bits,
+            signed=True,
+        )
+    return out
+
+
+def oscillation_states(oscillation_collection: Mapping) -> dict[str, oscillation.OscillationState]:
+    """Every tracked weight's :class:`~oscqat_jax.oscillation.OscillationState`, keyed by layer path."""
+    fields = oscillation.OscillationState._fields
+    flat = traverse_util.flatten_dict(dict(oscillation_collection))
+    paths = sorted({"/".join(k[:-1]) for k in flat if k[-1] in fields})
+    states = {}
+    for path in paths:
+        prefix = tuple(path.split("/")) if path else ()
+        try:
+            states[path] = oscillation.OscillationState(**{f: flat[(*prefix, f)] for f in fields})
+        except KeyError as missing:
+            raise ValueError(
+                f"The oscillation collection at {path!r} lacks the field {missing}."
+            ) from None
+    return states
+
+
+def oscillation_summary(
+    oscillation_collection: Mapping, level: float = 0.005
+) -> dict[str, dict[str, jax.Array]]:
+    """``{"overall": summary, "per_layer": {path: summary}}`` of ``oscillation.summary``:
+    fractions of weights oscillating (``ema_osc > level``) and frozen, mean frequency, count."""
+    states = oscillation_states(oscillation_collection)
+    if not states:
+        raise ValueError("The oscillation collection holds no tracked weights.")
+    return {
+        "overall": oscillation.summary(list(states.values()), level),
+        "per_layer": {path: oscillation.summary(s, level) for path, s in states.items()},
+    }
+
+
+def reestimated_batch_stats(bn_batch_stats: Sequence[Mapping]) -> dict:
+    """Running statistics from ``bn_stats`` passes: per BN layer, the average of the sown
+    per-batch means and of the per-batch unbiased variances (SPEC §8).
+
+    Args:
+      bn_batch_stats: the ``bn_batch_stats`` collection of each pass (one per batch).
+
+    Returns:
+      A tree shaped like the model's ``batch_stats`` (``{..., "bn": {"mean", "var"}}``).
+    """
+    if not bn_batch_stats:
+        raise ValueError("reestimated_batch_stats needs at least one bn_batch_stats collection.")
+    sums, counts = {}, {}
+    keys = None
+    for collection in bn_batch_stats:
+        flat = traverse_util.flatten_dict(
+            dict(collection), is_leaf=lambda _, node: isinstance(node, tuple)
+        )
+        if keys is not None and set(flat) != keys:
+            raise ValueError("The bn_batch_stats collections come from different BatchNorm layers.")
+        keys = set(flat)
+        for key, values in flat.items():
+            for value in values:
+                sums[key] = sums.get(key, 0.0) + jnp.asarray(value, jnp.float32)
+                counts[key] = counts.get(key, 0) + 1
+    if not sums:
+        raise ValueError(
+            f"The collections hold no statistics; run the model in bn_stats mode "
+            f"with mutable=['{BN_BATCH_STATS}']."
+        )
+    return traverse_util.unflatten_dict({k: sums[k] / counts[k] for k in sums})
