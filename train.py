@@ -1,24 +1,58 @@
 """Entry point of the oscqat_jax training program.
 
-The training program (data, the sharded QAT step, evaluation, checkpoints) is not built yet;
-until it is, this prints what the default run will do and exits with status 2 rather than
-pretending to train.
+    python train.py                                   # the embedded default (configs/default.py)
+    python train.py --config=configs/<recipe>.py --workdir=DIR [--config.quant.n_bits=3 ...]
+    python train.py --config=... --workdir=DIR --mode=evaluate
+
+Re-running a command with the same workdir resumes it from its newest checkpoint.
 """
 
+import os
 import sys
 
-PLAN = """oscqat_jax: the training program is not built yet.
-The default run will: train a width-reduced MobileNetV2 in float on scikit-learn's 8x8 digits
-(upsampled to 32x32, fixed train/validation split), initialise the quantizer ranges (MSE),
-fine-tune it with W3A3 quantization-aware training and iterative weight freezing, re-estimate
-BatchNorm statistics, and print float and quantized accuracy, oscillating and frozen fractions.
-The functional core it will use is ready: see README.md, 'Use it from your own JAX code'."""
+from absl import app, flags
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(_HERE, "configs", "default.py"),
+    "Experiment config file (configs/<recipe>.py[:arg]); override fields with --config.x.y=v.",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (and evaluate) or only evaluate.")
+flags.DEFINE_string(
+    "compilation_cache",
+    os.path.join(os.path.expanduser("~"), ".cache", "oscqat_jax", "xla"),
+    "Persistent XLA compilation cache (a re-run skips the compiles); empty to switch it off.",
+)
 
 
-def main() -> int:
-    print(PLAN)
-    return 2
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    import jax
+    from absl import logging
+
+    from oscqat_jax.training import trainer
+
+    # Orbax reports every checkpoint step at INFO; our own progress goes to stdout.
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+    if flags.FLAGS.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", flags.FLAGS.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    config = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir or os.path.join(_HERE, "workdir", "default")
+    if flags.FLAGS.mode == "evaluate":
+        trainer.evaluate_checkpoint(config, workdir)
+    else:
+        trainer.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(app.run(main))

@@ -1,0 +1,1 @@
+"""The training program: data, optimizers, the sharded QAT step, evaluation, checkpoints, metrics."""

@@ -1,0 +1,162 @@
+"""Every recipe in configs/ builds its model, optimizer and schedules and runs a step."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oscqat_jax.nn.config import QuantContext
+from oscqat_jax.training import config as config_lib
+from oscqat_jax.training import data, optim, trainer
+from oscqat_jax.training import step as step_lib
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+FAMILIES = ("mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_small")
+RECIPES = [
+    (family, f"w{bits}_{method}")
+    for family in FAMILIES
+    for bits in (4, 3)
+    for method in ("lsq", "damp", "freeze")
+] + [("bn_study", "mobilenet_v2"), ("bn_study", "resnet18")]
+# Recipes differing only in numbers (bits aside) share one step program: "lsq" and "freeze"
+# differ only in the freezing threshold, an argument of the step. Each distinct program is
+# traced; the cheapest to compile (weight-only ResNet-18, tracked) runs for real, and the
+# training tests run every mode for real on a small MobileNetV2.
+TRACED = [
+    ("mobilenet_v2", "w4_freeze"),
+    ("mobilenet_v2", "w3_damp"),
+    ("efficientnet_lite0", "w4_damp"),
+    ("efficientnet_lite0", "w3_freeze"),
+    ("mobilenet_v3_small", "w4_damp"),
+    ("mobilenet_v3_small", "w3_freeze"),
+    ("bn_study", "mobilenet_v2"),
+]
+EXECUTED = ("bn_study", "resnet18")
+
+
+def load_recipe(name: str, arg: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def on_stand_in_data(config):
+    """The recipe with ImageNet replaced by a few random 32x32 images."""
+    config.data.name = "synthetic"
+    config.data.image_size = 32
+    config.data.num_classes = 10
+    config.data.num_train = 8
+    config.data.num_val = 4
+    config.data.batch_size = 4
+    config.data.eval_batch_size = 4
+    return config
+
+
+def test_recipe_values_follow_the_paper():
+    c = load_recipe("mobilenet_v2", "w4_freeze")
+    assert (c.quant.n_bits, c.quant.n_bits_act, c.optimizer.lr) == (4, 4, 0.0033)
+    assert (c.osc_freeze.threshold, c.osc_freeze.threshold_final) == (0.1, 0.01)
+    assert c.optimizer.weight_decay == 5e-5 and c.osc_damp.weight is None
+    assert c.optimizer.quant_lr == 1e-5 and c.data.batch_size == 128 and c.train.epochs == 90
+    c = load_recipe("mobilenet_v2", "w3_damp")
+    assert (c.optimizer.lr, c.optimizer.weight_decay) == (0.01, 2.5e-5)
+    assert (c.osc_damp.weight, c.osc_damp.weight_final) == (0.0, 0.1)
+    assert c.osc_freeze.threshold == 0.0
+    c = load_recipe("efficientnet_lite0", "w3_freeze")
+    assert (c.osc_freeze.threshold, c.osc_freeze.threshold_final) == (0.1, 0.005)
+    assert c.osc_damp.weight is None and c.train.epochs == 50  # freezes, no dampening
+    c = load_recipe("bn_study", "resnet18")
+    assert c.model.name == "resnet18" and not c.quant.quantize_activations
+    assert c.train.epochs == 20 and c.quant.n_bits == 3
+    with pytest.raises(ValueError, match="w3 or w4"):
+        load_recipe("mobilenet_v2", "w8_lsq")
+
+
+def build(name, arg):
+    """The recipe's config on stand-in data, its models, optimizer and schedule table."""
+    config = on_stand_in_data(load_recipe(name, arg))
+    config_lib.validate(config)
+    dataset = data.load_dataset(config.data)
+    model = trainer.build_model(config, dataset.num_classes)
+    float_model = trainer.build_model(config, dataset.num_classes, quantize=False)
+    per_epoch = data.steps_per_epoch(dataset, config.data.batch_size)
+    total = config.train.epochs * per_epoch
+    opt = optim.create_optimizer(
+        config.optimizer, total_steps=total, steps_per_epoch=per_epoch, train_quantizers=True
+    )
+    table = trainer.qat_schedules(config, opt, total).table(total)
+    step_fn = step_lib.make_train_step(
+        model,
+        opt.tx,
+        step_lib.StepConfig(
+            dampen=config.osc_damp.weight is not None,
+            osc_momentum=config.osc_freeze.ema_momentum,
+        ),
+    )
+    # Late enough for freezing and dampening to be on, early enough for a sizeable rate.
+    hparams = step_lib.hparams_at(table, (3 * total) // 4)
+    return config, dataset, model, float_model, opt, table, step_fn, hparams
+
+
+@pytest.mark.parametrize("name, arg", RECIPES, ids=[f"{n}:{a}" for n, a in RECIPES])
+def test_every_recipe_builds_its_model_optimizer_and_schedules(name, arg):
+    config, dataset, model, _, opt, table, _, hparams = build(name, arg)
+    assert model.num_classes == dataset.num_classes
+    np.testing.assert_allclose(table["model_lr"][0], config.optimizer.lr, rtol=1e-6)
+    np.testing.assert_allclose(table["quant_lr"], config.optimizer.quant_lr, rtol=1e-6)
+    assert abs(float(table["model_lr"][-1])) < 0.01 * config.optimizer.lr  # cosine to 0
+    if config.osc_freeze.threshold:
+        assert table["freeze_threshold"][0] == 0.0
+        np.testing.assert_allclose(
+            table["freeze_threshold"][-1], config.osc_freeze.threshold_final, rtol=1e-3
+        )
+    else:
+        assert not np.any(table["freeze_threshold"])
+    if config.osc_damp.weight is not None:
+        np.testing.assert_allclose(table["dampening_weight"][-1], 0.1, rtol=1e-3)
+    assert all(v.dtype == np.float32 for v in hparams.values())
+
+
+@pytest.mark.parametrize("name, arg", TRACED, ids=[f"{n}:{a}" for n, a in TRACED])
+def test_recipe_step_traces(name, arg):
+    """The whole step traced abstractly: every shape and collection checked, nothing compiled."""
+    config, dataset, model, float_model, opt, _, step_fn, hparams = build(name, arg)
+    images = jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((4,), jnp.int32)
+    key = jax.random.PRNGKey(0)
+    float_vars = jax.eval_shape(
+        lambda x: float_model.init(key, x, QuantContext.create("float_eval")), images
+    )
+    variables = jax.eval_shape(step_lib.make_calibrate_step(model), float_vars, images, key)
+    state = jax.eval_shape(lambda v: step_lib.create_state(v, opt.tx, key), variables)
+    new_state, metrics = jax.eval_shape(step_fn, state, (images, labels), hparams)
+    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+    assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
+    assert bool(state.oscillation) == config.quant.quantize_activations or name == "bn_study"
+
+
+def test_a_recipe_runs_a_real_step():
+    name, arg = EXECUTED
+    config, dataset, model, float_model, opt, _, step_fn, hparams = build(name, arg)
+    sharded = step_lib.Sharded.over_local_devices(fast_compile=True)
+    ctx = trainer.Context(config, "", dataset, sharded, None)
+    variables = trainer.calibrate(ctx, model, trainer.init_variables(float_model, ctx))
+    state = sharded.replicate(step_lib.create_state(variables, opt.tx, jax.random.PRNGKey(0)))
+    before = jax.device_get(state.params)
+    batch = sharded.put_batch(ctx.train_batch(0))
+    state, metrics = sharded.jit_train_step(step_fn)(state, batch, hparams)
+    assert np.isfinite(float(metrics["loss"]))
+    assert float(metrics["osc/num_weights"]) > 0  # the 3-bit weights are tracked
+    changed = [
+        bool(np.any(a != b))
+        for a, b in zip(
+            jax.tree_util.tree_leaves(before),
+            jax.tree_util.tree_leaves(jax.device_get(state.params)),
+            strict=True,
+        )
+    ]
+    assert all(changed)  # weight decay moves every parameter, gradients or not
