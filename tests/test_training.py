@@ -104,12 +104,15 @@ def test_a_full_run_writes_metrics_plots_and_a_summary(full_run):
 
 
 def test_a_stopped_and_resumed_run_ends_in_the_same_state(full_run, tmp_path):
-    workdir, config, _ = full_run
+    workdir, config, full_summary = full_run
     resumed = str(tmp_path / "resumed")
     trainer.train_and_evaluate(tiny_config(float_train__epochs=1, train__stop_at_step=3), resumed)
     step, _ = restore_final(resumed, config)
     assert step == 3
-    trainer.train_and_evaluate(tiny_config(float_train__epochs=1), resumed)
+    summary = trainer.train_and_evaluate(tiny_config(float_train__epochs=1), resumed)
+    # The summary covers the whole run, the part before the stop included.
+    for key in ("qat_pre_bn", "qat_post_bn", "oscillating_peak", "frozen_end"):
+        np.testing.assert_allclose(summary[key], full_summary[key], rtol=1e-6, err_msg=key)
     step_a, state_a = restore_final(workdir, config)
     step_b, state_b = restore_final(resumed, config)
     assert step_a == step_b == 12

@@ -200,7 +200,6 @@ def _train_phase(
     prefix: str,
     ckpt: checkpoint.Checkpointer | None,
     on_epoch_end: Callable[[int, step_lib.TrainState], step_lib.TrainState] | None,
-    history: list,
     stop_at: int = 0,
 ) -> tuple[step_lib.TrainState, bool]:
     """Runs ``train_step`` from ``state.step`` to ``total_steps`` (or ``stop_at``) with logging
@@ -223,17 +222,11 @@ def _train_phase(
         )
         if done % log_every == 0 or end_of_epoch or save:
             means = pending.flush(last_good, ctx.workdir)
+            if "osc/oscillating" in means:
+                groups = _oscillation_groups(state, ctx.config.train.osc_level)
+                means.update({f"osc/{k}": v for k, v in groups.items()})
             ctx.writer.write(done, means, prefix=prefix)
             bar.set_postfix(loss=f"{means['loss']:.3f}")
-            if "osc/oscillating" in means:
-                history.append(
-                    {
-                        "step": done,
-                        "oscillating": means["osc/oscillating"],
-                        "frozen": means["osc/frozen"],
-                        **_oscillation_groups(state, ctx.config.train.osc_level),
-                    }
-                )
         bar.update(1)
         if end_of_epoch:
             epoch = -(-done // per_epoch)
@@ -296,7 +289,6 @@ def float_phase(ctx: Context, variables: dict) -> dict:
             prefix="float",
             ckpt=None,
             on_epoch_end=None,
-            history=[],
         )
         cache.save(total, state, force=True)
         cache.wait()
@@ -372,8 +364,6 @@ def qat_phase(ctx: Context, variables: dict, summary: dict) -> step_lib.TrainSta
     eval_fn = ctx.sharded.jit_batch_fn(step_lib.make_eval_step(model, "eval"))
     bn_fn = ctx.sharded.jit_batch_fn(step_lib.make_bn_stats_step(model))
     summary["qat_before_training"] = evaluate(ctx, eval_fn, state.variables)["top1"]
-    epochs_log: list[dict] = []
-    osc_history: list[dict] = []
 
     def on_epoch_end(epoch: int, state: step_lib.TrainState) -> step_lib.TrainState:
         if epoch % config.eval.every_epochs and epoch != config.train.epochs:
@@ -395,7 +385,6 @@ def qat_phase(ctx: Context, variables: dict, summary: dict) -> step_lib.TrainSta
                 record[f"layer/{path}/frozen"] = float(s["frozen"])
         record.update(_scales(state.params))
         ctx.writer.write(int(state.step), record, prefix="eval")
-        epochs_log.append(row)
         post_text = f", post-BN {row['top1_post_bn']:.2f} %" if "top1_post_bn" in row else ""
         print(f"qat epoch {epoch}: validation top-1 pre-BN {row['top1_pre_bn']:.2f} %{post_text}")
         return state
@@ -423,7 +412,6 @@ def qat_phase(ctx: Context, variables: dict, summary: dict) -> step_lib.TrainSta
         prefix="qat",
         ckpt=ckpt,
         on_epoch_end=on_epoch_end,
-        history=osc_history,
         stop_at=config.train.stop_at_step,
     )
     ckpt.wait()
@@ -434,16 +422,43 @@ def qat_phase(ctx: Context, variables: dict, summary: dict) -> step_lib.TrainSta
             "run the same command without it to resume."
         )
         return state
-    _finish(ctx, state, summary, epochs_log, osc_history)
+    _finish(ctx, state, summary, per_epoch)
     return state
 
 
-def _finish(ctx: Context, state, summary: dict, epochs_log: list, osc_history: list) -> None:
-    """Fills the summary and writes the plots."""
+def _history(workdir: str, per_epoch: int) -> tuple[list[dict], list[dict]]:
+    """Per-epoch evaluations and the oscillation curve of the QAT phase, read back from
+    ``metrics.jsonl`` so that a resumed run reports its whole history (the newest record
+    of a step wins: a resumed run logs again the steps after its checkpoint)."""
+    rows = metrics.read_metrics(os.path.join(workdir, metrics.METRICS_FILE))
+    evals, curve = {}, {}
+    for r in rows:
+        if "eval/top1_pre_bn" in r:
+            evals[r["step"]] = {
+                "epoch": -(-r["step"] // per_epoch),
+                "top1_pre_bn": r["eval/top1_pre_bn"],
+                "top1_post_bn": r.get("eval/top1_post_bn"),
+            }
+        if "qat/osc/oscillating" in r:
+            curve[r["step"]] = {
+                "step": r["step"],
+                **{k.removeprefix("qat/osc/"): v for k, v in r.items() if k.startswith("qat/osc/")},
+            }
+    return [evals[k] for k in sorted(evals)], [curve[k] for k in sorted(curve)]
+
+
+def _finish(ctx: Context, state, summary: dict, per_epoch: int) -> None:
+    """Fills the summary and writes the plots (process 0, which writes the metrics)."""
+    if not ctx.writer.enabled:
+        return
+    epochs_log, osc_history = _history(ctx.workdir, per_epoch)
     if epochs_log:
         summary["qat_pre_bn"] = epochs_log[-1]["top1_pre_bn"]
-        summary["qat_post_bn"] = epochs_log[-1].get("top1_post_bn")
-        plots.plot_accuracy(epochs_log, os.path.join(ctx.workdir, "accuracy.png"))
+        summary["qat_post_bn"] = epochs_log[-1]["top1_post_bn"]
+        plots.plot_accuracy(
+            [{k: v for k, v in e.items() if v is not None} for e in epochs_log],
+            os.path.join(ctx.workdir, "accuracy.png"),
+        )
     if osc_history:
         summary["oscillating_peak"] = max(r["oscillating"] for r in osc_history)
         summary["oscillating_end"] = osc_history[-1]["oscillating"]
