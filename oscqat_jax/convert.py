@@ -78,6 +78,8 @@ DATA_PARALLEL_PREFIX = "module."
 IGNORED_SUFFIX = ".num_batches_tracked"
 CONVERTED = "converted"
 AUTO = "auto"
+LAYOUTS = ("reference", "torchvision", "timm", CONVERTED, AUTO)
+"""Every ``layout`` value the converter accepts."""
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -631,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--layout",
         default=AUTO,
-        choices=("reference", "torchvision", "timm", CONVERTED, AUTO),
+        choices=LAYOUTS,
         help="key layout of SRC (default: detected from its keys)",
     )
     parser.add_argument("--num-classes", type=int, default=1000)

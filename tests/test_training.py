@@ -148,6 +148,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
         ("osc_damp__anneal_start", 1.0, "osc_damp.anneal_start"),
         ("osc_damp__weight", -1.0, "osc_damp.weight"),
         ("model__pretrained", "/nonexistent/weights.pth", "model.pretrained"),
+        ("model__pretrained_layout", "keras", "model.pretrained_layout"),
     ],
 )
 def test_bad_configuration_fails_before_any_work(field, value, match, tmp_path):
@@ -217,3 +218,33 @@ def test_four_devices_match_one_device_on_the_same_global_batch():
     assert result.returncode == 0, result.stderr[-3000:]
     worst = float(result.stdout.split("MAX_DIFF")[1])
     assert worst <= 1e-5, worst
+
+
+def test_pretrained_weights_are_the_starting_point(tmp_path):
+    from flax import traverse_util
+
+    config = tiny_config(
+        optimizer__lr=0.0, optimizer__weight_decay=0.0, optimizer__quant_lr=0.0, train__epochs=1
+    )
+    dataset = trainer.data.load_dataset(config.data)
+    ctx = trainer.Context(config, "", dataset, trainer.step_lib.Sharded.over_local_devices(), None)
+    float_model = trainer.build_model(config, dataset.num_classes, quantize=False)
+    variables = jax.device_get(trainer.init_variables(float_model, ctx))
+    source = jax.tree_util.tree_map(lambda v: np.asarray(v) * 1.5 + 0.01, variables)
+    arrays = {
+        "/".join((collection, *k)): v
+        for collection in ("params", "batch_stats")
+        for k, v in traverse_util.flatten_dict(source[collection]).items()
+    }
+    np.savez(tmp_path / "weights.npz", **arrays)
+    config.model.pretrained = str(tmp_path / "weights.npz")
+    config.model.pretrained_layout = "converted"
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(config, workdir)
+    _, state = restore_final(workdir, config)
+    # With every learning rate and decay at 0, QAT leaves the loaded weights as they were.
+    kernels = traverse_util.flatten_dict(source["params"])
+    trained = traverse_util.flatten_dict(state["params"])
+    assert kernels and all(k in trained for k in kernels)
+    for key, value in kernels.items():
+        np.testing.assert_allclose(trained[key], value, rtol=1e-6, err_msg="/".join(key))

@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.fold_bn = False  # fold BN into the quantized weights (the reference keeps it unfolded)
     c.model.dtype = "float32"  # compute dtype of convs/matmuls: float32 or bfloat16
     c.model.pretrained = ""  # path of a PyTorch/npz/safetensors checkpoint to start from
-    c.model.pretrained_layout = "torchvision"  # reference, torchvision or timm key layout
+    c.model.pretrained_layout = "auto"  # key layout: auto (detected), reference, torchvision, timm
 
     # Optional float training before QAT (the embedded default trains its own float model).
     c.float_train = ml_collections.ConfigDict()
@@ -126,6 +126,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("model.name", config.model.name, f"use one of {', '.join(MODELS)}")
     if config.model.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", config.model.dtype, "use float32 or bfloat16")
+    from oscqat_jax.convert import LAYOUTS
+
+    if config.model.pretrained_layout not in LAYOUTS:
+        _fail(
+            "model.pretrained_layout",
+            config.model.pretrained_layout,
+            f"use one of {', '.join(LAYOUTS)}",
+        )
     if config.model.pretrained and not os.path.isfile(config.model.pretrained):
         _fail("model.pretrained", config.model.pretrained, "the file does not exist")
     if config.quant.setup not in SETUPS:

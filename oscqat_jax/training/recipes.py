@@ -57,7 +57,6 @@ def imagenet_recipe(model: str, bits: int, method: str) -> ml_collections.Config
     c.data.batch_size = 128
     c.data.eval_batch_size = 256
     c.model.name = model
-    c.model.pretrained_layout = "timm" if model.startswith("efficientnet") else "torchvision"
     c.quant.setup = "LSQ_paper"
     c.quant.n_bits = bits
     c.quant.n_bits_act = bits
