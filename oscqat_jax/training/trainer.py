@@ -311,6 +311,19 @@ def qat_schedules(config, opt: optim.Optimizer, total: int) -> step_lib.Schedule
     return step_lib.Schedules(opt.model_lr, opt.quant_lr, threshold, weight)
 
 
+def qat_step_config(config: ml_collections.ConfigDict) -> step_lib.StepConfig:
+    """The static settings of the QAT train step for ``config``."""
+    return step_lib.StepConfig(
+        mode="train",
+        track=config.osc_freeze.track,
+        dampen=config.osc_damp.weight is not None,
+        osc_momentum=config.osc_freeze.ema_momentum,
+        use_ema_freeze=config.osc_freeze.use_ema,
+        dampening_aggregation=config.osc_damp.aggregation,
+        osc_level=config.train.osc_level,
+    )
+
+
 def calibrate(ctx: Context, model, variables: dict) -> dict:
     """Quantizer variables added to (float) ``variables`` and their ranges initialised on
     ``quant.num_est_batches`` training batches (SPEC §3)."""
@@ -392,15 +405,7 @@ def qat_phase(ctx: Context, variables: dict, summary: dict) -> step_lib.TrainSta
     step_fn = step_lib.make_train_step(
         model,
         opt.tx,
-        step_lib.StepConfig(
-            mode="train",
-            track=config.osc_freeze.track,
-            dampen=config.osc_damp.weight is not None,
-            osc_momentum=config.osc_freeze.ema_momentum,
-            use_ema_freeze=config.osc_freeze.use_ema,
-            dampening_aggregation=config.osc_damp.aggregation,
-            osc_level=config.train.osc_level,
-        ),
+        qat_step_config(config),
     )
     state, complete = _train_phase(
         ctx,
