@@ -23,15 +23,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-SETTING = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-)
+from oscqat_jax.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
+
+# The same stage table as the Flax model, so both sides time one network.
+SETTING = INVERTED_RESIDUAL_SETTING
 
 
 def conv_bn(c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1, relu: bool = True):
