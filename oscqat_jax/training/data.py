@@ -1,7 +1,11 @@
-"""In-memory image-classification data for the training program.
+"""Image-classification data for the training program.
 
-A dataset is an :class:`ArrayDataset` of NHWC float32 images (already normalised) and int32
-labels. Training batches are a pure function of ``(seed, step)``: the order of an epoch is a
+Every source the trainer reads implements :class:`Source`: training batches are a pure
+function of ``(seed, step)``, read as the rows this process feeds, from any start step;
+evaluation batches have a fixed size and a mask. In-memory sources are
+:class:`ArrayDataset` s of NHWC float32 images (already normalised) and int32 labels; the
+file-based pipelines (an ImageNet-style folder, datasets prepared by tensorflow-datasets)
+live in :mod:`oscqat_jax.training.pipelines`. Training batches are a pure function of ``(seed, step)``: the order of an epoch is a
 permutation drawn from ``(seed, epoch)`` and the augmentation from ``(seed, step)``, so a
 resumed run reads exactly the batches an uninterrupted run would, without replaying the ones
 already consumed. Evaluation batches are padded to a fixed size with a mask, so every batch
@@ -12,18 +16,89 @@ Sources:
 - ``digits``: scikit-learn's 1797 real 8x8 handwritten digits (they ship inside the wheel),
   bilinearly upsampled, with a fixed stratified train/validation split.
 - ``synthetic``: random images and labels of any size, for tests and benchmarks.
+- ``fashion_mnist``: the 70,000 Fashion-MNIST images (see :mod:`.fashion_mnist`).
+- ``imagenet_folder`` and ``tfds``: streaming pipelines (see :mod:`.pipelines`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCES = ("digits", "synthetic")
+SOURCES = ("digits", "synthetic", "fashion_mnist", "imagenet_folder", "tfds")
+
+
+class Source(Protocol):
+    """What the trainer needs of a data source.
+
+    ``train_batches`` yields, for global steps ``start_step, start_step + 1, ...`` (without
+    end: epochs follow each other), the rows ``[p * n, (p + 1) * n)`` of each global batch of
+    ``batch_size`` rows, where ``p = process_index`` and ``n = batch_size // process_count``.
+    The global batch of a step is a pure function of ``(seed, step)`` and the data, so a run
+    resumed at ``start_step`` reads what an uninterrupted run would, without reading the
+    earlier steps, and the hosts of a multi-host run read disjoint rows.
+    ``eval_batches`` yields this process's rows of fixed-size global batches
+    ``(images, labels, mask)`` over the whole validation split (mask 0 marks padding).
+    ``stats`` returns counters for the metrics (e.g. ``decode_failures``).
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    num_train: int
+    num_val: int
+
+    def train_batches(
+        self,
+        start_step: int,
+        *,
+        batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+    def eval_batches(
+        self, *, batch_size: int, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+
+def local_rows(array: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """Rows ``[p * n, (p + 1) * n)`` of a global batch, ``n = len(array) // process_count``."""
+    n = len(array) // process_count
+    return array[process_index * n : (process_index + 1) * n]
+
+
+def steps_per_epoch(source, batch_size: int) -> int:
+    """Full training batches per epoch (the last partial batch is dropped)."""
+    steps = source.num_train // batch_size
+    if steps < 1:
+        raise ValueError(
+            f"data.batch_size {batch_size} is larger than the {source.num_train} training images."
+        )
+    return steps
+
+
+def epoch_indices(num_records: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """Record indices of the global batch of ``step``: epoch ``e`` reads the permutation drawn
+    from ``(seed, e)`` in consecutive slices of ``batch_size`` (the remainder is dropped)."""
+    per_epoch = num_records // batch_size
+    if per_epoch < 1:
+        raise ValueError(
+            f"data.batch_size {batch_size} is larger than the {num_records} training images."
+        )
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_records)
+    return order[index * batch_size : (index + 1) * batch_size]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +119,43 @@ class ArrayDataset:
     @property
     def num_train(self) -> int:
         return len(self.train_labels)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val_labels)
+
+    # Augmentation of the training batches (set by ``load_dataset`` from the config).
+    max_shift: int = 0
+    flip: bool = False
+
+    def train_batches(
+        self, start_step, *, batch_size, seed, process_index=0, process_count=1
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        step = start_step
+        while True:
+            images, labels = train_batch(
+                self,
+                step,
+                batch_size=batch_size,
+                seed=seed,
+                max_shift=self.max_shift,
+                flip=self.flip,
+            )
+            yield (
+                local_rows(images, process_index, process_count),
+                local_rows(labels, process_index, process_count),
+            )
+            step += 1
+
+    def eval_batches(self, *, batch_size, process_index=0, process_count=1):
+        for batch in eval_batches(self.val_images, self.val_labels, batch_size):
+            yield tuple(local_rows(b, process_index, process_count) for b in batch)
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 def _upsample(images: np.ndarray, size: int) -> np.ndarray:
@@ -108,17 +220,17 @@ def synthetic(
     )
 
 
-def load_dataset(data_config) -> ArrayDataset:
-    """The dataset named by ``config.data.name`` (see ``SOURCES``)."""
+def load_dataset(data_config) -> Source:
+    """The source named by ``config.data.name`` (see ``SOURCES``)."""
     name = data_config.name
     if name == "digits":
-        return load_digits(
+        dataset = load_digits(
             image_size=data_config.image_size,
             val_fraction=data_config.val_fraction,
             split_seed=data_config.split_seed,
         )
-    if name == "synthetic":
-        return synthetic(
+    elif name == "synthetic":
+        dataset = synthetic(
             image_size=data_config.image_size,
             num_classes=data_config.num_classes,
             num_train=data_config.get("num_train", 64),
@@ -126,20 +238,25 @@ def load_dataset(data_config) -> ArrayDataset:
             channels=data_config.get("channels", 3),
             seed=data_config.split_seed,
         )
-    raise ValueError(
-        f"data.name must be one of {', '.join(SOURCES)}, got {name!r} "
-        "(ImageNet-scale input pipelines are not part of this version yet)."
-    )
+    elif name == "fashion_mnist":
+        from oscqat_jax.training import fashion_mnist
 
+        dataset = fashion_mnist.load(data_config)
+    elif name == "imagenet_folder":
+        from oscqat_jax.training import pipelines
 
-def steps_per_epoch(dataset: ArrayDataset, batch_size: int) -> int:
-    """Full training batches per epoch (the last partial batch is dropped)."""
-    steps = dataset.num_train // batch_size
-    if steps < 1:
+        return pipelines.imagenet_folder(data_config)
+    elif name == "tfds":
+        from oscqat_jax.training import pipelines
+
+        return pipelines.tfds_source(data_config)
+    else:
         raise ValueError(
-            f"data.batch_size {batch_size} is larger than the {dataset.num_train} training images."
+            f"config.data.name = {name!r} is not valid: use one of {', '.join(SOURCES)}."
         )
-    return steps
+    return dataclasses.replace(
+        dataset, max_shift=data_config.max_shift, flip=bool(data_config.flip)
+    )
 
 
 def _shift(images: np.ndarray, rng: np.random.Generator, max_shift: int, flip: bool):
@@ -167,10 +284,8 @@ def train_batch(
 
     Depends only on its arguments, so any step can be produced directly (resumption).
     """
-    per_epoch = steps_per_epoch(dataset, batch_size)
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(dataset.num_train)
-    idx = order[index * batch_size : (index + 1) * batch_size]
+    idx = epoch_indices(dataset.num_train, step, batch_size, seed)
+    epoch, index = divmod(step, dataset.num_train // batch_size)
     images = dataset.train_images[idx]
     if max_shift or flip:
         images = _shift(images, np.random.default_rng([seed, epoch, index, 1]), max_shift, flip)
