@@ -2,7 +2,7 @@
 
     python train.py                                   # the embedded default (configs/default.py)
     python train.py --config=configs/<recipe>.py --workdir=DIR [--config.quant.n_bits=3 ...]
-    python train.py --config=... --workdir=DIR --mode=evaluate
+    python train.py --config=... --workdir=DIR --mode=evaluate [--checkpoint=DIR/checkpoints/STEP]
 
 Re-running a command with the same workdir resumes it from its newest checkpoint.
 """
@@ -23,6 +23,12 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (and evaluate) or only evaluate.")
+flags.DEFINE_string(
+    "checkpoint",
+    "",
+    "evaluate: a checkpoints directory (its newest step) or one step in it; default: the "
+    "workdir's newest.",
+)
 flags.DEFINE_string(
     "compilation_cache",
     os.path.join(os.path.expanduser("~"), ".cache", "oscqat_jax", "xla"),
@@ -49,7 +55,7 @@ def main(argv):
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or os.path.join(_HERE, "workdir", "default")
     if flags.FLAGS.mode == "evaluate":
-        trainer.evaluate_checkpoint(config, workdir)
+        trainer.evaluate_checkpoint(config, workdir, flags.FLAGS.checkpoint)
     else:
         trainer.train_and_evaluate(config, workdir)
 

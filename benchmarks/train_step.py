@@ -3,7 +3,7 @@
 Every case goes through the training program's own code: a ``base_config()`` with synthetic
 data, ``trainer.build_model``, ``trainer.init_variables`` and ``trainer.calibrate``,
 ``optim.create_optimizer``, ``step_lib.create_state`` and ``step_lib.make_train_step`` jitted
-by ``Sharded.over_local_devices().jit_train_step``, fed the rows of the schedules' table.
+by ``Sharded.over_all_devices().jit_train_step``, fed the rows of the schedules' table.
 
     python benchmarks/train_step.py            # CPU: MobileNetV2, 32x32, batch 128, float32
     python benchmarks/train_step.py --variants=fp,freeze+dampen --steps=50
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None, *, overrides: dict | None = None) ->
     ``{"model.block_setting": ((1, 8, 1, 1),)}``).
     """
     args = parse_args(argv)
-    sharded = step_lib.Sharded.over_local_devices(fast_compile=args.fast_compile)
+    sharded = step_lib.Sharded.over_all_devices(fast_compile=args.fast_compile)
     records = []
     for model in args.models.split(","):
         for variant in args.variants.split(","):

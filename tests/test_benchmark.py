@@ -89,7 +89,7 @@ def test_a_step_that_recompiles_is_reported(monkeypatch):
 
 def test_dampening_rounds_no_weight_twice():
     bench = load_benchmark()
-    sharded = bench.step_lib.Sharded.over_local_devices(fast_compile=True)
+    sharded = bench.step_lib.Sharded.over_all_devices(fast_compile=True)
     counts = {}
     for variant in ("lsq", "dampen"):
         config = bench.case_config(

@@ -142,7 +142,7 @@ def test_recipe_step_traces(name, arg):
 def test_a_recipe_runs_a_real_step():
     name, arg = EXECUTED
     config, dataset, model, float_model, opt, _, step_fn, hparams = build(name, arg)
-    sharded = step_lib.Sharded.over_local_devices(fast_compile=True)
+    sharded = step_lib.Sharded.over_all_devices(fast_compile=True)
     ctx = trainer.Context(config, "", dataset, sharded, None)
     variables = trainer.calibrate(ctx, model, trainer.init_variables(float_model, ctx))
     state = sharded.replicate(step_lib.create_state(variables, opt.tx, jax.random.PRNGKey(0)))

@@ -227,7 +227,7 @@ def test_pretrained_weights_are_the_starting_point(tmp_path):
         optimizer__lr=0.0, optimizer__weight_decay=0.0, optimizer__quant_lr=0.0, train__epochs=1
     )
     dataset = trainer.data.load_dataset(config.data)
-    ctx = trainer.Context(config, "", dataset, trainer.step_lib.Sharded.over_local_devices(), None)
+    ctx = trainer.Context(config, "", dataset, trainer.step_lib.Sharded.over_all_devices(), None)
     float_model = trainer.build_model(config, dataset.num_classes, quantize=False)
     variables = jax.device_get(trainer.init_variables(float_model, ctx))
     source = jax.tree_util.tree_map(lambda v: np.asarray(v) * 1.5 + 0.01, variables)

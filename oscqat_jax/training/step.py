@@ -271,8 +271,9 @@ class Sharded:
     compiler_options: dict | None = None  # e.g. FAST_COMPILE for short runs on CPU
 
     @classmethod
-    def over_local_devices(cls, *, fast_compile: bool = False) -> Sharded:
-        """A one-axis mesh of every device; ``fast_compile`` applies ``FAST_COMPILE`` on CPU."""
+    def over_all_devices(cls, *, fast_compile: bool = False) -> Sharded:
+        """A one-axis mesh of every device of every process (``jax.devices()``);
+        ``fast_compile`` applies ``FAST_COMPILE`` on CPU."""
         options = FAST_COMPILE if fast_compile and jax.default_backend() == "cpu" else None
         return cls(Mesh(np.asarray(jax.devices()), (DATA_AXIS,)), options)
 

@@ -91,28 +91,31 @@ class Context:
 
     config: ml_collections.ConfigDict
     workdir: str
-    dataset: data.ArrayDataset
+    source: data.Source
     sharded: step_lib.Sharded
     writer: metrics.MetricWriter
 
-    def train_batch(self, step: int, seed_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """This process's part of the global training batch of ``step``."""
-        d = self.config.data
-        images, labels = data.train_batch(
-            self.dataset,
-            step,
-            batch_size=d.batch_size,
+    def train_batches(self, start_step: int, seed_offset: int = 0):
+        """This process's rows of the global training batches from ``start_step`` on."""
+        return self.source.train_batches(
+            start_step,
+            batch_size=self.config.data.batch_size,
             seed=self.config.seed + seed_offset,
-            max_shift=d.max_shift,
-            flip=d.flip,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
-        return _local_rows(images), _local_rows(labels)
 
+    def train_batch(self, step: int, seed_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """This process's rows of the global training batch of ``step`` alone."""
+        return next(self.train_batches(step, seed_offset))
 
-def _local_rows(array: np.ndarray) -> np.ndarray:
-    """The rows of a global batch that this process feeds (all of them on one host)."""
-    n = len(array) // jax.process_count()
-    return array[jax.process_index() * n : (jax.process_index() + 1) * n]
+    def eval_batches(self):
+        """This process's rows of the padded validation batches ``(images, labels, mask)``."""
+        return self.source.eval_batches(
+            batch_size=self.config.data.eval_batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
 
 
 def _check_batch_sizes(config, sharded: step_lib.Sharded) -> None:
@@ -127,7 +130,7 @@ def _check_batch_sizes(config, sharded: step_lib.Sharded) -> None:
 
 def init_variables(model, ctx: Context) -> dict:
     """Model variables initialised on a dummy batch (float mode, replicated)."""
-    images = jnp.zeros((1, *ctx.dataset.image_shape), jnp.float32)
+    images = jnp.zeros((1, *ctx.source.image_shape), jnp.float32)
     init = jax.jit(
         lambda key: model.init(key, images, QuantContext.create("float_eval")),
         compiler_options=ctx.sharded.compiler_options,
@@ -139,10 +142,8 @@ def init_variables(model, ctx: Context) -> dict:
 def evaluate(ctx: Context, eval_fn: Callable, variables: dict) -> dict[str, float]:
     """Top-1, top-5 (percent) and mean loss over the validation split."""
     totals = None
-    for batch in data.eval_batches(
-        ctx.dataset.val_images, ctx.dataset.val_labels, ctx.config.data.eval_batch_size
-    ):
-        sums = eval_fn(variables, ctx.sharded.put_batch(tuple(_local_rows(b) for b in batch)))
+    for batch in ctx.eval_batches():
+        sums = eval_fn(variables, ctx.sharded.put_batch(batch))
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     count = float(totals["count"])
     return {
@@ -154,9 +155,10 @@ def evaluate(ctx: Context, eval_fn: Callable, variables: dict) -> dict[str, floa
 
 def reestimate_bn(ctx: Context, bn_fn: Callable, variables: dict) -> dict:
     """BatchNorm statistics re-estimated on ``eval.bn_batches`` training batches (SPEC §8)."""
+    batches = ctx.train_batches(0, seed_offset=10_007)
     per_batch = [
-        bn_fn(variables, ctx.sharded.put_batch(ctx.train_batch(k, seed_offset=10_007)[0]))
-        for k in range(ctx.config.eval.bn_batches)
+        bn_fn(variables, ctx.sharded.put_batch(next(batches)[0]))
+        for _ in range(ctx.config.eval.bn_batches)
     ]
     return ctx.sharded.replicate(collect.reestimated_batch_stats(per_batch))
 
@@ -204,14 +206,15 @@ def _train_phase(
 ) -> tuple[step_lib.TrainState, bool]:
     """Runs ``train_step`` from ``state.step`` to ``total_steps`` (or ``stop_at``) with logging
     and checkpoints; returns the state and whether the phase is complete."""
-    per_epoch = data.steps_per_epoch(ctx.dataset, ctx.config.data.batch_size)
+    per_epoch = data.steps_per_epoch(ctx.source, ctx.config.data.batch_size)
     log_every = ctx.config.train.log_every
     pending = _Pending()
     start = int(state.step)
     last_good = start if ckpt is not None and ckpt.latest_step() is not None else None
     bar = metrics.progress_bar(total_steps, desc=prefix, initial=start)
+    batches = ctx.train_batches(start)
     for step in range(start, total_steps):
-        batch = ctx.sharded.put_batch(ctx.train_batch(step))
+        batch = ctx.sharded.put_batch(next(batches))
         state, step_metrics = train_step(state, batch, step_lib.hparams_at(table, step))
         pending.add(step + 1, step_metrics)
         done = step + 1
@@ -225,6 +228,7 @@ def _train_phase(
             if "osc/oscillating" in means:
                 groups = _oscillation_groups(state, ctx.config.train.osc_level)
                 means.update({f"osc/{k}": v for k, v in groups.items()})
+            means.update({f"data/{k}": v for k, v in ctx.source.stats().items()})
             ctx.writer.write(done, means, prefix=prefix)
             bar.set_postfix(loss=f"{means['loss']:.3f}")
         bar.update(1)
@@ -254,8 +258,8 @@ def _train_phase(
 def float_phase(ctx: Context, variables: dict) -> dict:
     """Trains the float model for ``float_train.epochs`` (or loads it from the workdir cache)."""
     config = ctx.config
-    model = build_model(config, ctx.dataset.num_classes, quantize=False)
-    per_epoch = data.steps_per_epoch(ctx.dataset, config.data.batch_size)
+    model = build_model(config, ctx.source.num_classes, quantize=False)
+    per_epoch = data.steps_per_epoch(ctx.source, config.data.batch_size)
     total = config.float_train.epochs * per_epoch
     opt = optim.create_optimizer(
         config.float_train.optimizer,
@@ -329,8 +333,9 @@ def calibrate(ctx: Context, model, variables: dict) -> dict:
     ``quant.num_est_batches`` training batches (SPEC §3)."""
     fn = jax.jit(step_lib.make_calibrate_step(model), compiler_options=ctx.sharded.compiler_options)
     key = jax.random.PRNGKey(ctx.config.seed + 3)
-    for k in range(ctx.config.quant.num_est_batches):
-        images = ctx.sharded.put_batch(ctx.train_batch(k, seed_offset=20_011)[0])
+    batches = ctx.train_batches(0, seed_offset=20_011)
+    for _ in range(ctx.config.quant.num_est_batches):
+        images = ctx.sharded.put_batch(next(batches)[0])
         variables = fn(variables, images, key)
     return ctx.sharded.replicate(variables)
 
@@ -355,8 +360,8 @@ def qat_phase(ctx: Context, variables: dict, summary: dict) -> step_lib.TrainSta
     """Range initialisation of the float ``variables``, then QAT with per-epoch evaluation
     before and after BN re-estimation."""
     config = ctx.config
-    model = build_model(config, ctx.dataset.num_classes)
-    per_epoch = data.steps_per_epoch(ctx.dataset, config.data.batch_size)
+    model = build_model(config, ctx.source.num_classes)
+    per_epoch = data.steps_per_epoch(ctx.source, config.data.batch_size)
     total = config.train.epochs * per_epoch
     opt = optim.create_optimizer(
         config.optimizer, total_steps=total, steps_per_epoch=per_epoch, train_quantizers=True
@@ -500,22 +505,57 @@ def _subtree(tree: dict, path: str) -> dict:
     return tree
 
 
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """Joins the multi-host run described by ``config.distributed``, if any.
+
+    Must run before anything touches a device. With a coordinator address every process
+    passes it with the process count and its own id; with ``auto`` the platform (TPU pod,
+    SLURM, ...) supplies them. A single-host run does nothing.
+    """
+    d = config.distributed
+    if not (d.coordinator_address or d.auto):
+        return
+    if jax.distributed.is_initialized():
+        return
+    if d.coordinator_address:
+        if not 0 <= d.process_id < d.num_processes:
+            raise ValueError(
+                f"config.distributed.process_id = {d.process_id} is not valid: use an id in "
+                f"[0, {d.num_processes}) (num_processes = {d.num_processes})."
+            )
+        jax.distributed.initialize(
+            coordinator_address=d.coordinator_address,
+            num_processes=d.num_processes,
+            process_id=d.process_id,
+        )
+    else:
+        jax.distributed.initialize()
+
+
+def _open(config: ml_collections.ConfigDict, workdir: str, *, write_metrics: bool) -> Context:
+    """Validates the config, joins the cluster, opens the data and the mesh of all devices."""
+    config_lib.validate(config)
+    initialize_distributed(config)
+    source = data.load_dataset(config.data)
+    if write_metrics:
+        os.makedirs(workdir, exist_ok=True)
+    sharded = step_lib.Sharded.over_all_devices(fast_compile=config.train.fast_compile)
+    _check_batch_sizes(config, sharded)
+    writer = metrics.MetricWriter(workdir, enabled=write_metrics and jax.process_index() == 0)
+    return Context(config, workdir, source, sharded, writer)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the experiment of ``config`` in ``workdir``; returns the summary shown at the end."""
-    config_lib.validate(config)
     started = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    dataset = data.load_dataset(config.data)
-    sharded = step_lib.Sharded.over_local_devices(fast_compile=config.train.fast_compile)
-    _check_batch_sizes(config, sharded)
-    writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    ctx = Context(config, workdir, dataset, sharded, writer)
+    ctx = _open(config, workdir, write_metrics=True)
+    source = ctx.source
     print(
-        f"{config.model.name} (width {config.model.width_multiplier}) on {dataset.name}: "
-        f"{dataset.num_train} training / {len(dataset.val_labels)} validation images, "
-        f"{sharded.num_devices} device(s)."
+        f"{config.model.name} (width {config.model.width_multiplier}) on {source.name}: "
+        f"{source.num_train} training / {source.num_val} validation images, "
+        f"{ctx.sharded.num_devices} device(s) in {jax.process_count()} process(es)."
     )
-    float_model = build_model(config, dataset.num_classes, quantize=False)
+    float_model = build_model(config, source.num_classes, quantize=False)
     variables = init_variables(float_model, ctx)
     if config.model.pretrained:
         from oscqat_jax import convert
@@ -534,9 +574,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary: dict = {"float": evaluate(ctx, float_eval, variables)["top1"]}
     print(f"Float model: top-1 {summary['float']:.2f} %")
     qat_phase(ctx, variables, summary)
+    summary.update({f"data/{k}": v for k, v in source.stats().items()})
     summary["wall_time_s"] = time.time() - started
-    writer.close()
-    print(metrics.format_table(summary_rows(summary), title="Summary"))
+    ctx.writer.close()
+    source.close()
+    if jax.process_index() == 0:
+        print(metrics.format_table(summary_rows(summary), title="Summary"))
     return summary
 
 
@@ -562,41 +605,80 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     ]
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Top-1/top-5 of the newest QAT checkpoint in ``workdir``, before and after BN re-estimation."""
-    config_lib.validate(config)
-    dataset = data.load_dataset(config.data)
-    sharded = step_lib.Sharded.over_local_devices(fast_compile=config.train.fast_compile)
-    _check_batch_sizes(config, sharded)
-    ctx = Context(config, workdir, dataset, sharded, metrics.MetricWriter(workdir, enabled=False))
-    directory = os.path.join(workdir, "checkpoints")
+def _checkpoint_location(workdir: str, checkpoint_path: str) -> tuple[str, int | None]:
+    """The checkpoint directory and step named by ``--checkpoint`` (or the workdir's newest)."""
+    if not checkpoint_path:
+        return os.path.join(workdir, "checkpoints"), None
+    path = os.path.abspath(checkpoint_path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"--checkpoint={checkpoint_path} does not exist; pass a run's checkpoints directory "
+            "(its newest step is used) or one step inside it (checkpoints/<step>)."
+        )
+    name = os.path.basename(path.rstrip(os.sep))
+    if name.isdigit():
+        return os.path.dirname(path), int(name)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    return path, None
+
+
+def restore_qat_state(ctx: Context, checkpoint_path: str = ""):
+    """The QAT model and its train state restored from a checkpoint (``checkpoint_path``: a
+    checkpoints directory or one ``<step>`` in it; empty for the workdir's newest)."""
+    config = ctx.config
+    directory, step = _checkpoint_location(ctx.workdir, checkpoint_path)
     ckpt = checkpoint.Checkpointer(directory, metadata=run_metadata(config, "qat"))
     if ckpt.latest_step() is None:
         raise FileNotFoundError(
-            f"No QAT checkpoint in {directory}; train first or pass the --workdir of a run."
+            f"No QAT checkpoint in {directory}; train first, or pass the --workdir of a run "
+            "or --checkpoint=<its checkpoints directory>."
         )
-    model = build_model(config, dataset.num_classes)
-    per_epoch = data.steps_per_epoch(dataset, config.data.batch_size)
+    model = build_model(config, ctx.source.num_classes)
+    per_epoch = data.steps_per_epoch(ctx.source, config.data.batch_size)
     opt = optim.create_optimizer(
         config.optimizer,
         total_steps=config.train.epochs * per_epoch,
         steps_per_epoch=per_epoch,
         train_quantizers=True,
     )
-    # Calibration gives the variable layout the checkpoint was written with.
-    float_model = build_model(config, dataset.num_classes, quantize=False)
-    template = calibrate(ctx, model, init_variables(float_model, ctx))
-    state = ckpt.restore(
-        sharded.replicate(step_lib.create_state(template, opt.tx, jax.random.PRNGKey(0)))
+    # The variable layout the checkpoint was written with, without computing anything.
+    float_model = build_model(config, ctx.source.num_classes, quantize=False)
+    key = jax.random.PRNGKey(0)
+    images = jax.ShapeDtypeStruct((1, *ctx.source.image_shape), jnp.float32)
+    float_variables = jax.eval_shape(
+        lambda k, x: dict(float_model.init(k, x, QuantContext.create("float_eval"))), key, images
     )
+    template = jax.eval_shape(step_lib.make_calibrate_step(model), float_variables, images, key)
+    abstract = jax.eval_shape(
+        lambda t: step_lib.create_state(t, opt.tx, jax.random.PRNGKey(0)), template
+    )
+    replicated = ctx.sharded.replicated
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
+    )
+    state = ckpt.restore(abstract, step=step)
     ckpt.close()
-    eval_fn = sharded.jit_batch_fn(step_lib.make_eval_step(model, "eval"))
+    print(f"Restored step {int(state.step)} from {directory}.")
+    return model, state
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str = ""
+) -> dict:
+    """Top-1/top-5 of a QAT checkpoint (the workdir's newest unless ``checkpoint_path`` names
+    one), before and after BN re-estimation, on the config's validation data."""
+    ctx = _open(config, workdir, write_metrics=False)
+    model, state = restore_qat_state(ctx, checkpoint_path)
+    eval_fn = ctx.sharded.jit_batch_fn(step_lib.make_eval_step(model, "eval"))
     pre = evaluate(ctx, eval_fn, state.variables)
     result = {"step": int(state.step), **{f"{k}_pre_bn": v for k, v in pre.items()}}
     if config.eval.bn_reestimate:
-        bn_fn = sharded.jit_batch_fn(step_lib.make_bn_stats_step(model))
+        bn_fn = ctx.sharded.jit_batch_fn(step_lib.make_bn_stats_step(model))
         variables = dict(state.variables, batch_stats=reestimate_bn(ctx, bn_fn, state.variables))
         result.update({f"{k}_post_bn": v for k, v in evaluate(ctx, eval_fn, variables).items()})
-    rows = [(k, f"{v:.4g}") for k, v in result.items()]
-    print(metrics.format_table(rows, title=f"Evaluation of {directory}"))
+    ctx.source.close()
+    if jax.process_index() == 0:
+        rows = [(k, f"{v:.4g}") for k, v in result.items()]
+        print(metrics.format_table(rows, title="Evaluation"))
     return result
