@@ -57,12 +57,18 @@ def restore_final(workdir, config):
     path = os.path.join(ckpt.directory, str(step), "state")
     import orbax.checkpoint as ocp
 
-    state = ocp.StandardCheckpointer().restore(path)
+    # Onto this process's first device, whatever devices the run that wrote it had.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        ocp.StandardCheckpointer().metadata(path).item_metadata.tree,
+    )
+    state = ocp.StandardCheckpointer().restore(path, target)
     ckpt.close()
     return step, state
 
 
-def assert_trees_equal(a, b, atol=0.0):
+def assert_trees_equal(a, b, atol=0.0, rtol=0.0):
     flat_a = jax.tree_util.tree_leaves_with_path(a)
     flat_b = jax.tree_util.tree_leaves(b)
     assert len(flat_a) == len(flat_b)
@@ -71,7 +77,7 @@ def assert_trees_equal(a, b, atol=0.0):
             np.asarray(x, np.float64),
             np.asarray(y, np.float64),
             atol=atol,
-            rtol=0,
+            rtol=rtol,
             err_msg=jax.tree_util.keystr(path),
         )
 
