@@ -144,6 +144,63 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
         trainer.train_and_evaluate(config, str(tmp_path))
 
 
+class _NaNAtStep:
+    """A source whose training batch of one step holds a NaN pixel."""
+
+    def __init__(self, source, bad_step):
+        self.source, self.bad_step = source, bad_step
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def train_batches(self, start_step, **kwargs):
+        for step, (images, labels) in enumerate(
+            self.source.train_batches(start_step, **kwargs), start_step
+        ):
+            if step == self.bad_step:
+                images = images.copy()
+                images[0, 0, 0, 0] = np.nan
+            yield images, labels
+
+
+def test_an_injected_nan_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch
+):
+    load = trainer.data.load_dataset
+    # The 0-based batch 4 is the 5th step; checkpoints are written after steps 2 and 4.
+    monkeypatch.setattr(trainer.data, "load_dataset", lambda c: _NaNAtStep(load(c), 4))
+    config = tiny_config(train__checkpoint_every=2, train__log_every=1)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(
+        FloatingPointError, match=r"at step 5; stopping \(the last good checkpoint \(step 4\)"
+    ):
+        trainer.train_and_evaluate(config, workdir)
+    step, state = restore_final(workdir, config)
+    assert step == 4
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def test_a_corrupted_newest_checkpoint_is_reported_and_the_previous_one_used(
+    full_run, tmp_path, caplog
+):
+    import shutil
+
+    workdir, config, _ = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    newest = os.path.join(copy, "checkpoints", "12", "state")
+    for root, _, files in os.walk(newest):  # every file of the newest state cut in half
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(os.path.getsize(f.name) // 2)
+    result = trainer.evaluate_checkpoint(config, copy)
+    assert result["step"] == 8  # checkpoints every 4 steps: 12 is damaged, 8 is used
+    assert "cannot be read" in caplog.text
+    assert any(
+        n.startswith("12.unreadable-") for n in os.listdir(os.path.join(copy, "checkpoints"))
+    )
+
+
 @pytest.mark.parametrize(
     "field, value, match",
     [

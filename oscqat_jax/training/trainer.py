@@ -212,47 +212,54 @@ def _train_phase(
     start = int(state.step)
     last_good = start if ckpt is not None and ckpt.latest_step() is not None else None
     bar = metrics.progress_bar(total_steps, desc=prefix, initial=start)
-    batches = ctx.train_batches(start)
-    for step in range(start, total_steps):
-        batch = ctx.sharded.put_batch(next(batches))
-        state, step_metrics = train_step(state, batch, step_lib.hparams_at(table, step))
-        pending.add(step + 1, step_metrics)
-        done = step + 1
-        end_of_epoch = done % per_epoch == 0 or done == total_steps
-        stopping = done == stop_at and done < total_steps
-        save = ckpt is not None and (
-            done % ctx.config.train.checkpoint_every == 0 or done == total_steps or stopping
-        )
-        if done % log_every == 0 or end_of_epoch or save:
-            means = pending.flush(last_good, ctx.workdir)
-            if "osc/oscillating" in means:
-                groups = _oscillation_groups(state, ctx.config.train.osc_level)
-                means.update({f"osc/{k}": v for k, v in groups.items()})
-            means.update({f"data/{k}": v for k, v in ctx.source.stats().items()})
-            ctx.writer.write(done, means, prefix=prefix)
-            bar.set_postfix(loss=f"{means['loss']:.3f}")
-        bar.update(1)
-        if end_of_epoch:
-            epoch = -(-done // per_epoch)
-            osc = (
-                f", oscillating {100 * means['osc/oscillating']:.2f} %"
-                if "osc/oscillating" in means
-                else ""
+    try:
+        batches = ctx.train_batches(start)
+        for step in range(start, total_steps):
+            batch = ctx.sharded.put_batch(next(batches))
+            state, step_metrics = train_step(state, batch, step_lib.hparams_at(table, step))
+            pending.add(step + 1, step_metrics)
+            done = step + 1
+            end_of_epoch = done % per_epoch == 0 or done == total_steps
+            stopping = done == stop_at and done < total_steps
+            save = ckpt is not None and (
+                done % ctx.config.train.checkpoint_every == 0 or done == total_steps or stopping
             )
-            bar.write(
-                f"{prefix} epoch {epoch}: loss {means['loss']:.4f}, "
-                f"batch top-1 {100 * means['top1']:.1f} %{osc}"
-            )
-            if on_epoch_end is not None:
-                state = on_epoch_end(epoch, state)
-        if save:
-            ckpt.save(done, state, force=True)
-            last_good = done
-        if stopping:
-            bar.close()
-            return state, False
-    bar.close()
-    return state, True
+            if done % log_every == 0 or end_of_epoch or save:
+                means = pending.flush(last_good, ctx.workdir)
+                if "osc/oscillating" in means:
+                    groups = _oscillation_groups(state, ctx.config.train.osc_level)
+                    means.update({f"osc/{k}": v for k, v in groups.items()})
+                means.update({f"data/{k}": v for k, v in ctx.source.stats().items()})
+                ctx.writer.write(done, means, prefix=prefix)
+                bar.set_postfix(loss=f"{means['loss']:.3f}")
+            bar.update(1)
+            if end_of_epoch:
+                epoch = -(-done // per_epoch)
+                osc = (
+                    f", oscillating {100 * means['osc/oscillating']:.2f} %"
+                    if "osc/oscillating" in means
+                    else ""
+                )
+                bar.write(
+                    f"{prefix} epoch {epoch}: loss {means['loss']:.4f}, "
+                    f"batch top-1 {100 * means['top1']:.1f} %{osc}"
+                )
+                if on_epoch_end is not None:
+                    state = on_epoch_end(epoch, state)
+            if save:
+                ckpt.save(done, state, force=True)
+                last_good = done
+            if stopping:
+                bar.close()
+                return state, False
+        bar.close()
+        return state, True
+    except BaseException:
+        # A checkpoint still being written (e.g. the last good one before a NaN) is
+        # completed before the error reaches the user.
+        if ckpt is not None:
+            ckpt.wait()
+        raise
 
 
 def float_phase(ctx: Context, variables: dict) -> dict:
