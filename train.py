@@ -3,6 +3,7 @@
     python train.py                                   # the embedded default (configs/default.py)
     python train.py --config=configs/<recipe>.py --workdir=DIR [--config.quant.n_bits=3 ...]
     python train.py --config=... --workdir=DIR --mode=evaluate [--checkpoint=DIR/checkpoints/STEP]
+    python train.py --config=... --workdir=DIR --mode=export [--output=model.safetensors]
 
 Re-running a command with the same workdir resumes it from its newest checkpoint.
 """
@@ -22,12 +23,20 @@ config_flags.DEFINE_config_file(
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (and evaluate) or only evaluate.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "evaluate", "export"],
+    "Train (and evaluate), only evaluate, or export the integer model of a checkpoint.",
+)
 flags.DEFINE_string(
     "checkpoint",
     "",
-    "evaluate: a checkpoints directory (its newest step) or one step in it; default: the "
-    "workdir's newest.",
+    "evaluate/export: a checkpoints directory (its newest step) or one step in it; default: "
+    "the workdir's newest.",
+)
+flags.DEFINE_string(
+    "output", "", "export: the file to write, .safetensors or .npz (default: WORKDIR/model.npz)."
 )
 flags.DEFINE_string(
     "compilation_cache",
@@ -56,6 +65,9 @@ def main(argv):
     workdir = flags.FLAGS.workdir or os.path.join(_HERE, "workdir", "default")
     if flags.FLAGS.mode == "evaluate":
         trainer.evaluate_checkpoint(config, workdir, flags.FLAGS.checkpoint)
+    elif flags.FLAGS.mode == "export":
+        output = flags.FLAGS.output or os.path.join(workdir, "model.npz")
+        trainer.export_checkpoint(config, workdir, output, flags.FLAGS.checkpoint)
     else:
         trainer.train_and_evaluate(config, workdir)
 

@@ -11,9 +11,9 @@ import time
 
 import jax
 import pytest
+from test_training import ROOT, assert_trees_equal, restore_final, tiny_config
 
 from oscqat_jax.training import metrics, trainer
-from test_training import ROOT, assert_trees_equal, restore_final, tiny_config
 
 # One command, as a user would re-run it. KILL_AFTER_SAVE makes the process SIGKILL itself
 # right after a QAT checkpoint save has started (the files are still being written by the

@@ -13,7 +13,6 @@ import sys
 import textwrap
 
 import numpy as np
-
 from test_training import ROOT, assert_trees_equal, restore_final, tiny_config
 
 WORKER = textwrap.dedent(

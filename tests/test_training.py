@@ -212,6 +212,10 @@ def test_a_corrupted_newest_checkpoint_is_reported_and_the_previous_one_used(
         ("osc_damp__weight", -1.0, "osc_damp.weight"),
         ("model__pretrained", "/nonexistent/weights.pth", "model.pretrained"),
         ("model__pretrained_layout", "keras", "model.pretrained_layout"),
+        ("data__name", "imagenet_folder", "data.dir"),
+        ("data__tfds_format", "parquet", "data.tfds_format"),
+        ("data__num_workers", -1, "data.num_workers"),
+        ("distributed__process_id", 2, "distributed.process_id"),
     ],
 )
 def test_bad_configuration_fails_before_any_work(field, value, match, tmp_path):
@@ -311,3 +315,28 @@ def test_pretrained_weights_are_the_starting_point(tmp_path):
     assert kernels and all(k in trained for k in kernels)
     for key, value in kernels.items():
         np.testing.assert_allclose(trained[key], value, rtol=1e-6, err_msg="/".join(key))
+
+
+def test_export_mode_writes_the_integer_model_of_the_checkpoint(full_run, tmp_path):
+    from oscqat_jax import export
+    from oscqat_jax.nn.config import QuantContext
+
+    workdir, config, _ = full_run
+    output = str(tmp_path / "model.npz")
+    manifest = trainer.export_checkpoint(config, workdir, output)
+    assert manifest["model"]["name"] == "mobilenet_v2" and manifest["weights"]
+    model, variables = export.load_export(output)
+    # The exported model computes what the checkpoint computes after BN re-estimation.
+    ctx = trainer._open(config, workdir, write_metrics=False)
+    qat_model, state = trainer.restore_qat_state(ctx)
+    bn_fn = ctx.sharded.jit_batch_fn(trainer.step_lib.make_bn_stats_step(qat_model))
+    reference = dict(
+        state.variables, batch_stats=trainer.reestimate_bn(ctx, bn_fn, state.variables)
+    )
+    images = next(ctx.eval_batches())[0]
+    context = QuantContext.create("eval")
+    want = qat_model.apply(reference, images, context)
+    got = model.apply(variables, images, context)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    with pytest.raises(ValueError, match="suffix"):
+        trainer.export_checkpoint(config, workdir, str(tmp_path / "model.onnx"))

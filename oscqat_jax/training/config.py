@@ -143,6 +143,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     if config.data.name not in SOURCES:
         _fail("data.name", config.data.name, f"use one of {', '.join(SOURCES)}")
+    if config.data.name == "imagenet_folder" and not config.data.dir:
+        _fail("data.dir", config.data.dir, "name the folder that holds train/ and val/")
+    if config.data.tfds_format not in ("auto", "array_record", "tfrecord"):
+        _fail("data.tfds_format", config.data.tfds_format, "use auto, array_record or tfrecord")
+    if not isinstance(config.data.num_workers, int) or config.data.num_workers < 0:
+        _fail("data.num_workers", config.data.num_workers, "use 0 (main process) or more")
+    if not 0.0 < config.data.min_crop_area <= 1.0:
+        _fail("data.min_crop_area", config.data.min_crop_area, "use a fraction in (0, 1]")
+    if config.data.eval_resize_ratio < 1.0:
+        _fail("data.eval_resize_ratio", config.data.eval_resize_ratio, "use a ratio >= 1")
+    d = config.distributed
+    if not isinstance(d.num_processes, int) or d.num_processes < 1:
+        _fail("distributed.num_processes", d.num_processes, "use 1 or more")
+    if not 0 <= d.process_id < d.num_processes:
+        _fail("distributed.process_id", d.process_id, f"use an id in [0, {d.num_processes})")
     for field in ("data.batch_size", "data.eval_batch_size", "data.image_size"):
         value = config[field.split(".")[0]][field.split(".")[1]]
         if not isinstance(value, int) or value < 1:

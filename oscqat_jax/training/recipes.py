@@ -51,7 +51,7 @@ def imagenet_recipe(model: str, bits: int, method: str) -> ml_collections.Config
     """The config of one paper recipe on ImageNet (224x224, batch 128, pretrained weights)."""
     lr, weight_decay, threshold_final = RECIPE_VALUES[model][bits]
     c = base_config()
-    c.data.name = "imagenet"
+    c.data.name = "imagenet_folder"  # or tfds (see config.data); set data.dir or data.tfds_data_dir
     c.data.image_size = 224
     c.data.num_classes = 1000
     c.data.batch_size = 128

@@ -44,19 +44,25 @@ def quant_setup(config: ml_collections.ConfigDict, *, quantize: bool = True) -> 
     )
 
 
+def model_options(config: ml_collections.ConfigDict) -> dict:
+    """``create_model``'s options (besides name, classes and quant setup) of ``config.model``."""
+    options = {
+        "width_multiplier": config.model.width_multiplier,
+        "fold_bn": config.model.fold_bn,
+        "dtype": jnp.bfloat16 if config.model.dtype == "bfloat16" else None,
+    }
+    if config.model.block_setting is not None:
+        options["block_setting"] = tuple(tuple(b) for b in config.model.block_setting)
+    return options
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int, *, quantize: bool = True):
     """The model of ``config.model`` with the config's quant setup (or none)."""
-    extra = {}
-    if config.model.block_setting is not None:
-        extra["block_setting"] = tuple(tuple(b) for b in config.model.block_setting)
     return models.create_model(
         config.model.name,
         num_classes=num_classes,
         quant_setup=quant_setup(config, quantize=quantize),
-        width_multiplier=config.model.width_multiplier,
-        fold_bn=config.model.fold_bn,
-        dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else None,
-        **extra,
+        **model_options(config),
     )
 
 
@@ -525,11 +531,6 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     if jax.distributed.is_initialized():
         return
     if d.coordinator_address:
-        if not 0 <= d.process_id < d.num_processes:
-            raise ValueError(
-                f"config.distributed.process_id = {d.process_id} is not valid: use an id in "
-                f"[0, {d.num_processes}) (num_processes = {d.num_processes})."
-            )
         jax.distributed.initialize(
             coordinator_address=d.coordinator_address,
             num_processes=d.num_processes,
@@ -689,3 +690,41 @@ def evaluate_checkpoint(
         rows = [(k, f"{v:.4g}") for k, v in result.items()]
         print(metrics.format_table(rows, title="Evaluation"))
     return result
+
+
+def export_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, output: str, checkpoint_path: str = ""
+) -> dict:
+    """Writes the integer model of a QAT checkpoint to ``output`` (``.safetensors`` or
+    ``.npz``, see :mod:`oscqat_jax.export`); returns its manifest.
+
+    The BN statistics exported are the re-estimated ones when ``eval.bn_reestimate`` is set
+    (as the final evaluation of training uses them), else the checkpoint's running ones.
+    """
+    from oscqat_jax import export
+
+    export.check_suffix(output)  # before any work
+    ctx = _open(config, workdir, write_metrics=False)
+    model, state = restore_qat_state(ctx, checkpoint_path)
+    variables = state.variables
+    if config.eval.bn_reestimate:
+        bn_fn = ctx.sharded.jit_batch_fn(step_lib.make_bn_stats_step(model))
+        variables = dict(variables, batch_stats=reestimate_bn(ctx, bn_fn, variables))
+    ctx.source.close()
+    manifest = None
+    if jax.process_index() == 0:
+        manifest = export.export_model(
+            output,
+            jax.device_get(variables),
+            model_name=config.model.name,
+            num_classes=ctx.source.num_classes,
+            quant_setup=quant_setup(config),
+            input_shape=ctx.source.image_shape,
+            **model_options(config),
+        )
+        size = os.path.getsize(output)
+        print(
+            f"Exported step {int(state.step)} to {output} ({size / 2**20:.2f} MiB, "
+            f"{len(manifest['weights'])} quantized layers)."
+        )
+    return manifest

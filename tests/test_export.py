@@ -1,0 +1,247 @@
+"""Tests of oscqat_jax.export: round trips through both formats, the stored integers, the file
+size of a real network, and the errors.
+
+Variables are filled on the host from ``jax.eval_shape(model.init, ...)`` (a jitted init
+compiles one random kernel per parameter), then calibrated by one jitted calibration step.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from oscqat_jax import export, quant
+from oscqat_jax.models import create_model
+from oscqat_jax.nn import collect
+from oscqat_jax.nn.config import QuantContext
+from oscqat_jax.nn.setups import QuantSetup
+from oscqat_jax.training import step as step_lib
+
+EVAL = QuantContext.create("eval")
+TINY = dict(  # create_model's options of a MobileNetV2 with three inverted-residual blocks
+    num_classes=4,
+    quant_setup=QuantSetup(n_bits=4),
+    width_multiplier=0.25,
+    block_setting=((1, 8, 1, 1), (4, 16, 2, 2)),
+)
+TINY_INPUT = (16, 16, 1)
+MOBILENET = dict(model_name="mobilenet_v2", **TINY)
+FROZEN_LAYER = "features_2/expand"
+
+
+def host_variables(model, input_shape, seed=0):
+    """Random kernels (He normal), BN parameters and statistics; zero quantizer state."""
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x, EVAL)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        collection, name = path[0].key, path[-1].key
+        if collection not in ("params", "batch_stats") or leaf.dtype != jnp.float32:
+            return np.zeros(leaf.shape, leaf.dtype)
+        if name == "kernel":
+            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return (rng.normal(size=leaf.shape) * std).astype(np.float32)
+        if name in ("var", "scale") or name.endswith("_scale"):
+            return rng.uniform(0.5, 1.5, size=leaf.shape).astype(np.float32)
+        return (rng.normal(size=leaf.shape) * 0.1).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def calibrated(model, input_shape, seed=0):
+    variables = host_variables(model, input_shape, seed)
+    images = np.random.default_rng(seed + 1).normal(size=(8, *input_shape)).astype(np.float32)
+    calibrate = jax.jit(step_lib.make_calibrate_step(model), compiler_options=step_lib.FAST_COMPILE)
+    return jax.device_get(calibrate(variables, images, jax.random.key(seed)))
+
+
+def eval_variables(variables):
+    """The collections an eval forward reads (range accumulators left out), so the original
+    and the loaded variables share one tree structure and one compiled forward."""
+    quant_stats = traverse_util.flatten_dict(variables["quant_stats"], sep="/")
+    signed = {k: v for k, v in quant_stats.items() if k.endswith("_signed")}
+    return {
+        **variables,
+        "quant_stats": traverse_util.unflatten_dict(signed, sep="/"),
+    }
+
+
+forward = jax.jit(
+    lambda model, variables, x: model.apply(variables, x, EVAL),
+    static_argnums=0,
+    compiler_options=step_lib.FAST_COMPILE,
+)
+
+
+def at(tree, path):
+    """The subtree of a nested dict at a ``/``-joined module path."""
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+def read_file(path):
+    """The raw arrays of an export file."""
+    if str(path).endswith(".npz"):
+        with np.load(path, allow_pickle=False) as archive:
+            return {k: archive[k] for k in archive.files if k != export.MANIFEST_KEY}
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny MobileNetV2, calibrated, with about a third of one layer frozen off its
+    current integers (frozen_int = current +- 1)."""
+    model = create_model("mobilenet_v2", **TINY)
+    variables = calibrated(model, TINY_INPUT)
+    layer = at(variables["params"], FROZEN_LAYER)
+    w_int = np.asarray(quant.to_int(layer["kernel"], layer["weight_scale"], n_bits=4, signed=True))
+    state = at(variables["oscillation"], FROZEN_LAYER)
+    state["frozen"] = np.random.default_rng(2).random(w_int.shape) < 0.3
+    state["frozen_int"] = np.where(w_int < 7, w_int + 1, w_int - 1).astype(np.float32)
+    images = np.random.default_rng(3).normal(size=(4, *TINY_INPUT)).astype(np.float32)
+    return model, variables, images
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_the_loaded_export_computes_the_fake_quantized_eval(tiny, tmp_path, suffix):
+    model, variables, images = tiny
+    path = tmp_path / f"tiny{suffix}"
+    export.export_model(path, variables, input_shape=TINY_INPUT, **MOBILENET)
+    loaded_model, loaded = export.load_export(path)
+
+    assert loaded_model == model
+    expected = forward(model, eval_variables(variables), images)
+    np.testing.assert_allclose(forward(loaded_model, loaded, images), expected, rtol=0, atol=1e-6)
+    # The frozen weights matter: without their frozen values the logits move.
+    unfrozen = jax.tree_util.tree_map(np.copy, eval_variables(variables))
+    at(unfrozen["oscillation"], FROZEN_LAYER)["frozen"][:] = False
+    assert not np.allclose(forward(model, unfrozen, images), expected, atol=1e-4)
+
+
+def test_the_stored_integers_are_those_of_quantized_inference(tiny, tmp_path):
+    model, variables, _ = tiny
+    path = tmp_path / "tiny.safetensors"
+    manifest = export.export_model(path, variables, input_shape=TINY_INPUT, **MOBILENET)
+    stored = read_file(path)
+    expected = collect.quantized_weights(model, variables, np.zeros((1, *TINY_INPUT)), EVAL)
+
+    assert set(manifest["weights"]) == set(expected) and len(expected) == 11
+    for layer, qw in expected.items():
+        w_int = stored[f"params/{layer}/kernel_int"]
+        n_bits = 8 if layer in ("features_0", "classifier") else 4
+        assert manifest["weights"][layer]["n_bits"] == qw.n_bits == n_bits
+        assert w_int.dtype == np.int8 and w_int.shape == tuple(qw.int_weight.shape)
+        assert w_int.min() >= -(2 ** (n_bits - 1)) and w_int.max() <= 2 ** (n_bits - 1) - 1
+        np.testing.assert_array_equal(w_int, qw.int_weight)
+        np.testing.assert_array_equal(stored[f"params/{layer}/weight_scale"], qw.scale)
+        assert f"params/{layer}/kernel" not in stored
+    # Frozen entries hold their frozen integer, not the rounding of the latent weight.
+    state = at(variables["oscillation"], FROZEN_LAYER)
+    frozen = state["frozen"]
+    w_int = stored[f"params/{FROZEN_LAYER}/kernel_int"]
+    np.testing.assert_array_equal(w_int[frozen], state["frozen_int"][frozen])
+    assert manifest["weights"][FROZEN_LAYER]["frozen"] == int(frozen.sum()) > 0
+    # Every activation quantizer: 4 bits, the classifier's input 8; signedness as learnt.
+    activations = manifest["activations"]
+    assert len(activations) == 10 and activations["classifier/input"]["n_bits"] == 8
+    for site, entry in activations.items():
+        signed = stored[f"quant_stats/{site}_signed"]
+        assert signed.dtype == np.bool_ and bool(signed) == entry["signed"]
+    assert stored["batch_stats/features_0/bn/var"].dtype == np.float32
+    assert json.loads(json.dumps(manifest)) == manifest
+
+
+def test_a_4_bit_mobilenet_v2_export_is_a_fraction_of_its_float_parameters(tmp_path):
+    # Calibrated with min-max ranges (cheap); the file's size does not depend on them.
+    setup = QuantSetup(
+        n_bits=4, weight_range_method="current_minmax", act_range_method="running_minmax"
+    )
+    kwargs = dict(num_classes=1000, quant_setup=setup)
+    variables = calibrated(create_model("mobilenet_v2", **kwargs), (32, 32, 3))
+    path = tmp_path / "mobilenet_v2.safetensors"  # uncompressed; .npz is smaller still
+    export.export_model(
+        path, variables, model_name="mobilenet_v2", input_shape=(32, 32, 3), **kwargs
+    )
+    float_bytes = sum(
+        np.asarray(v, np.float32).nbytes for v in jax.tree_util.tree_leaves(variables["params"])
+    )
+    size = path.stat().st_size
+    print(f"float32 params {float_bytes} B, export {size} B: {float_bytes / size:.2f}x smaller")
+    assert float_bytes / size >= 3.5
+
+
+def test_asymmetric_per_channel_quantizers_and_folded_bn_round_trip(tmp_path):
+    # The `all` setup adds output, residual and pooling quantizers. (ResNet-18 round-trips
+    # the same way but costs three times as long to compile; nothing here is depth-wise.)
+    setup = QuantSetup(
+        name="all",
+        n_bits=4,
+        per_channel=True,
+        weight_symmetric=False,
+        act_symmetric=False,
+        weight_range_method="current_minmax",
+        act_range_method="running_minmax",
+    )
+    kwargs = dict(TINY, quant_setup=setup, fold_bn=True)
+    model = create_model("mobilenet_v2", **kwargs)
+    variables = calibrated(model, TINY_INPUT)
+    path = tmp_path / "tiny.npz"
+    manifest = export.export_model(
+        path, variables, model_name="mobilenet_v2", input_shape=TINY_INPUT, **kwargs
+    )
+    loaded_model, loaded = export.load_export(path)
+    images = np.random.default_rng(4).normal(size=(2, *TINY_INPUT)).astype(np.float32)
+    expected = forward(model, eval_variables(variables), images)
+    np.testing.assert_allclose(forward(loaded_model, loaded, images), expected, rtol=0, atol=1e-5)
+
+    stored = read_file(path)
+    assert manifest["model"]["options"]["fold_bn"] and manifest["quant_setup"]["name"] == "all"
+    assert stored["params/features_2/expand/weight_scale"].shape == (1, 1, 1, 32)
+    zero_point = stored["params/features_2/expand/weight_zero_point"]
+    assert zero_point.dtype == np.int32 and zero_point.shape == (1, 1, 1, 32)
+    assert manifest["weights"]["features_2/expand"]["per_channel"]
+    for site in ("features_3/residual", "features_4/output"):  # features_4: the head
+        assert stored[f"params/{site}_zero_point"].dtype == np.int32
+        assert manifest["activations"][site] == {"n_bits": 4, "signed": False, "symmetric": False}
+
+
+def test_unknown_suffixes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"suffix '\.pt'; use one of \.safetensors, \.npz"):
+        export.export_model(tmp_path / "tiny.pt", {}, input_shape=TINY_INPUT, **MOBILENET)
+    with pytest.raises(ValueError, match="suffix '.onnx'"):
+        export.load_export(tmp_path / "tiny.onnx")
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.npz does not exist"):
+        export.load_export(tmp_path / "missing.npz")
+
+
+def test_files_of_another_format_version_or_without_manifest_are_refused(tmp_path):
+    manifest = {"format": export.FORMAT, "format_version": 99}
+    np.savez(tmp_path / "v99.npz", **{export.MANIFEST_KEY: np.asarray(json.dumps(manifest))})
+    with pytest.raises(ValueError, match="format version 99, but this code reads version 1"):
+        export.load_export(tmp_path / "v99.npz")
+    np.savez(tmp_path / "plain.npz", kernel=np.zeros(3))
+    with pytest.raises(ValueError, match="is not an oscqat_jax export"):
+        export.load_export(tmp_path / "plain.npz")
+
+
+def test_uncalibrated_variables_are_refused(tmp_path):
+    uncalibrated = host_variables(create_model("mobilenet_v2", **TINY), TINY_INPUT)
+    with pytest.raises(ValueError, match="not calibrated .*features_0/weight_range"):
+        export.export_model(tmp_path / "a.npz", uncalibrated, input_shape=TINY_INPUT, **MOBILENET)
+    float_model = create_model("mobilenet_v2", **dict(TINY, quant_setup="float"))
+    float_variables = host_variables(float_model, TINY_INPUT)
+    with pytest.raises(ValueError, match="no quantizer scale params/features_0/weight_scale"):
+        export.export_model(
+            tmp_path / "a.npz", float_variables, input_shape=TINY_INPUT, **MOBILENET
+        )
+    assert not list(tmp_path.iterdir())
