@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from oscqat_jax import toy
+from oscqat_jax import schedules, toy
 
 LOW, HIGH = 10 / 15, 11 / 15
 
@@ -39,3 +39,38 @@ def test_freezing_and_dampening_stop_the_flipping():
     assert toy.flips_per_step(damped.q[-100:]) == 0.0
     plain = toy.toy_regression(0.7107, 0.737, num_steps=400)
     assert toy.flips_per_step(plain.q[-100:]) > 0.5
+
+
+def test_schedules_are_evaluated_per_step_and_recorded():
+    steps = 120
+    damp = schedules.dampening_weight_schedule(0.0, 1.0, total_steps=steps, anneal_start=0.25)
+    freeze = schedules.freeze_threshold_schedule(0.9, 0.1, total_steps=steps, anneal_start=0.25)
+    plain = toy.toy_regression(0.7107, 0.737, num_steps=steps)
+    damped = toy.toy_regression(0.7107, 0.737, num_steps=steps, dampening_weight=damp)
+    frozen = toy.toy_regression(
+        0.7107, 0.737, num_steps=steps, freeze_threshold=freeze, momentum=0.05
+    )
+    t = np.arange(steps)
+    np.testing.assert_allclose(damped.dampening_weight, damp(t), rtol=1e-6)
+    np.testing.assert_allclose(frozen.freeze_threshold, freeze(t), rtol=1e-6)
+    np.testing.assert_array_equal(plain.dampening_weight, np.zeros(steps))
+    # Both schedules are 0 for the first 30 steps: the runs match the plain one there.
+    for run in (damped, frozen):
+        np.testing.assert_array_equal(run.w[:31], plain.w[:31])
+        assert not np.array_equal(run.w, plain.w)
+
+
+def test_a_constant_schedule_matches_the_number():
+    number = toy.toy_regression(0.7107, 0.737, num_steps=50, dampening_weight=0.5)
+    schedule = toy.toy_regression(
+        0.7107, 0.737, num_steps=50, dampening_weight=schedules.constant(0.5)
+    )
+    for a, b in zip(number, schedule, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_predicted_flips_by_hand_for_numbers_and_arrays():
+    # 0.7107 lies 0.0226 below 11/15: 2 * 0.0226 * 15 = 0.679.
+    assert toy.predicted_flips_per_step(0.7107, 1 / 15) == pytest.approx(0.679, abs=1e-9)
+    law = toy.predicted_flips_per_step(np.array([LOW, 10.25 / 15, 10.5 / 15, HIGH]), 1 / 15)
+    np.testing.assert_allclose(law, [0.0, 0.5, 1.0, 0.0], atol=1e-9)
