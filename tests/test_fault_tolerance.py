@@ -45,7 +45,7 @@ WORKER = textwrap.dedent(
     print("FINISHED")
     """
 )
-OVERRIDES = {"float_train__epochs": 1, "train__checkpoint_every": 2, "train__log_every": 1}
+OVERRIDES = {"train__checkpoint_every": 2, "train__log_every": 1}
 QAT_STEPS = 12  # 2 epochs of 6 steps (tiny_config)
 
 

@@ -91,7 +91,10 @@ def test_two_processes_end_in_the_state_of_one_process(tmp_path):
     assert_trees_equal(state_s["opt_state"], state_m["opt_state"], atol=1e-4, rtol=1e-4)
     for key in ("float", "qat_pre_bn", "qat_post_bn"):
         np.testing.assert_allclose(multi[0]["summary"][key], single["summary"][key], atol=1e-4)
-        assert multi[1]["summary"][key] == multi[0]["summary"][key]
+    # Every process evaluates (the accuracy is a global reduction); only process 0 reads the
+    # metrics back for the QAT history.
+    assert multi[1]["summary"]["float"] == multi[0]["summary"]["float"]
+    assert "qat_pre_bn" not in multi[1]["summary"]
     # One metrics file, written by process 0 alone: each step is recorded once.
     rows = [json.loads(line) for line in open(os.path.join(multi_dir, "metrics.jsonl"))]
     steps = [r["step"] for r in rows if "qat/loss" in r]
