@@ -17,7 +17,7 @@ few hundred steps, so this uses momentum 0.01 and a threshold annealed from 0.05
 and keeps a learning-rate floor (0.002) so that oscillations stay visible until the end.
 """
 
-from oscqat_jax.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
+from oscqat_jax.models.mobilenet_v2 import SMALL_INPUT_SETTING
 from oscqat_jax.training.config import base_config
 
 
@@ -31,11 +31,7 @@ def get_config():
 
     c.model.name = "mobilenet_v2"
     c.model.width_multiplier = 0.5
-    # The paper's stages with the sixth (160 channels) at stride 1: 32x32 inputs end in 2x2
-    # maps instead of 1x1.
-    c.model.block_setting = tuple(
-        (t, ch, n, 1 if ch == 160 else stride) for t, ch, n, stride in INVERTED_RESIDUAL_SETTING
-    )
+    c.model.block_setting = SMALL_INPUT_SETTING  # the sixth stage at stride 1 (2x2 last maps)
 
     c.float_train.epochs = 10
     c.float_train.optimizer.lr = 0.05

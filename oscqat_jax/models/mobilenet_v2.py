@@ -63,6 +63,11 @@ INVERTED_RESIDUAL_SETTING = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+# For 32x32 inputs (digits, Fashion-MNIST): the sixth stage (160 channels) at stride 1, so the
+# last maps are 2x2 instead of 1x1.
+SMALL_INPUT_SETTING = tuple(
+    (t, c, n, 1 if c == 160 else s) for t, c, n, s in INVERTED_RESIDUAL_SETTING
+)
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
 
