@@ -136,7 +136,9 @@ def _source(kind, folder, tfds_dirs, **fields):
     if kind == "folder":
         return pipelines.imagenet_folder(data_config(name="imagenet_folder", dir=folder, **fields))
     # One shard per block, so a tfrecord epoch has several blocks.
-    return pipelines.tfds_source(tfds_config(tfds_dirs, kind, **fields), shards_per_block=1)
+    return pipelines.tfds_source(
+        tfds_config(tfds_dirs, kind, tfrecord_shards_per_block=1, **fields)
+    )
 
 
 def take(iterator, n):

@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.data.train_split = "train"  # tfds: split names
     c.data.val_split = "validation"
+    c.data.tfrecord_shards_per_block = 4  # tfds tfrecord order: shards shuffled together
     c.data.num_workers = 8  # decoding worker processes (0: decode in the main process)
     c.data.prefetch = 2  # batches decoded ahead per worker
     c.data.eval_resize_ratio = 248 / 224  # evaluation resize of the shorter side, before the crop
@@ -150,6 +151,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("data.dir", config.data.dir, "name the folder that holds train/ and val/")
     if config.data.tfds_format not in ("auto", "array_record", "tfrecord"):
         _fail("data.tfds_format", config.data.tfds_format, "use auto, array_record or tfrecord")
+    if config.data.tfrecord_shards_per_block < 1:
+        _fail(
+            "data.tfrecord_shards_per_block",
+            config.data.tfrecord_shards_per_block,
+            "use a positive number of shards",
+        )
     if not isinstance(config.data.num_workers, int) or config.data.num_workers < 0:
         _fail("data.num_workers", config.data.num_workers, "use 0 (main process) or more")
     if not 0.0 < config.data.min_crop_area <= 1.0:

@@ -547,10 +547,18 @@ def _tfds_format(builder, requested: str) -> str:
     return requested
 
 
-def tfds_source(data_config, *, shards_per_block: int = TFRECORD_SHARDS_PER_BLOCK):
+def tfds_source(data_config):
     """The image-classification dataset ``data.tfds_name`` prepared in ``data.tfds_data_dir``
-    (features ``image`` and ``label``), split ``data.train_split`` / ``data.val_split``."""
+    (features ``image`` and ``label``), split ``data.train_split`` / ``data.val_split``;
+    tfrecord files are ordered in blocks of ``data.tfrecord_shards_per_block`` shards."""
     import tensorflow_datasets as tfds
+
+    shards_per_block = data_config.get("tfrecord_shards_per_block", TFRECORD_SHARDS_PER_BLOCK)
+    if not isinstance(shards_per_block, int) or shards_per_block < 1:
+        raise ValueError(
+            f"config.data.tfrecord_shards_per_block = {shards_per_block!r} is not valid: "
+            "use a positive number of shards."
+        )
 
     builder = _tfds_builder(data_config)
     file_format = _tfds_format(builder, data_config.tfds_format)
