@@ -12,22 +12,22 @@ zero-padded to 32x32 and augmented with +-2 px shifts and horizontal flips.
 
 Model: the width-0.5 MobileNetV2 of configs/default.py (the sixth stage at stride 1, so the
 maps end at 2x2). It is trained in float for 8 epochs (about 7,500 steps at batch 64;
-shared/NOTES.md measured 89 % after 3 epochs and a plateau near 92-93 % after 8-10; the
+short CPU runs reached 89 % after 3 epochs and a plateau near 92-93 % after 8-10; the
 float model is cached in the workdir, or pass --config.model.pretrained=FILE and
 --config.float_train.epochs=0), its quantizer ranges initialised with the MSE search, then
 fine-tuned for 2 QAT epochs (1,874 steps) in the LSQ_paper setup. About 3 ms per image and
 training step on one CPU core: a GPU job. demos/reproduce.py runs a much shorter version on
 CPU (docs/results.md).
 
-The QAT run is about 50 times shorter than the paper's, so the schedules are scaled to it
-(shared/NOTES.md): the oscillation EMA uses momentum 0.01 (the paper's 0.001 could not exceed
+The QAT run is about 50 times shorter than the paper's, so the schedules are scaled to it:
+the oscillation EMA uses momentum 0.01 (the paper's 0.001 could not exceed
 about 0.55 in a run this short), the freezing threshold anneals from 0.05 to 0.005 after the
 first quarter (the paper: 0.1 -> 0.01/0.011), the dampening weight from 0 to 0.1 after the
 first quarter (as the paper), and the learning rate decays by cosine to a floor of 20 % of
 its peak instead of 0, so that weights still move, and oscillate, at the end.
 """
 
-from oscqat_jax.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
+from oscqat_jax.models.mobilenet_v2 import SMALL_INPUT_SETTING
 from oscqat_jax.training.config import base_config
 from oscqat_jax.training.recipes import RECIPE_VALUES, parse_arg
 
@@ -51,9 +51,7 @@ def get_config(arg: str = ""):
 
     c.model.name = "mobilenet_v2"
     c.model.width_multiplier = 0.5
-    c.model.block_setting = tuple(
-        (t, ch, n, 1 if ch == 160 else stride) for t, ch, n, stride in INVERTED_RESIDUAL_SETTING
-    )
+    c.model.block_setting = SMALL_INPUT_SETTING  # the sixth stage at stride 1 (2x2 last maps)
 
     c.float_train.epochs = 8
     c.float_train.optimizer.lr = 0.05

