@@ -454,6 +454,7 @@ def test_npz_and_safetensors_are_read_without_torch(tmp_path):
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model_state_dict", "model"])
 def test_torch_files_with_prefix_and_wrapping_dicts(tmp_path, wrap):
     import torch
+
     tensors = {k: v for k, v in _small_tensors().items() if v.dtype != ml_dtypes.bfloat16}
     state_dict = {k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}
     state_dict["module.fc.bias"] = torch.ones(2, dtype=torch.bfloat16)
@@ -466,6 +467,7 @@ def test_torch_files_with_prefix_and_wrapping_dicts(tmp_path, wrap):
 
 def test_torch_file_that_would_run_code_is_refused(tmp_path):
     import torch
+
     torch.save({"state_dict": {"w": torch.zeros(1)}, "opt": _Pickled()}, tmp_path / "w.pt")
     with pytest.raises(
         ValueError,
@@ -603,6 +605,7 @@ PARITY = {
 @pytest.mark.parametrize(("name", "layout"), list(PARITY))
 def test_converted_float_model_matches_pytorch(tmp_path, name, layout):
     import torch
+
     torch.manual_seed(0)
     net = _torch_networks(torch)[name](num_classes=10).eval()
     with torch.no_grad():  # BatchNorm with non-trivial statistics
