@@ -353,10 +353,9 @@ def _allow_unparsed_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-class RandomAccessSource:
-    """A :class:`~oscqat_jax.training.data.Source` over records with random access, decoded by
-    grain in ``num_workers`` processes, ``prefetch`` batches ahead each (0 workers: in this
-    process, when the batch is asked for)."""
+class _FileSource:
+    """What the file-based sources share: their splits, the transform, the decode-failure
+    counts of both splits and the open streams (closed by :meth:`close`)."""
 
     def __init__(
         self,
@@ -380,6 +379,18 @@ class RandomAccessSource:
         self._prefetch = prefetch
         self._failures = {"train": _FailureLog(train.describe), "val": _FailureLog(val.describe)}
         self._streams = _Streams()
+
+    def stats(self) -> dict[str, float]:
+        return {"decode_failures": sum(f.count for f in self._failures.values())}
+
+    def close(self) -> None:
+        self._streams.close()
+
+
+class RandomAccessSource(_FileSource):
+    """A :class:`~oscqat_jax.training.data.Source` over records with random access, decoded by
+    grain in ``num_workers`` processes, ``prefetch`` batches ahead each (0 workers: in this
+    process, when the batch is asked for)."""
 
     def _run(self, dataset, split: str, keys: tuple[str, ...]) -> Iterator[tuple[np.ndarray, ...]]:
         dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -423,12 +434,6 @@ class RandomAccessSource:
         )
         batches = grain.MapDataset.range(math.ceil(self.num_val / batch_size)).map(load)
         return self._streams.track(self._run(batches, "val", ("images", "labels", "mask")))
-
-    def stats(self) -> dict[str, float]:
-        return {"decode_failures": sum(f.count for f in self._failures.values())}
-
-    def close(self) -> None:
-        self._streams.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,10 +695,10 @@ class _TFRecordSplit:
         return np.concatenate(blocks)
 
 
-class TFRecordSource:
+class TFRecordSource(_FileSource):
     """A :class:`~oscqat_jax.training.data.Source` over tfds tfrecord files: read in blocks of
-    shards in a background thread, decoded by ``num_workers`` threads, ``prefetch`` batches
-    ahead."""
+    shards in a background thread, decoded by ``num_workers`` threads (at least one),
+    ``prefetch`` batches ahead (at least one)."""
 
     def __init__(
         self,
@@ -707,18 +712,16 @@ class TFRecordSource:
         prefetch: int,
         shards_per_block: int,
     ):
-        self.name = name
-        self.num_classes = num_classes
-        self.image_shape = (transform.image_size, transform.image_size, 3)
-        self.num_train = len(train)
-        self.num_val = len(val)
-        self._train, self._val = train, val
+        super().__init__(
+            name,
+            train,
+            val,
+            num_classes=num_classes,
+            transform=transform,
+            num_workers=max(1, num_workers),
+            prefetch=max(1, prefetch),
+        )
         self._shards_per_block = shards_per_block
-        self._transform = transform
-        self._num_workers = max(1, num_workers)
-        self._prefetch = max(1, prefetch)
-        self._failures = {"train": _FailureLog(train.describe), "val": _FailureLog(val.describe)}
-        self._streams = _Streams()
 
     def _run(self, jobs: Iterator[Callable[[], list]], split: str, keys: tuple[str, ...]):
         """Runs ``jobs`` (each: read the records of one batch, return its row decoders) in a
@@ -815,9 +818,3 @@ class TFRecordSource:
             )
             for j in rows
         ]
-
-    def stats(self) -> dict[str, float]:
-        return {"decode_failures": sum(f.count for f in self._failures.values())}
-
-    def close(self) -> None:
-        self._streams.close()
