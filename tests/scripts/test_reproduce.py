@@ -1,26 +1,13 @@
 """The small-scale study (demos/reproduce.py): its quick version end to end, and its pieces."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
+from testkit import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_demo():
-    path = os.path.join(ROOT, "demos", "reproduce.py")
-    spec = importlib.util.spec_from_file_location("reproduce_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = load_demo()
+demo = load_script("demos/reproduce.py", "reproduce_demo")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from testkit import ROOT
 
 from oscqat_jax.training import config as config_lib
 from oscqat_jax.training import data, pipelines
@@ -23,7 +24,6 @@ CLASSES = ("cat", "dog", "fox")
 BATCH = 4
 SEED = 3
 TFDS_NAME = "oscqat_test_images"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _encode(pixels: np.ndarray, fmt: str) -> bytes:

@@ -13,7 +13,7 @@ import sys
 import textwrap
 
 import numpy as np
-from test_training import ROOT, assert_trees_equal, restore_final, tiny_config
+from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
 
 WORKER = textwrap.dedent(
     """
@@ -22,7 +22,7 @@ WORKER = textwrap.dedent(
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
-    from test_training import tiny_config
+    from testkit import tiny_config
     from oscqat_jax.training import trainer
 
     config = tiny_config(train__epochs=1)
@@ -49,7 +49,7 @@ def _launch(workdir, *, process_id, num_processes, local_devices, coordinator=""
     script = WORKER.format(
         local_devices=local_devices,
         root=ROOT,
-        tests=os.path.join(ROOT, "tests"),
+        tests=TESTS,
         coordinator=coordinator,
         num_processes=num_processes,
         process_id=process_id,

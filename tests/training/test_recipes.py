@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testkit import ROOT
 
 from oscqat_jax.nn.config import QuantContext
 from oscqat_jax.training import config as config_lib
 from oscqat_jax.training import data, optim, trainer
 from oscqat_jax.training import step as step_lib
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS = os.path.join(ROOT, "configs")
 FAMILIES = ("mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_small")
 RECIPES = [
     (family, f"w{bits}_{method}")

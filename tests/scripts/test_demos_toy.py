@@ -1,25 +1,10 @@
 """The toy-regression demo (demos/toy_regression.py): its numbers, computed in-process."""
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
+from testkit import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_demo():
-    path = os.path.join(ROOT, "demos", "toy_regression.py")
-    spec = importlib.util.spec_from_file_location("toy_regression_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = load_demo()
+demo = load_script("demos/toy_regression.py", "toy_regression_demo")
 UPPER, LOWER = 11 / 15, 10 / 15
 
 

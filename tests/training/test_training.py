@@ -9,77 +9,9 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
 
-from oscqat_jax.training import checkpoint, trainer
-from oscqat_jax.training import config as config_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A MobileNetV2 with three inverted-residual blocks: every kind of layer, few compilations.
-TINY_BLOCKS = ((1, 8, 1, 1), (4, 16, 2, 2))
-
-
-def tiny_config(**overrides):
-    c = config_lib.base_config()
-    c.data.name = "synthetic"
-    c.data.image_size = 16
-    c.data.channels = 1
-    c.data.num_classes = 4
-    c.data.num_train = 48
-    c.data.num_val = 20
-    c.data.batch_size = 8
-    c.data.eval_batch_size = 8
-    c.model.name = "mobilenet_v2"
-    c.model.width_multiplier = 0.25
-    c.model.block_setting = TINY_BLOCKS
-    c.quant.n_bits = 3
-    c.osc_freeze.threshold = 0.2
-    c.osc_freeze.threshold_final = 0.05
-    c.osc_freeze.ema_momentum = 0.3
-    c.osc_damp.weight = 0.0
-    c.osc_damp.weight_final = 0.1
-    c.optimizer.lr = 0.05
-    c.train.epochs = 2
-    c.train.log_every = 2
-    c.train.checkpoint_every = 4
-    c.eval.bn_batches = 2
-    c.train.fast_compile = True
-    for key, value in overrides.items():
-        group, field = key.split("__")
-        c[group][field] = value
-    return c
-
-
-def restore_final(workdir, config):
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), metadata=trainer.run_metadata(config, "qat")
-    )
-    step = ckpt.latest_step()
-    path = os.path.join(ckpt.directory, str(step), "state")
-    import orbax.checkpoint as ocp
-
-    # Onto this process's first device, whatever devices the run that wrote it had.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        ocp.StandardCheckpointer().metadata(path).item_metadata.tree,
-    )
-    state = ocp.StandardCheckpointer().restore(path, target)
-    ckpt.close()
-    return step, state
-
-
-def assert_trees_equal(a, b, atol=0.0, rtol=0.0):
-    flat_a = jax.tree_util.tree_leaves_with_path(a)
-    flat_b = jax.tree_util.tree_leaves(b)
-    assert len(flat_a) == len(flat_b)
-    for (path, x), y in zip(flat_a, flat_b, strict=True):
-        np.testing.assert_allclose(
-            np.asarray(x, np.float64),
-            np.asarray(y, np.float64),
-            atol=atol,
-            rtol=rtol,
-            err_msg=jax.tree_util.keystr(path),
-        )
+from oscqat_jax.training import trainer
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +164,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import jax, numpy as np
     from jax.sharding import Mesh
-    from test_training import tiny_config
+    from testkit import tiny_config
     from oscqat_jax.training import data, step as step_lib, trainer
 
     config = tiny_config()
@@ -278,7 +210,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_four_devices_match_one_device_on_the_same_global_batch():
-    script = SHARDED_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    script = SHARDED_SCRIPT.format(root=ROOT, tests=TESTS)
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=900, check=False
     )

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from testkit import TEST_BLOCKS
 
 from oscqat_jax import export, quant
 from oscqat_jax.models import create_model
@@ -25,7 +26,7 @@ TINY = dict(  # create_model's options of a MobileNetV2 with three inverted-resi
     num_classes=4,
     quant_setup=QuantSetup(n_bits=4),
     width_multiplier=0.25,
-    block_setting=((1, 8, 1, 1), (4, 16, 2, 2)),
+    block_setting=TEST_BLOCKS,
 )
 TINY_INPUT = (16, 16, 1)
 MOBILENET = dict(model_name="mobilenet_v2", **TINY)

@@ -11,7 +11,7 @@ import time
 
 import jax
 import pytest
-from test_training import ROOT, assert_trees_equal, restore_final, tiny_config
+from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
 
 from oscqat_jax.training import metrics, trainer
 
@@ -27,7 +27,7 @@ WORKER = textwrap.dedent(
     import jax
     jax.config.update("jax_compilation_cache_dir", {cache!r})
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    from test_training import tiny_config
+    from testkit import tiny_config
     from oscqat_jax.training import checkpoint, trainer
 
     kill_after_save = int(os.environ.get("KILL_AFTER_SAVE", "0"))
@@ -52,7 +52,7 @@ QAT_STEPS = 12  # 2 epochs of 6 steps (tiny_config)
 def _command(workdir: str, cache: str) -> list[str]:
     script = WORKER.format(
         root=ROOT,
-        tests=os.path.join(ROOT, "tests"),
+        tests=TESTS,
         cache=cache,
         overrides=OVERRIDES,
         workdir=workdir,

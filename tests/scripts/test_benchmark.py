@@ -1,26 +1,16 @@
 """The train-step benchmark (benchmarks/train_step.py) on a tiny MobileNetV2, in-process."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
+from testkit import TEST_BLOCKS, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_BLOCKS = ((1, 8, 1, 1), (4, 16, 2, 2))
-
-
-def load_benchmark():
-    path = os.path.join(ROOT, "benchmarks", "train_step.py")
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TINY_BLOCKS = TEST_BLOCKS
 
 
 def test_benchmark_times_each_variant_with_one_compilation(capsys):
-    bench = load_benchmark()
+    bench = load_script("benchmarks/train_step.py", "train_step_benchmark")
     argv = [
         "--variants=fp,freeze+dampen",
         "--batch=4",
@@ -51,7 +41,7 @@ def test_benchmark_times_each_variant_with_one_compilation(capsys):
 
 
 def test_variants_map_to_the_trainers_step_settings():
-    bench = load_benchmark()
+    bench = load_script("benchmarks/train_step.py", "train_step_benchmark")
 
     def settings(variant):
         config = bench.case_config(
@@ -72,7 +62,7 @@ def test_variants_map_to_the_trainers_step_settings():
 
 
 def test_a_step_that_recompiles_is_reported(monkeypatch):
-    bench = load_benchmark()
+    bench = load_script("benchmarks/train_step.py", "train_step_benchmark")
     real_hparams_at = bench.step_lib.hparams_at
 
     def first_row_in_float16(table, step):
@@ -88,7 +78,7 @@ def test_a_step_that_recompiles_is_reported(monkeypatch):
 
 
 def test_dampening_rounds_no_weight_twice():
-    bench = load_benchmark()
+    bench = load_script("benchmarks/train_step.py", "train_step_benchmark")
     sharded = bench.step_lib.Sharded.over_all_devices(fast_compile=True)
     counts = {}
     for variant in ("lsq", "dampen"):
