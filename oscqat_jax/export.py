@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,11 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from oscqat_jax import oscillation, quant
+from oscqat_jax import oscillation, quant, weight_files
 from oscqat_jax.models import create_model, quant_plan
-from oscqat_jax.nn import collect
+from oscqat_jax.nn import batchnorm, collect
 from oscqat_jax.nn.config import QuantContext, QuantizerSpec
-from oscqat_jax.nn.quantizer import OSCILLATION, QUANT_STATS
+from oscqat_jax.nn.quantizer import OSCILLATION, QUANT_STATS, split_quantizer_param
 from oscqat_jax.nn.setups import QuantSetup
 
 FORMAT = "oscqat_jax.export"
@@ -66,7 +64,6 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "oscqat_jax_export"
 SUFFIXES = (".safetensors", ".npz")
 KERNEL_INT = "kernel_int"
-_QUANTIZER_PARAM = re.compile(r"(weight|input|output|residual)_(scale|zero_point)")
 _RESIDUAL_ROLES = ("residual", "head_residual")
 
 
@@ -129,7 +126,8 @@ def export_model(
         "weights": weight_entries,
         "activations": activation_entries,
     }
-    _write(path, {k: np.asarray(v) for k, v in arrays.items()}, manifest)
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    weight_files.write(path, arrays, metadata_key=MANIFEST_KEY, metadata=manifest)
     return manifest
 
 
@@ -154,7 +152,7 @@ def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     path = check_suffix(path)
     if not path.is_file():
         raise FileNotFoundError(f"Export file {path} does not exist.")
-    arrays, manifest = _read(path)
+    arrays, manifest = weight_files.read(path, metadata_key=MANIFEST_KEY)
     _check_manifest(path, manifest)
     options = {k: _from_json(k, v) for k, v in manifest["model"]["options"].items()}
     model = create_model(
@@ -237,12 +235,11 @@ def _param_arrays(
     arrays, entries = {}, {}
     for key, value in params.items():
         layer, name = _split(key)
-        match = _QUANTIZER_PARAM.fullmatch(name)
-        if match is None:
+        q, kind = split_quantizer_param(name) or (None, None)
+        if q is None:
             if not (layer in quantized and name == "kernel"):
                 arrays[f"params/{key}"] = np.asarray(value, np.float32)
-        elif match[1] != "weight" and match[2] == "scale":
-            q = match[1]
+        elif q != "weight" and kind == "scale":
             spec = _activation_spec(plan, layer, q)
             arrays.update(_activation_arrays(layer, q, spec, params, quant_stats))
             signed = bool(arrays[f"{QUANT_STATS}/{_join(layer, q)}_signed"])
@@ -341,44 +338,6 @@ def _from_json(name: str, value: Any) -> Any:
     return value
 
 
-def _write(path: pathlib.Path, arrays: dict[str, np.ndarray], manifest: dict) -> None:
-    """Writes ``arrays`` and the manifest to a temporary file, then moves it to ``path``."""
-    text = json.dumps(manifest, sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix.lower() == ".npz":
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays, **{MANIFEST_KEY: np.asarray(text)})
-    else:
-        _safetensors().numpy.save_file(arrays, str(tmp), metadata={MANIFEST_KEY: text})
-    os.replace(tmp, path)
-
-
-def _safetensors():
-    try:
-        import safetensors.numpy
-    except ImportError:
-        raise ImportError(
-            "Export files ending in .safetensors need the safetensors package (pip install "
-            "safetensors); use a .npz path otherwise."
-        ) from None
-    return safetensors
-
-
-def _read(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict | None]:
-    """The arrays of an export file and its manifest (None when it has none)."""
-    if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-        text = arrays.pop(MANIFEST_KEY, None)
-        text = None if text is None else str(text)
-    else:
-        with _safetensors().safe_open(str(path), framework="np") as f:
-            arrays = {key: f.get_tensor(key) for key in f.keys()}
-            text = (f.metadata() or {}).get(MANIFEST_KEY)
-    return arrays, None if text is None else json.loads(text)
-
-
 def _check_manifest(path: pathlib.Path, manifest: dict | None) -> None:
     if manifest is None or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not an oscqat_jax export (it has no {FORMAT} manifest).")
@@ -428,8 +387,8 @@ def _inference_weights(
             signed=True,
         )
         if getattr(model, "fold_bn", False) and f"{layer}/bn/scale" in params:
-            mul = params[f"{layer}/bn/scale"] * jax.lax.rsqrt(
-                batch_stats[f"{layer}/bn/var"] + model.bn_epsilon
+            mul = batchnorm.fold_multiplier(
+                params[f"{layer}/bn/scale"], batch_stats[f"{layer}/bn/var"], model.bn_epsilon
             )
             w_q = jnp.where(mul == 0, 0.0, w_q / jnp.where(mul == 0, 1.0, mul))
         kernels[layer] = w_q

@@ -38,6 +38,18 @@ class BNStatistics(NamedTuple):
     bias: jax.Array  # beta
 
 
+def fold_multiplier(scale: jax.Array, var: jax.Array, epsilon: float) -> jax.Array:
+    """``mul = gamma / sqrt(var + epsilon)``, the per-channel factor BN multiplies by."""
+    return scale * jax.lax.rsqrt(var + epsilon)
+
+
+def fold(stats: BNStatistics, epsilon: float, conv_bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """BN of ``y + conv_bias`` as ``y * mul + offset``: ``(mul, offset)``, each float32 ``(C,)``,
+    with ``offset = beta + (conv_bias - mean) * mul`` (BN folded into the preceding conv)."""
+    mul = fold_multiplier(stats.scale, stats.var, epsilon)
+    return mul, stats.bias + (conv_bias - stats.mean) * mul
+
+
 def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array, int]:
     """Per-channel mean and biased variance over every axis but the last, in float32, and the
     number of values per channel."""
@@ -65,7 +77,7 @@ class BatchNorm(nn.Module):
         """Normalises ``x`` of shape ``(..., C)``; returns the same shape in ``dtype``."""
         stats = self.statistics(x, ctx)
         dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
-        mul = jax.lax.rsqrt(stats.var + self.epsilon) * stats.scale
+        mul = fold_multiplier(stats.scale, stats.var, self.epsilon)
         y = (x.astype(jnp.float32) - stats.mean) * mul + stats.bias
         return y.astype(dtype)
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from oscqat_jax.nn import depthwise
+from oscqat_jax.nn import batchnorm, depthwise
 from oscqat_jax.nn.batchnorm import BatchNorm
 from oscqat_jax.nn.config import FLOAT_LAYER, LayerQuant, QuantContext
 from oscqat_jax.nn.quantizer import quantize_activation, quantize_weight
@@ -57,6 +57,19 @@ def _check_layer_quant(quant: LayerQuant, path: str) -> None:
 def _compute_dtype(dtype: Any, x: jax.Array) -> Any:
     """The dtype the conv/matmul runs in: ``dtype``, or float32 (the input's if wider)."""
     return dtype or jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _quantized_kernel(layer: nn.Module, kernel: jax.Array, ctx: QuantContext) -> jax.Array:
+    """``kernel`` through the weight quantizer of ``layer`` (a layer with a ``quant`` field),
+    tracked and dampened as its ``LayerQuant`` says."""
+    return quantize_weight(
+        layer,
+        kernel,
+        layer.quant.weight,
+        ctx,
+        track=layer.quant.track_oscillations,
+        dampen=layer.quant.dampen,
+    )
 
 
 class QuantConv(nn.Module):
@@ -107,16 +120,6 @@ class QuantConv(nn.Module):
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return kernel, bias
 
-    def _weight(self, kernel: jax.Array, ctx: QuantContext) -> jax.Array:
-        return quantize_weight(
-            self,
-            kernel,
-            self.quant.weight,
-            ctx,
-            track=self.quant.track_oscillations,
-            dampen=self.quant.dampen,
-        )
-
     def _conv(self, x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
         """Convolves in ``dtype``; depth-wise convs use the configured implementation."""
         x, kernel = x.astype(dtype), kernel.astype(dtype)
@@ -142,7 +145,7 @@ class QuantConv(nn.Module):
         kernel, bias = self._conv_params(x)
         dtype = _compute_dtype(self.dtype, x)
         x = quantize_activation(self, "input", x, self.quant.input, ctx)
-        y = self._conv(x, self._weight(kernel, ctx), dtype)
+        y = self._conv(x, _quantized_kernel(self, kernel, ctx), dtype)
         if bias is not None:
             y = y + bias.astype(dtype)
         return quantize_activation(self, "output", y, self.quant.output, ctx).astype(dtype)
@@ -182,7 +185,7 @@ class QuantConvBN(QuantConv):
         if self.fold_bn:
             y = self._folded_conv(x, kernel, bias, bn, ctx, dtype)
         else:
-            y = self._conv(x, self._weight(kernel, ctx), dtype)
+            y = self._conv(x, _quantized_kernel(self, kernel, ctx), dtype)
             if bias is not None:
                 y = y + bias.astype(dtype)
             y = bn(y, ctx)
@@ -201,9 +204,9 @@ class QuantConvBN(QuantConv):
         bias = jnp.zeros((self.features,), jnp.float32) if bias is None else bias
         # In running-statistics modes only the shape of this conv is used (jit drops it).
         stats = bn.statistics(self._conv(x, kernel, dtype).astype(jnp.float32) + bias, ctx)
-        mul = stats.scale * lax.rsqrt(stats.var + self.bn_epsilon)
-        offset = stats.bias + (bias - stats.mean) * mul
-        return self._conv(x, self._weight(kernel * mul, ctx), dtype) + offset.astype(dtype)
+        mul, offset = batchnorm.fold(stats, self.bn_epsilon, bias)
+        y = self._conv(x, _quantized_kernel(self, kernel * mul, ctx), dtype)
+        return y + offset.astype(dtype)
 
 
 class QuantDense(nn.Module):
@@ -233,14 +236,7 @@ class QuantDense(nn.Module):
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         dtype = _compute_dtype(self.dtype, x)
         x = quantize_activation(self, "input", x, self.quant.input, ctx)
-        kernel = quantize_weight(
-            self,
-            kernel,
-            self.quant.weight,
-            ctx,
-            track=self.quant.track_oscillations,
-            dampen=self.quant.dampen,
-        )
+        kernel = _quantized_kernel(self, kernel, ctx)
         y = lax.dot_general(
             x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ()))
         )

@@ -6,7 +6,7 @@ The arithmetic is the functional core's (:mod:`oscqat_jax.quant`, :mod:`oscqat_j
 :mod:`oscqat_jax.oscillation`, :mod:`oscqat_jax.dampening`); this module only decides, per
 :class:`~oscqat_jax.nn.config.QuantContext` mode, which of it runs and where results are kept.
 
-Variables of a quantizer named ``<q>`` (``weight``, ``input`` or ``output``):
+Variables of a quantizer named ``<q>`` (``weight``, ``input``, ``output`` or ``residual``):
 
 - ``params/<q>_scale``: float32, shape ``()`` per tensor or ``(1, ..., 1, C_out)`` per
   channel (weights only); ``params/<q>_zero_point`` (same shape) for asymmetric quantizers.
@@ -41,7 +41,28 @@ QUANTIZED_WEIGHTS = "quantized_weights"
 WEIGHT_CHANNEL_AXIS = -1
 """Output-channel axis of Flax kernels: HWIO for convs, (in, out) for dense layers."""
 
+QUANTIZER_PARAM_KINDS = ("scale", "zero_point")
+"""A quantizer ``<q>`` names its parameters ``<q>_scale`` and ``<q>_zero_point``."""
+
 _MSE_FIELDS = ("lower", "upper", "loss", "one_sided", "num_batches")
+
+
+def split_quantizer_param(name: str) -> tuple[str, str] | None:
+    """``(quantizer, kind)`` of a parameter leaf named ``<quantizer>_<kind>``, e.g.
+    ``("input", "zero_point")`` for ``input_zero_point``; None for a leaf no quantizer owns
+    (``kernel``, ``bias``, BatchNorm's ``scale``, which has no prefix)."""
+    for kind in QUANTIZER_PARAM_KINDS:
+        quantizer = name.removesuffix(f"_{kind}")
+        if quantizer and quantizer != name:
+            return quantizer, kind
+    return None
+
+
+def is_quantizer_param(name: str) -> bool:
+    """Whether a parameter leaf named ``name`` belongs to a quantizer (``weight_scale``,
+    ``input_scale``, ``output_zero_point``, ...): the one rule that the optimizer, the
+    converter and the export follow."""
+    return split_quantizer_param(name) is not None
 
 
 def _require_mutable(module: nn.Module, collections: tuple[str, ...], why: str) -> None:

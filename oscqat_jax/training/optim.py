@@ -15,18 +15,9 @@ import jax
 import optax
 
 from oscqat_jax import schedules
+from oscqat_jax.nn.quantizer import is_quantizer_param
 
 MODEL, QUANT = "model", "quant"
-_QUANTIZER_SUFFIXES = ("_scale", "_zero_point")
-
-
-def is_quantizer_param(name: str) -> bool:
-    """Whether a parameter leaf named ``name`` belongs to a quantizer.
-
-    Quantizers name theirs ``<quantizer>_scale`` / ``<quantizer>_zero_point`` (``weight_scale``,
-    ``input_scale``, ``output_zero_point``...); BatchNorm's ``scale`` has no prefix.
-    """
-    return name.endswith(_QUANTIZER_SUFFIXES)
 
 
 def param_labels(params) -> dict:
