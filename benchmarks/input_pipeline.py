@@ -1,8 +1,8 @@
 """Times the file-based training input pipelines (issue 4): images per second each source
 delivers with N decoding workers, and how many host cores an accelerator's rate needs.
 
-Every case reads through the sources the trainer uses (``pipelines.imagenet_folder`` and
-``pipelines.tfds_source``): the paper's training augmentation (random-resized crop, flip,
+Every case reads through the sources the trainer uses (``data.folder.imagenet_folder`` and
+``data.tfds.tfds_source``): the paper's training augmentation (random-resized crop, flip,
 bilinear resize, normalisation) of JPEGs to float32 NHWC batches.
 
     python benchmarks/input_pipeline.py          # a synthetic ImageNet-like folder, 0/1/2 workers
@@ -28,14 +28,19 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
+# Run as a script from a clone: make the repository's package importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from oscqat_jax.training import config as config_lib
-from oscqat_jax.training import pipelines
+from oscqat_jax.training.data import folder as folder_lib
+from oscqat_jax.training.data import tfds as tfds_lib
 
 SOURCES = ("folder", "array_record", "tfrecord")
 TFDS_NAME = "input_pipeline_benchmark"
@@ -151,7 +156,7 @@ def main(argv=None) -> list[dict]:
         for name in sources:
             for n in workers:
                 config = case_config(name, folder, tfds_dirs.get(name, ""), args, n)
-                load = pipelines.imagenet_folder if name == "folder" else pipelines.tfds_source
+                load = folder_lib.imagenet_folder if name == "folder" else tfds_lib.tfds_source
                 source = load(config)
                 rate = measure(source, batch_size=args.batch_size, steps=args.steps)
                 source.close()

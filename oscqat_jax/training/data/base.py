@@ -1,23 +1,15 @@
-"""Image-classification data for the training program.
+"""What every data source shares: the :class:`Source` interface, the rows a process feeds, the
+order of an epoch, and :class:`ArrayDataset`, the in-memory source.
 
-Every source the trainer reads implements :class:`Source`: training batches are a pure
-function of ``(seed, step)``, read as the rows this process feeds, from any start step;
-evaluation batches have a fixed size and a mask. In-memory sources are
-:class:`ArrayDataset` s of NHWC float32 images (already normalised) and int32 labels; the
-file-based pipelines (an ImageNet-style folder, datasets prepared by tensorflow-datasets)
-live in :mod:`oscqat_jax.training.pipelines`. Training batches are a pure function of ``(seed, step)``: the order of an epoch is a
+Training batches are a pure function of ``(seed, step)``: the order of an epoch is a
 permutation drawn from ``(seed, epoch)`` and the augmentation from ``(seed, step)``, so a
 resumed run reads exactly the batches an uninterrupted run would, without replaying the ones
 already consumed. Evaluation batches are padded to a fixed size with a mask, so every batch
 has the same shape (one compilation) and divides over the devices.
 
-Sources:
-
-- ``digits``: scikit-learn's 1797 real 8x8 handwritten digits (they ship inside the wheel),
-  bilinearly upsampled, with a fixed stratified train/validation split.
-- ``synthetic``: random images and labels of any size, for tests and benchmarks.
-- ``fashion_mnist``: the 70,000 Fashion-MNIST images (see :mod:`.fashion_mnist`).
-- ``imagenet_folder`` and ``tfds``: streaming pipelines (see :mod:`.pipelines`).
+An :class:`ArrayDataset` holds NHWC float32 images (already normalised) and int32 labels; its
+training batches may be shifted by a few pixels and mirrored (``data.max_shift``,
+``data.flip``).
 """
 
 from __future__ import annotations
@@ -26,11 +18,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Protocol
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-SOURCES = ("digits", "synthetic", "fashion_mnist", "imagenet_folder", "tfds")
 
 
 class Source(Protocol):
@@ -72,10 +60,15 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-def local_rows(array: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-    """Rows ``[p * n, (p + 1) * n)`` of a global batch, ``n = len(array) // process_count``."""
-    n = len(array) // process_count
-    return array[process_index * n : (process_index + 1) * n]
+def local_rows(batch_size: int, process_index: int, process_count: int) -> range:
+    """The rows ``[p * n, (p + 1) * n)``, ``n = batch_size // process_count``, of a global batch
+    that process ``p = process_index`` feeds."""
+    if batch_size % process_count:
+        raise ValueError(
+            f"The batch size {batch_size} does not divide over {process_count} processes."
+        )
+    n = batch_size // process_count
+    return range(process_index * n, (process_index + 1) * n)
 
 
 def steps_per_epoch(source, batch_size: int) -> int:
@@ -131,9 +124,10 @@ class ArrayDataset:
     def train_batches(
         self, start_step, *, batch_size, seed, process_index=0, process_count=1
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rows = local_rows(batch_size, process_index, process_count)
         step = start_step
         while True:
-            images, labels = train_batch(
+            batch = train_batch(
                 self,
                 step,
                 batch_size=batch_size,
@@ -141,122 +135,19 @@ class ArrayDataset:
                 max_shift=self.max_shift,
                 flip=self.flip,
             )
-            yield (
-                local_rows(images, process_index, process_count),
-                local_rows(labels, process_index, process_count),
-            )
+            yield tuple(b[rows.start : rows.stop] for b in batch)
             step += 1
 
     def eval_batches(self, *, batch_size, process_index=0, process_count=1):
+        rows = local_rows(batch_size, process_index, process_count)
         for batch in eval_batches(self.val_images, self.val_labels, batch_size):
-            yield tuple(local_rows(b, process_index, process_count) for b in batch)
+            yield tuple(b[rows.start : rows.stop] for b in batch)
 
     def stats(self) -> dict[str, float]:
         return {}
 
     def close(self) -> None:
         pass
-
-
-def _upsample(images: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of ``(N, h, w)`` images to ``(N, size, size)``."""
-    out = jax.image.resize(
-        jnp.asarray(images, jnp.float32), (len(images), size, size), method="bilinear"
-    )
-    return np.asarray(out)
-
-
-def load_digits(*, image_size: int = 32, val_fraction: float = 0.2, split_seed: int = 0):
-    """scikit-learn's digits, upsampled to ``image_size`` and split by class (stratified).
-
-    Pixel values 0..16 are scaled to [0, 1], then normalised with the training split's mean
-    and standard deviation. One channel.
-    """
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
-
-    if image_size < 8:
-        raise ValueError(f"data.image_size must be at least 8 for digits, got {image_size}.")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}.")
-    digits = sklearn_digits()
-    images = _upsample(digits.images / 16.0, image_size)[..., None]
-    labels = digits.target.astype(np.int32)
-    train_idx, val_idx = train_test_split(
-        np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=split_seed
-    )
-    mean, std = images[train_idx].mean(), images[train_idx].std()
-    images = ((images - mean) / std).astype(np.float32)
-    return ArrayDataset(
-        name="digits",
-        train_images=images[train_idx],
-        train_labels=labels[train_idx],
-        val_images=images[val_idx],
-        val_labels=labels[val_idx],
-        num_classes=10,
-    )
-
-
-def synthetic(
-    *,
-    image_size: int,
-    num_classes: int,
-    num_train: int = 64,
-    num_val: int = 32,
-    channels: int = 3,
-    seed: int = 0,
-) -> ArrayDataset:
-    """Random normal images and uniform labels: a stand-in with the shapes of real data."""
-    rng = np.random.default_rng(seed)
-
-    def split(n):
-        images = rng.normal(size=(n, image_size, image_size, channels)).astype(np.float32)
-        return images, rng.integers(0, num_classes, size=n).astype(np.int32)
-
-    train_images, train_labels = split(num_train)
-    val_images, val_labels = split(num_val)
-    return ArrayDataset(
-        "synthetic", train_images, train_labels, val_images, val_labels, num_classes
-    )
-
-
-def load_dataset(data_config) -> Source:
-    """The source named by ``config.data.name`` (see ``SOURCES``)."""
-    name = data_config.name
-    if name == "digits":
-        dataset = load_digits(
-            image_size=data_config.image_size,
-            val_fraction=data_config.val_fraction,
-            split_seed=data_config.split_seed,
-        )
-    elif name == "synthetic":
-        dataset = synthetic(
-            image_size=data_config.image_size,
-            num_classes=data_config.num_classes,
-            num_train=data_config.get("num_train", 64),
-            num_val=data_config.get("num_val", 32),
-            channels=data_config.get("channels", 3),
-            seed=data_config.split_seed,
-        )
-    elif name == "fashion_mnist":
-        from oscqat_jax.training import fashion_mnist
-
-        dataset = fashion_mnist.load(data_config)
-    elif name == "imagenet_folder":
-        from oscqat_jax.training import pipelines
-
-        return pipelines.imagenet_folder(data_config)
-    elif name == "tfds":
-        from oscqat_jax.training import pipelines
-
-        return pipelines.tfds_source(data_config)
-    else:
-        raise ValueError(
-            f"config.data.name = {name!r} is not valid: use one of {', '.join(SOURCES)}."
-        )
-    return dataclasses.replace(
-        dataset, max_shift=data_config.max_shift, flip=bool(data_config.flip)
-    )
 
 
 def _shift(images: np.ndarray, rng: np.random.Generator, max_shift: int, flip: bool):

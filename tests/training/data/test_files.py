@@ -1,4 +1,5 @@
-"""Tests of the file-based input pipelines on tiny image folders and tfds datasets.
+"""Tests of the file-based sources (files.py, folder.py, tfds.py, tfrecord.py) on tiny image
+folders and tfds datasets.
 
 One set of images (JPEG and PNG, RGB, grey and RGBA, of several shapes, one corrupt file per
 split) is written as an ImageNet-style folder and as a tfds dataset in both file formats, in
@@ -17,7 +18,9 @@ from PIL import Image
 from testkit import ROOT
 
 from oscqat_jax.training import config as config_lib
-from oscqat_jax.training import data, pipelines
+from oscqat_jax.training.data import base, files, tfrecord, transforms
+from oscqat_jax.training.data import folder as folder_lib
+from oscqat_jax.training.data import tfds as tfds_lib
 
 IMAGE_SIZE = 8
 CLASSES = ("cat", "dog", "fox")
@@ -134,11 +137,9 @@ def tfds_config(tfds_dirs, file_format, **fields):
 
 def _source(kind, folder, tfds_dirs, **fields):
     if kind == "folder":
-        return pipelines.imagenet_folder(data_config(name="imagenet_folder", dir=folder, **fields))
+        return folder_lib.imagenet_folder(data_config(name="imagenet_folder", dir=folder, **fields))
     # One shard per block, so a tfrecord epoch has several blocks.
-    return pipelines.tfds_source(
-        tfds_config(tfds_dirs, kind, tfrecord_shards_per_block=1, **fields)
-    )
+    return tfds_lib.tfds_source(tfds_config(tfds_dirs, kind, tfrecord_shards_per_block=1, **fields))
 
 
 def take(iterator, n):
@@ -152,51 +153,6 @@ def assert_batches_equal(a, b):
     for x, y in zip(a, b, strict=True):
         for u, v in zip(x, y, strict=True):
             np.testing.assert_array_equal(u, v)
-
-
-# --------------------------------------------------------------------------------------------
-# Transforms.
-
-
-def test_crop_box_falls_back_to_a_centre_crop_clipped_to_the_ratio_range():
-    # A 100x10 strip: every full-area draw with ratio <= 4/3 is taller than 10 pixels.
-    box = pipelines.random_resized_crop_box(100, 10, np.random.default_rng(0), min_area=1.0)
-    assert box == (43, 0, 13, 10)  # width round(10 * 4/3) = 13, centred: (100 - 13) // 2
-    box = pipelines.random_resized_crop_box(10, 100, np.random.default_rng(0), min_area=1.0)
-    assert box == (0, 43, 10, 13)  # height round(10 / (3/4)) = 13, centred: (100 - 13) // 2
-
-
-def test_crop_boxes_fit_and_respect_the_area_and_ratio_ranges():
-    rng = np.random.default_rng(1)
-    for _ in range(200):
-        left, top, w, h = pipelines.random_resized_crop_box(60, 45, rng, min_area=0.08)
-        assert 0 <= left and left + w <= 60 and 0 <= top and top + h <= 45
-        assert 0.08 * 60 * 45 * 0.8 <= w * h <= 60 * 45
-        assert 3 / 4 * 0.85 <= w / h <= 4 / 3 * 1.15
-
-
-def test_uniform_images_normalise_to_the_imagenet_statistics():
-    colour = np.array([200, 30, 120], np.uint8)
-    encoded = _encode(np.broadcast_to(colour, (13, 29, 3)).copy(), "PNG")
-    transform = pipelines.Transform(image_size=IMAGE_SIZE, min_crop_area=0.08, eval_resize=9)
-    expected = (colour / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
-    for image in (
-        pipelines.eval_image(encoded, transform),
-        pipelines.train_image(encoded, np.random.default_rng(0), transform),
-    ):
-        assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.dtype == np.float32
-        np.testing.assert_allclose(image, np.broadcast_to(expected, image.shape), atol=1e-5)
-
-
-def test_eval_image_resizes_the_shorter_side_then_centre_crops():
-    # A 40x12 image: the shorter side 12 -> 9, the longer 40 -> int(9 * 40 / 12) = 30; the
-    # crop takes columns from round(22 / 2) = 11 and rows from round(1 / 2) = 0 (Python's
-    # rounding, as torchvision's CenterCrop).
-    pixels = np.random.default_rng(0).integers(0, 256, (12, 40, 3), dtype=np.uint8)
-    transform = pipelines.Transform(image_size=IMAGE_SIZE, min_crop_area=0.08, eval_resize=9)
-    resized = np.asarray(Image.fromarray(pixels).resize((30, 9), Image.Resampling.BILINEAR))
-    expected = pipelines.normalise(resized[0:8, 11:19])
-    np.testing.assert_array_equal(pipelines.eval_image(_encode(pixels, "PNG"), transform), expected)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,8 +173,8 @@ def test_folder_source_reads_the_layout_with_normalised_float_batches(folder):
 def _expected_train_batch(step, seed=SEED):
     """The global batch of ``step`` computed from the image bytes, the corrupt file replaced
     by the next record of the batch (cyclically)."""
-    transform = pipelines.Transform(IMAGE_SIZE, 0.08, 9)
-    records = data.epoch_indices(NUM_TRAIN, step, BATCH, seed)
+    transform = transforms.Transform(IMAGE_SIZE, 0.08, 9)
+    records = base.epoch_indices(NUM_TRAIN, step, BATCH, seed)
     images, labels, failures = [], [], 0
     for j in range(BATCH):
         record = records[j]
@@ -226,7 +182,7 @@ def _expected_train_batch(step, seed=SEED):
             record, failures = records[(j + 1) % BATCH], failures + 1
         name, _, encoded = IMAGES["train"][record]
         rng = np.random.default_rng([seed, step, j])
-        images.append(pipelines.train_image(encoded, rng, transform))
+        images.append(transforms.train_image(encoded, rng, transform))
         labels.append(CLASSES.index(name))
     return np.stack(images), np.array(labels), failures
 
@@ -271,13 +227,13 @@ def test_training_resumes_at_any_step_and_shards_rows_over_processes(kind, folde
 
 def test_a_resumed_stream_decodes_only_its_own_steps(folder, monkeypatch):
     decoded = []
-    decode = pipelines.decode_rgb
+    decode = transforms.decode_rgb
 
     def counting_decode(encoded):
         decoded.append(encoded)
         return decode(encoded)
 
-    monkeypatch.setattr(pipelines, "decode_rgb", counting_decode)
+    monkeypatch.setattr(transforms, "decode_rgb", counting_decode)
     source = _source("folder", folder, None)
     take(source.train_batches(5, batch_size=BATCH, seed=SEED), 1)
     assert len(decoded) == BATCH + source.stats()["decode_failures"]
@@ -312,12 +268,12 @@ def test_worker_processes_give_the_batches_of_the_main_process(folder, tfds_dirs
 
 
 def _expected_eval():
-    transform = pipelines.Transform(IMAGE_SIZE, 0.08, 9)
+    transform = transforms.Transform(IMAGE_SIZE, 0.08, 9)
     images, labels, mask = [], [], []
     for name, file, encoded in IMAGES["val"]:
         valid = "broken" not in file
         zeros = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
-        images.append(pipelines.eval_image(encoded, transform) if valid else zeros)
+        images.append(transforms.eval_image(encoded, transform) if valid else zeros)
         labels.append(CLASSES.index(name) if valid else 0)
         mask.append(float(valid))
     return np.stack(images), np.array(labels), np.array(mask)
@@ -344,55 +300,39 @@ def test_eval_covers_every_image_once_in_file_order_with_a_mask(kind, folder, tf
 # Errors.
 
 
-def test_folder_layout_errors_name_the_problem(tmp_path, folder):
-    def check(root, error, match):
-        with pytest.raises(error, match=match):
-            pipelines.imagenet_folder(data_config(name="imagenet_folder", dir=str(root)))
-
-    check(tmp_path / "nowhere", FileNotFoundError, "is not a directory")
-    (tmp_path / "train" / "cat").mkdir(parents=True)
-    check(tmp_path, FileNotFoundError, "no val/ folder")
-    (tmp_path / "val" / "cat").mkdir(parents=True)
-    (tmp_path / "val" / "dog").mkdir()
-    (tmp_path / "val" / "cat" / "a.png").write_bytes(b"")
-    check(tmp_path, ValueError, r"not in train \['dog'\]")
-    (tmp_path / "train" / "dog").mkdir()
-    (tmp_path / "train" / "cat" / "a.png").write_bytes(b"")
-    check(tmp_path, ValueError, r"train/dog holds no image files")
-
-
 def test_tfds_errors_name_the_dataset_and_the_format(tmp_path, tfds_dirs):
     empty = data_config(name="tfds", tfds_name=TFDS_NAME, tfds_data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match=f"{TFDS_NAME}.*not prepared in {tmp_path}"):
-        pipelines.tfds_source(empty)
+        tfds_lib.tfds_source(empty)
     with pytest.raises(ValueError, match="data.val_split = 'validation' is not a split"):
-        pipelines.tfds_source(tfds_config(tfds_dirs, "array_record", val_split="validation"))
+        tfds_lib.tfds_source(tfds_config(tfds_dirs, "array_record", val_split="validation"))
     with pytest.raises(ValueError, match="prepared as tfrecord"):
         config = tfds_config(tfds_dirs, "tfrecord")
         config.tfds_format = "array_record"
-        pipelines.tfds_source(config)
+        tfds_lib.tfds_source(config)
 
 
 def test_tfds_format_auto_follows_the_prepared_files(tfds_dirs, monkeypatch):
     for file_format, kind in (
-        ("array_record", pipelines.RandomAccessSource),
-        ("tfrecord", pipelines.TFRecordSource),
+        ("array_record", files.RandomAccessSource),
+        ("tfrecord", tfrecord.TFRecordSource),
     ):
         config = tfds_config(tfds_dirs, file_format, tfds_format="auto")
-        assert isinstance(pipelines.tfds_source(config), kind)
+        assert isinstance(tfds_lib.tfds_source(config), kind)
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # as if TensorFlow were missing
     with pytest.raises(ImportError, match="tfrecord files, which are read with TensorFlow"):
-        pipelines.tfds_source(tfds_config(tfds_dirs, "tfrecord"))
+        tfds_lib.tfds_source(tfds_config(tfds_dirs, "tfrecord"))
 
 
 def test_the_array_record_path_never_imports_tensorflow(tfds_dirs):
     script = f"""
 import sys
-from oscqat_jax.training import pipelines, config
+from oscqat_jax.training import config
+from oscqat_jax.training.data import tfds as tfds_lib
 c = config.base_config().data
 c.update(dict(name="tfds", tfds_name="{TFDS_NAME}", tfds_data_dir="{tfds_dirs["array_record"]}",
               val_split="val", image_size={IMAGE_SIZE}, num_workers=0))
-source = pipelines.tfds_source(c)
+source = tfds_lib.tfds_source(c)
 next(source.train_batches(0, batch_size={BATCH}, seed=0))
 next(source.eval_batches(batch_size={BATCH}))
 assert "tensorflow" not in sys.modules, "TensorFlow was imported"
