@@ -1,8 +1,8 @@
 """Times the project's train step (issue 5): the function ``train.py`` runs, per QAT variant.
 
 Every case goes through the training program's own code: a ``base_config()`` with synthetic
-data, ``trainer.build_model``, ``trainer.init_variables`` and ``trainer.calibrate``,
-``optim.create_optimizer``, ``step_lib.create_state`` and ``step_lib.make_train_step`` jitted
+data, ``build.build_model``, ``phases.init_variables`` and ``phases.calibrate``,
+``build.optimizer``, ``step_lib.create_state`` and ``step_lib.make_train_step`` jitted
 by ``Sharded.over_all_devices().jit_train_step``, fed the rows of the schedules' table.
 
     python benchmarks/train_step.py            # CPU: MobileNetV2, 32x32, batch 128, float32
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -46,10 +47,12 @@ import jax.extend
 import ml_collections
 import numpy as np
 
-from oscqat_jax import schedules
-from oscqat_jax.training import config as config_lib
-from oscqat_jax.training import data, metrics, optim, trainer
+# Run as a script from a clone: make the repository's package importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from oscqat_jax.training import build, context, data, metrics, phases
 from oscqat_jax.training import step as step_lib
+from oscqat_jax.training.config import base_config
 
 VARIANTS = ("fp", "lsq", "freeze", "dampen", "freeze+dampen")
 FREEZE_THRESHOLD = (0.1, 0.01)  # start and final value of the paper's W4 MobileNetV2 recipe
@@ -72,7 +75,7 @@ def case_config(
     """
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; use one of {', '.join(VARIANTS)}.")
-    c = config_lib.base_config()
+    c = base_config()
     c.data.name = "synthetic"
     c.data.image_size = resolution
     c.data.num_classes = num_classes
@@ -93,7 +96,7 @@ def case_config(
     for key, value in (overrides or {}).items():
         group, field = key.split(".")
         c[group][field] = value
-    config_lib.validate(c)
+    build.validate(c)
     return c
 
 
@@ -106,30 +109,21 @@ def build_case(
     and dampening values move each step).
     """
     dataset = data.load_dataset(config.data)
-    ctx = trainer.Context(config, "", dataset, sharded, metrics.MetricWriter("", enabled=False))
-    float_model = trainer.build_model(config, dataset.num_classes, quantize=False)
-    variables = trainer.init_variables(float_model, ctx)
+    ctx = context.Context(config, "", dataset, sharded, metrics.MetricWriter("", enabled=False))
+    float_model = build.build_model(config, dataset.num_classes, quantize=False)
+    variables = phases.init_variables(float_model, ctx)
     if variant == "fp":
-        opt = optim.create_optimizer(
-            config.float_train.optimizer,
-            total_steps=total,
-            steps_per_epoch=1,
-            train_quantizers=False,
-        )
-        step_fn = step_lib.make_train_step(
-            float_model, opt.tx, step_lib.StepConfig(mode="float_train", track=False)
-        )
-        table = step_lib.Schedules(opt.model_lr, opt.quant_lr, schedules.constant(0.0)).table(total)
+        opt = build.optimizer(config, phase="float", total_steps=total, steps_per_epoch=1)
+        step_fn = step_lib.make_train_step(float_model, opt.tx, build.FLOAT_STEP)
+        table = build.float_schedules(opt).table(total)
     else:
-        model = trainer.build_model(config, dataset.num_classes)
-        opt = optim.create_optimizer(
-            config.optimizer, total_steps=total, steps_per_epoch=1, train_quantizers=True
-        )
-        variables = trainer.calibrate(ctx, model, variables)
-        step_fn = step_lib.make_train_step(model, opt.tx, trainer.qat_step_config(config))
-        table = trainer.qat_schedules(config, opt, total).table(total)
+        model = build.build_model(config, dataset.num_classes)
+        opt = build.optimizer(config, phase="qat", total_steps=total, steps_per_epoch=1)
+        variables = phases.calibrate(ctx, model, variables)
+        step_fn = step_lib.make_train_step(model, opt.tx, build.qat_step_config(config))
+        table = build.qat_schedules(config, opt, total).table(total)
     state = sharded.replicate(
-        step_lib.create_state(variables, opt.tx, jax.random.PRNGKey(config.seed + 2))
+        step_lib.create_state(variables, opt.tx, jax.random.PRNGKey(ctx.seed("qat_state")))
     )
     batch = sharded.put_batch(ctx.train_batch(0))
     return sharded.jit_train_step(step_fn), state, batch, table

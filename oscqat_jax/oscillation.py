@@ -16,6 +16,11 @@ import jax.numpy as jnp
 
 from oscqat_jax._checks import as_float_array
 
+EMA_MOMENTUM = 0.001
+"""The paper's momentum of the oscillation-frequency and integer EMAs (SPEC §5, §6)."""
+OSC_LEVEL = 0.005
+"""The ``ema_osc`` above which summaries count a weight as oscillating."""
+
 
 class OscillationState(NamedTuple):
     """Per-element tracking and freezing state of one quantized weight tensor.
@@ -149,7 +154,7 @@ def _states(tree) -> list[OscillationState]:
     return states
 
 
-def summary(state_or_tree, level: float = 0.005) -> dict[str, jax.Array]:
+def summary(state_or_tree, level: float = OSC_LEVEL) -> dict[str, jax.Array]:
     """Fractions for logging: weights oscillating (``ema_osc > level``), frozen, mean frequency.
 
     Accepts one :class:`OscillationState` or any pytree of them (for example a model's whole

@@ -41,10 +41,10 @@ def restore_final(workdir, config):
     device whatever devices the run that wrote it had."""
     import orbax.checkpoint as ocp
 
-    from oscqat_jax.training import checkpoint, trainer
+    from oscqat_jax.training import build, checkpoint
 
     ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), metadata=trainer.run_metadata(config, "qat")
+        os.path.join(workdir, "checkpoints"), metadata=build.run_metadata(config, "qat")
     )
     step = ckpt.latest_step()
     path = os.path.join(ckpt.directory, str(step), "state")

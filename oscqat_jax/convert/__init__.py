@@ -54,6 +54,7 @@ from oscqat_jax.convert.conversion import (
     load_torch_state_dict,
     main,
     save_converted,
+    save_variables,
 )
 from oscqat_jax.convert.layouts import (
     AUTO,
@@ -86,4 +87,5 @@ __all__ = [
     "main",
     "model_name_of",
     "save_converted",
+    "save_variables",
 ]

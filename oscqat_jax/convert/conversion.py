@@ -299,16 +299,22 @@ def load_pretrained(
     return merged
 
 
-def save_converted(path: str | os.PathLike, conversion: Conversion) -> None:
-    """Writes the converted weights as an uncompressed ``.npz`` in the ``converted`` layout;
-    as with ``numpy.savez``, ``.npz`` is appended to a path that does not end in it."""
+def save_variables(path: str | os.PathLike, variables: Mapping) -> None:
+    """Writes the ``params`` and ``batch_stats`` of model ``variables`` as an uncompressed
+    ``.npz`` in the ``converted`` layout (what ``model.pretrained`` reads back); as with
+    ``numpy.savez``, ``.npz`` is appended to a path that does not end in it."""
     path = os.fspath(path)
     arrays = {
-        "/".join((collection, *k)): v
+        "/".join((collection, *k)): np.asarray(v)
         for collection in ("params", "batch_stats")
-        for k, v in traverse_util.flatten_dict(getattr(conversion, collection)).items()
+        for k, v in traverse_util.flatten_dict(dict(variables.get(collection, {}))).items()
     }
     weight_files.write(path if path.endswith(".npz") else f"{path}.npz", arrays, compress=False)
+
+
+def save_converted(path: str | os.PathLike, conversion: Conversion) -> None:
+    """Writes converted weights with :func:`save_variables`."""
+    save_variables(path, {"params": conversion.params, "batch_stats": conversion.batch_stats})
 
 
 # --------------------------------------------------------------------------- command

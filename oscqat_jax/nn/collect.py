@@ -125,7 +125,7 @@ def oscillation_states(oscillation_collection: Mapping) -> dict[str, oscillation
 
 
 def oscillation_summary(
-    oscillation_collection: Mapping, level: float = 0.005
+    oscillation_collection: Mapping, level: float = oscillation.OSC_LEVEL
 ) -> dict[str, dict[str, jax.Array]]:
     """``{"overall": summary, "per_layer": {path: summary}}`` of ``oscillation.summary``:
     fractions of weights oscillating (``ema_osc > level``) and frozen, mean frequency, count."""
@@ -136,6 +136,86 @@ def oscillation_summary(
         "overall": oscillation.summary(list(states.values()), level),
         "per_layer": {path: oscillation.summary(s, level) for path, s in states.items()},
     }
+
+
+DEPTHWISE, POINTWISE = "depthwise", "pointwise"
+
+
+def layer_group(path: str) -> str:
+    """The group a layer's statistics are reported in: ``"depthwise"`` for depth-wise
+    convolutions and the BatchNorm after them (the models name them so), ``"pointwise"``
+    for every other layer."""
+    return DEPTHWISE if DEPTHWISE in path else POINTWISE
+
+
+def _grouped_states(oscillation_collection: Mapping) -> dict[str, list]:
+    groups: dict[str, list[oscillation.OscillationState]] = {}
+    for path, state in oscillation_states(oscillation_collection).items():
+        groups.setdefault(layer_group(path), []).append(state)
+    return {name: groups[name] for name in (DEPTHWISE, POINTWISE) if name in groups}
+
+
+def oscillation_groups(
+    oscillation_collection: Mapping, level: float = oscillation.OSC_LEVEL
+) -> dict[str, float]:
+    """Per layer group (:func:`layer_group`), the fractions of tracked weights oscillating
+    (``ema_osc > level``) and frozen, keyed ``oscillating/<group>`` and ``frozen/<group>``."""
+    out = {}
+    for name, members in _grouped_states(oscillation_collection).items():
+        summary = jax.device_get(oscillation.summary(members, level))
+        out[f"oscillating/{name}"] = float(summary["oscillating"])
+        out[f"frozen/{name}"] = float(summary["frozen"])
+    return out
+
+
+def active_oscillations(
+    oscillation_collection: Mapping, level: float = oscillation.OSC_LEVEL
+) -> dict[str, float]:
+    """Fractions of tracked weights still oscillating and not frozen, per layer group
+    (``active/<group>``) and over all (``active/all``). A frozen weight's ``ema_osc`` keeps
+    decaying for about ``ln(ema_osc / level) / momentum`` steps after it stopped moving, so
+    the ``oscillating`` fraction still counts it for a while; this one does not."""
+    out, active_total, size_total = {}, 0, 0
+    for name, members in _grouped_states(oscillation_collection).items():
+        active = sum(
+            int(np.sum((np.asarray(s.ema_osc) > level) & ~np.asarray(s.frozen, bool)))
+            for s in members
+        )
+        size = sum(int(np.size(s.ema_osc)) for s in members)
+        out[f"active/{name}"] = active / size
+        active_total, size_total = active_total + active, size_total + size
+    if size_total:
+        out["active/all"] = active_total / size_total
+    return out
+
+
+def bn_mismatch(running: Mapping, reestimated: Mapping, epsilon: float = 1e-5) -> dict[str, float]:
+    """How far running BatchNorm statistics are from re-estimated ones, per layer group.
+
+    For every BN channel, ``|mean_run - mean_re| / std_re`` (``bn_mean_shift``) and
+    ``|std_run / std_re - 1|`` (``bn_std_error``), with ``std = sqrt(var + epsilon)``;
+    averaged over the channels of each layer, then over the layers of each group
+    (:func:`layer_group`). Keys ``bn_mean_shift/<group>`` and ``bn_std_error/<group>``.
+    """
+    flat_run = traverse_util.flatten_dict(dict(running), sep="/")
+    flat_re = traverse_util.flatten_dict(dict(reestimated), sep="/")
+    shifts: dict[str, list[float]] = {}
+    errors: dict[str, list[float]] = {}
+    for key in sorted(flat_run):
+        if not key.endswith("/mean"):
+            continue
+        layer = key.removesuffix("/mean")
+        std_re = np.sqrt(np.asarray(flat_re[f"{layer}/var"], np.float64) + epsilon)
+        std_run = np.sqrt(np.asarray(flat_run[f"{layer}/var"], np.float64) + epsilon)
+        shift = np.abs(np.asarray(flat_run[key]) - np.asarray(flat_re[key])) / std_re
+        group = layer_group(layer)
+        shifts.setdefault(group, []).append(float(shift.mean()))
+        errors.setdefault(group, []).append(float(np.abs(std_run / std_re - 1).mean()))
+    out = {}
+    for group in shifts:
+        out[f"bn_mean_shift/{group}"] = float(np.mean(shifts[group]))
+        out[f"bn_std_error/{group}"] = float(np.mean(errors[group]))
+    return out
 
 
 def reestimated_batch_stats(bn_batch_stats: Sequence[Mapping]) -> dict:

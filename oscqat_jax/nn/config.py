@@ -16,6 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from oscqat_jax import oscillation
 from oscqat_jax._checks import check_n_bits
 
 RANGE_METHODS = ("mse", "current_minmax", "running_minmax")
@@ -109,7 +110,7 @@ class QuantContext:
         mode: str = "eval",
         *,
         freeze_threshold=0.0,
-        osc_momentum=0.01,
+        osc_momentum=oscillation.EMA_MOMENTUM,
         use_ema_freeze: bool = True,
         dampening_aggregation: str = "kernel_mean",
     ) -> QuantContext:

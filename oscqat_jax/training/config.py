@@ -1,19 +1,17 @@
-"""The configuration schema of the training program, and its validation.
+"""The configuration schema of the training program: every field, its default and its meaning.
 
 Recipes in ``configs/`` start from :func:`base_config` and change what they need; every
-field a user would tune lives here with a comment. :func:`validate` runs before any data is
-read or anything is compiled and stops with one sentence naming the bad field.
+field a user would tune lives here with a comment, and nowhere else has a default for it.
+What each field may hold, and how a config becomes objects, is
+:mod:`oscqat_jax.training.build`.
 """
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 from ml_collections import config_dict
 
-from oscqat_jax.nn.setups import SETUPS
-from oscqat_jax.training.data import SOURCES
+from oscqat_jax import oscillation
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -22,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # parameter init, data order, augmentation and dropout
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # one of data.SOURCES
+    c.data.name = "digits"  # one of training.data.SOURCES
     c.data.image_size = 32  # input resolution (digits are upsampled to it)
     c.data.num_classes = 10  # used by sources that do not fix it (synthetic)
     c.data.val_fraction = 0.2  # digits: share of images held out for validation
@@ -70,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.float_train = ml_collections.ConfigDict()
     c.float_train.epochs = 0  # 0: start QAT from the pretrained or initial weights
     c.float_train.optimizer = _sgd(lr=0.05, weight_decay=5e-5)
+    # Also write the float model (params, BN statistics) to this file, "" = not: an .npz in the
+    # converted layout, which model.pretrained of later runs reads (e.g. one float model
+    # shared by a study's QAT runs).
+    c.float_train.save_weights = ""
 
     c.quant = ml_collections.ConfigDict()
     c.quant.setup = "LSQ_paper"  # one of nn.setups.SETUPS
@@ -87,7 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.osc_freeze.threshold = 0.0  # freezing threshold; 0 = no freezing
     c.osc_freeze.threshold_final = config_dict.placeholder(float)  # cosine target; None = constant
     c.osc_freeze.anneal_start = 0.25  # fraction of QAT steps before the threshold schedule starts
-    c.osc_freeze.ema_momentum = 0.001  # momentum of the frequency and integer EMAs
+    c.osc_freeze.ema_momentum = (
+        oscillation.EMA_MOMENTUM
+    )  # momentum of the frequency and integer EMAs
     c.osc_freeze.use_ema = True  # freeze to the rounded EMA of the integer value
     c.osc_freeze.max_bits = 4  # only weights with at most this many bits are tracked
 
@@ -104,7 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50  # steps between metric records
     c.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
     c.train.keep_checkpoints = 3  # newest checkpoints kept
-    c.train.osc_level = 0.005  # ema_osc above this counts as "oscillating" in the logs
+    c.train.osc_level = (
+        oscillation.OSC_LEVEL
+    )  # ema_osc above this counts as "oscillating" in the logs
     c.train.stop_at_step = 0  # >0: checkpoint and stop this invocation at that QAT step
     c.train.fast_compile = False  # CPU: ~2x faster compiles, ~4x slower steps (smoke runs)
 
@@ -135,93 +141,3 @@ def _sgd(*, lr: float, weight_decay: float) -> ml_collections.ConfigDict:
     o.quant_lr = 1e-5  # Adam learning rate of the quantizer scales
     o.quant_weight_decay = 0.0
     return o
-
-
-def _fail(field: str, value, valid: str):
-    raise ValueError(f"config.{field} = {value!r} is not valid: {valid}.")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every field the program relies on; raises ValueError naming the first bad one."""
-    from oscqat_jax.models import MODELS
-
-    if config.data.name not in SOURCES:
-        _fail("data.name", config.data.name, f"use one of {', '.join(SOURCES)}")
-    if config.data.name == "imagenet_folder" and not config.data.dir:
-        _fail("data.dir", config.data.dir, "name the folder that holds train/ and val/")
-    if config.data.tfds_format not in ("auto", "array_record", "tfrecord"):
-        _fail("data.tfds_format", config.data.tfds_format, "use auto, array_record or tfrecord")
-    if config.data.tfrecord_shards_per_block < 1:
-        _fail(
-            "data.tfrecord_shards_per_block",
-            config.data.tfrecord_shards_per_block,
-            "use a positive number of shards",
-        )
-    if not isinstance(config.data.num_workers, int) or config.data.num_workers < 0:
-        _fail("data.num_workers", config.data.num_workers, "use 0 (main process) or more")
-    if not 0.0 < config.data.min_crop_area <= 1.0:
-        _fail("data.min_crop_area", config.data.min_crop_area, "use a fraction in (0, 1]")
-    if config.data.eval_resize_ratio < 1.0:
-        _fail("data.eval_resize_ratio", config.data.eval_resize_ratio, "use a ratio >= 1")
-    d = config.distributed
-    if not isinstance(d.num_processes, int) or d.num_processes < 1:
-        _fail("distributed.num_processes", d.num_processes, "use 1 or more")
-    if not 0 <= d.process_id < d.num_processes:
-        _fail("distributed.process_id", d.process_id, f"use an id in [0, {d.num_processes})")
-    for field in ("data.batch_size", "data.eval_batch_size", "data.image_size"):
-        value = config[field.split(".")[0]][field.split(".")[1]]
-        if not isinstance(value, int) or value < 1:
-            _fail(field, value, "use a positive int")
-    if config.model.name not in MODELS:
-        _fail("model.name", config.model.name, f"use one of {', '.join(MODELS)}")
-    if config.model.dtype not in ("float32", "bfloat16"):
-        _fail("model.dtype", config.model.dtype, "use float32 or bfloat16")
-    from oscqat_jax.convert import LAYOUTS
-
-    if config.model.pretrained_layout not in LAYOUTS:
-        _fail(
-            "model.pretrained_layout",
-            config.model.pretrained_layout,
-            f"use one of {', '.join(LAYOUTS)}",
-        )
-    if config.model.pretrained and not os.path.isfile(config.model.pretrained):
-        _fail("model.pretrained", config.model.pretrained, "the file does not exist")
-    if config.quant.setup not in SETUPS:
-        _fail("quant.setup", config.quant.setup, f"use one of {', '.join(SETUPS)}")
-    for field in ("n_bits", "n_bits_act"):
-        bits = config.quant[field]
-        if field == "n_bits_act" and bits is None:
-            continue
-        if not isinstance(bits, int) or not 2 <= bits <= 8:
-            _fail(f"quant.{field}", bits, "use a bit width between 2 and 8")
-    if config.quant.num_est_batches < 1:
-        _fail("quant.num_est_batches", config.quant.num_est_batches, "use at least 1")
-    for group in ("osc_freeze", "osc_damp"):
-        start = config[group].anneal_start
-        if not 0.0 <= start < 1.0:
-            _fail(f"{group}.anneal_start", start, "use a fraction in [0, 1)")
-    for field in ("threshold", "threshold_final", "ema_momentum"):
-        value = config.osc_freeze[field]
-        if value is not None and value < 0:
-            _fail(f"osc_freeze.{field}", value, "use a value >= 0")
-    if not 0.0 < config.osc_freeze.ema_momentum <= 1.0:
-        _fail("osc_freeze.ema_momentum", config.osc_freeze.ema_momentum, "use a value in (0, 1]")
-    for field in ("weight", "weight_final"):
-        value = config.osc_damp[field]
-        if value is not None and value < 0:
-            _fail(f"osc_damp.{field}", value, "use a value >= 0, or None to switch dampening off")
-    if config.osc_damp.aggregation not in ("kernel_mean", "sum", "mean"):
-        _fail("osc_damp.aggregation", config.osc_damp.aggregation, "use kernel_mean, sum or mean")
-    if config.train.epochs < 1:
-        _fail("train.epochs", config.train.epochs, "use at least 1")
-    if config.float_train.epochs < 0:
-        _fail("float_train.epochs", config.float_train.epochs, "use 0 (skip) or more")
-    for opt in ("optimizer", "float_train.optimizer"):
-        o = config.optimizer if opt == "optimizer" else config.float_train.optimizer
-        for field in ("lr", "lr_final", "weight_decay", "quant_lr"):
-            if o[field] < 0:
-                _fail(f"{opt}.{field}", o[field], "use a value >= 0")
-    if config.train.stop_at_step < 0:
-        _fail("train.stop_at_step", config.train.stop_at_step, "use 0 (off) or a step number")
-    if config.eval.bn_batches < 1:
-        _fail("eval.bn_batches", config.eval.bn_batches, "use at least 1")

@@ -63,26 +63,12 @@ def plot_accuracy(epochs: Sequence[Mapping[str, float]], path: str | os.PathLike
     fig.savefig(path, dpi=120)
 
 
-def threshold_distance(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Signed distance, in integer units, from each latent weight to its nearest rounding threshold.
-
-    With ``x = w / scale`` (``scale`` broadcasts against ``w``, e.g. per output channel), the
-    thresholds between neighbouring integers lie at half-integers. The result, shaped like the
-    broadcast of ``w`` and ``scale``, is ``x - t`` for the nearest threshold ``t``: in
-    ``(-0.5, 0.5]``, negative below the threshold (``x = 1.2 -> -0.3``, nearest ``t = 1.5``),
-    positive above it (``1.8 -> +0.3``), 0 on it (``1.5``) and ``+0.5`` on an integer (``2.0``).
-    Weights that oscillate pile up near 0. The clipping range of the grid is not considered.
-    """
-    x = np.asarray(w, np.float64) / np.asarray(scale, np.float64)
-    return x - np.ceil(x) + 0.5
-
-
 def plot_threshold_distance(
     distances: np.ndarray | Mapping[str, np.ndarray],
     path: str | os.PathLike,
     title: str = "Distance of latent weights to the rounding threshold",
 ) -> None:
-    """Histogram of :func:`threshold_distance` values (any shape, flattened).
+    """Histogram of :func:`oscqat_jax.quant.threshold_distance` values (any shape, flattened).
 
     A mapping draws one normalised histogram per entry on the same axes, e.g.
     ``{"oscillating": d[osc], "other": d[~osc]}``.

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from oscqat_jax import oscillation
 from oscqat_jax.nn import collect
 from oscqat_jax.nn.batchnorm import BN_BATCH_STATS
 from oscqat_jax.nn.config import QuantContext
@@ -110,16 +111,25 @@ def hparams_at(table: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
+class OscillationSettings:
+    """How the QAT step tracks, freezes and dampens oscillations (SPEC §5-7); static, so a
+    change compiles a new step. The freezing threshold and the dampening weight change every
+    step and are not here: they are rows of :meth:`Schedules.table`."""
+
+    track: bool = True  # advance oscillation tracking/freezing
+    momentum: float = oscillation.EMA_MOMENTUM  # EMA momentum of tracking and freezing
+    use_ema_freeze: bool = True  # freeze to the rounded EMA of the integer value
+    level: float = oscillation.OSC_LEVEL  # ema_osc above this counts as oscillating
+    dampen: bool = False  # add the dampening term (weighted by hparams["dampening_weight"])
+    dampening_aggregation: str = "kernel_mean"
+
+
+@dataclasses.dataclass(frozen=True)
 class StepConfig:
     """Static settings of a train step (changing one compiles a new step)."""
 
     mode: str = "train"  # "train" (QAT) or "float_train"
-    track: bool = True  # advance oscillation tracking/freezing
-    dampen: bool = False  # add the dampening term (weighted by hparams["dampening_weight"])
-    osc_momentum: float = 0.001
-    use_ema_freeze: bool = True
-    dampening_aggregation: str = "kernel_mean"
-    osc_level: float = 0.005  # ema_osc above this counts as oscillating
+    oscillations: OscillationSettings = OscillationSettings()
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -145,9 +155,10 @@ def make_train_step(
     ``dampening_weight`` (see :meth:`Schedules.table`); ``tx`` gives update directions that
     the step scales by the learning rates (:func:`optim.apply_learning_rates`).
     """
-    dampen = cfg.dampen and cfg.mode == "train"
+    osc = cfg.oscillations
+    dampen = osc.dampen and cfg.mode == "train"
     mutable = ["batch_stats"]
-    if cfg.mode == "train" and cfg.track:
+    if cfg.mode == "train" and osc.track:
         mutable.append(OSCILLATION)
     if dampen:
         mutable.append(DAMPENING)
@@ -158,9 +169,9 @@ def make_train_step(
         ctx = QuantContext.create(
             cfg.mode,
             freeze_threshold=hparams["freeze_threshold"],
-            osc_momentum=cfg.osc_momentum,
-            use_ema_freeze=cfg.use_ema_freeze,
-            dampening_aggregation=cfg.dampening_aggregation,
+            osc_momentum=osc.momentum,
+            use_ema_freeze=osc.use_ema_freeze,
+            dampening_aggregation=osc.dampening_aggregation,
         )
         rng, dropout_rng = jax.random.split(state.rng)
 
@@ -198,7 +209,7 @@ def make_train_step(
             "grad_norm": optax.tree.norm(grads),
         }
         if cfg.mode == "train" and new_state.oscillation:
-            summary = collect.oscillation_summary(new_state.oscillation, cfg.osc_level)
+            summary = collect.oscillation_summary(new_state.oscillation, osc.level)
             metrics.update({f"osc/{k}": v for k, v in summary["overall"].items()})
         return new_state, metrics
 

@@ -306,3 +306,16 @@ def test_scale_initializer_rejects_non_positive(bad):
 def test_range_initialiser_rejects_inverted_range():
     with pytest.raises(ValueError, match="x_min must not exceed x_max"):
         quant.symmetric_scale(1.0, -1.0, n_bits=4, signed=True)
+
+
+def test_threshold_distance_by_hand():
+    # x = w / s: thresholds at half-integers; negative below the nearest one, positive above.
+    x = np.array([1.5, 1.2, 1.8, 2.0, -1.2, -1.5, 0.0, 0.49])
+    expected = np.array([0.0, -0.3, 0.3, 0.5, 0.3, 0.0, 0.5, -0.01])
+    np.testing.assert_allclose(quant.threshold_distance(x, 1.0), expected, atol=1e-12)
+    # The same weights with per-channel scales (broadcast over the last axis).
+    scale = np.array([0.5, 0.25])
+    w = np.array([[0.75, 0.3], [1.0, -0.3]])  # x = [[1.5, 1.2], [2.0, -1.2]]
+    np.testing.assert_allclose(
+        quant.threshold_distance(w, scale), [[0.0, -0.3], [0.5, 0.3]], atol=1e-12
+    )

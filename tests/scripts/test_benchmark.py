@@ -52,8 +52,8 @@ def test_variants_map_to_the_trainers_step_settings():
             dtype="float32",
             num_classes=10,
         )
-        step = bench.trainer.qat_step_config(config)
-        return step.track, step.dampen, config.osc_freeze.threshold, config.osc_damp.weight
+        osc = bench.build.qat_step_config(config).oscillations
+        return osc.track, osc.dampen, config.osc_freeze.threshold, config.osc_damp.weight
 
     assert settings("lsq") == (False, False, 0.0, None)
     assert settings("freeze") == (True, False, 0.1, None)

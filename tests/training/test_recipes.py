@@ -10,8 +10,8 @@ import pytest
 from testkit import ROOT
 
 from oscqat_jax.nn.config import QuantContext
-from oscqat_jax.training import config as config_lib
-from oscqat_jax.training import data, optim, trainer
+from oscqat_jax.training import build as build_lib
+from oscqat_jax.training import context, data, phases
 from oscqat_jax.training import step as step_lib
 
 CONFIGS = os.path.join(ROOT, "configs")
@@ -80,24 +80,15 @@ def test_recipe_values_follow_the_paper():
 def build(name, arg):
     """The recipe's config on stand-in data, its models, optimizer and schedule table."""
     config = on_stand_in_data(load_recipe(name, arg))
-    config_lib.validate(config)
+    build_lib.validate(config)
     dataset = data.load_dataset(config.data)
-    model = trainer.build_model(config, dataset.num_classes)
-    float_model = trainer.build_model(config, dataset.num_classes, quantize=False)
+    model = build_lib.build_model(config, dataset.num_classes)
+    float_model = build_lib.build_model(config, dataset.num_classes, quantize=False)
     per_epoch = data.steps_per_epoch(dataset, config.data.batch_size)
     total = config.train.epochs * per_epoch
-    opt = optim.create_optimizer(
-        config.optimizer, total_steps=total, steps_per_epoch=per_epoch, train_quantizers=True
-    )
-    table = trainer.qat_schedules(config, opt, total).table(total)
-    step_fn = step_lib.make_train_step(
-        model,
-        opt.tx,
-        step_lib.StepConfig(
-            dampen=config.osc_damp.weight is not None,
-            osc_momentum=config.osc_freeze.ema_momentum,
-        ),
-    )
+    opt = build_lib.optimizer(config, phase="qat", total_steps=total, steps_per_epoch=per_epoch)
+    table = build_lib.qat_schedules(config, opt, total).table(total)
+    step_fn = step_lib.make_train_step(model, opt.tx, build_lib.qat_step_config(config))
     # Late enough for freezing and dampening to be on, early enough for a sizeable rate.
     hparams = step_lib.hparams_at(table, (3 * total) // 4)
     return config, dataset, model, float_model, opt, table, step_fn, hparams
@@ -144,8 +135,8 @@ def test_a_recipe_runs_a_real_step():
     name, arg = EXECUTED
     config, dataset, model, float_model, opt, _, step_fn, hparams = build(name, arg)
     sharded = step_lib.Sharded.over_all_devices(fast_compile=True)
-    ctx = trainer.Context(config, "", dataset, sharded, None)
-    variables = trainer.calibrate(ctx, model, trainer.init_variables(float_model, ctx))
+    ctx = context.Context(config, "", dataset, sharded, None)
+    variables = phases.calibrate(ctx, model, phases.init_variables(float_model, ctx))
     state = sharded.replicate(step_lib.create_state(variables, opt.tx, jax.random.PRNGKey(0)))
     before = jax.device_get(state.params)
     batch = sharded.put_batch(ctx.train_batch(0))

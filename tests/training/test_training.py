@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
 
-from oscqat_jax.training import trainer
+from oscqat_jax.training import build, context, data, evaluation, phases, trainer
+from oscqat_jax.training import step as step_lib
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     import jax, numpy as np
     from jax.sharding import Mesh
     from testkit import tiny_config
-    from oscqat_jax.training import data, step as step_lib, trainer
+    from oscqat_jax.training import build, context, data, phases, step as step_lib
 
     config = tiny_config()
     dataset = data.load_dataset(config.data)
@@ -174,15 +175,15 @@ SHARDED_SCRIPT = textwrap.dedent(
     assert mesh4.num_devices == 4
 
     def run(sharded):
-        ctx = trainer.Context(config, "", dataset, sharded, None)
-        float_model = trainer.build_model(config, dataset.num_classes, quantize=False)
-        model = trainer.build_model(config, dataset.num_classes)
-        variables = trainer.calibrate(ctx, model, trainer.init_variables(float_model, ctx))
-        opt = trainer.optim.create_optimizer(
-            config.optimizer, total_steps=12, steps_per_epoch=6, train_quantizers=True)
-        table = trainer.qat_schedules(config, opt, 12).table(12)
+        ctx = context.Context(config, "", dataset, sharded, None)
+        float_model = build.build_model(config, dataset.num_classes, quantize=False)
+        model = build.build_model(config, dataset.num_classes)
+        variables = phases.calibrate(ctx, model, phases.init_variables(float_model, ctx))
+        opt = build.optimizer(config, phase="qat", total_steps=12, steps_per_epoch=6)
+        table = build.qat_schedules(config, opt, 12).table(12)
         fn = step_lib.make_train_step(model, opt.tx, step_lib.StepConfig(
-            dampen=True, osc_momentum=config.osc_freeze.ema_momentum))
+            oscillations=step_lib.OscillationSettings(
+                dampen=True, momentum=config.osc_freeze.ema_momentum)))
         train_step = sharded.jit_train_step(fn)
         state = sharded.replicate(step_lib.create_state(variables, opt.tx, jax.random.PRNGKey(0)))
         initial = jax.device_get(state.params)
@@ -225,10 +226,10 @@ def test_pretrained_weights_are_the_starting_point(tmp_path):
     config = tiny_config(
         optimizer__lr=0.0, optimizer__weight_decay=0.0, optimizer__quant_lr=0.0, train__epochs=1
     )
-    dataset = trainer.data.load_dataset(config.data)
-    ctx = trainer.Context(config, "", dataset, trainer.step_lib.Sharded.over_all_devices(), None)
-    float_model = trainer.build_model(config, dataset.num_classes, quantize=False)
-    variables = jax.device_get(trainer.init_variables(float_model, ctx))
+    dataset = data.load_dataset(config.data)
+    ctx = context.Context(config, "", dataset, step_lib.Sharded.over_all_devices(), None)
+    float_model = build.build_model(config, dataset.num_classes, quantize=False)
+    variables = jax.device_get(phases.init_variables(float_model, ctx))
     source = jax.tree_util.tree_map(lambda v: np.asarray(v) * 1.5 + 0.01, variables)
     arrays = {
         "/".join((collection, *k)): v
@@ -259,16 +260,16 @@ def test_export_mode_writes_the_integer_model_of_the_checkpoint(full_run, tmp_pa
     assert manifest["model"]["name"] == "mobilenet_v2" and manifest["weights"]
     model, variables = export.load_export(output)
     # The exported model computes what the checkpoint computes after BN re-estimation.
-    ctx = trainer._open(config, workdir, write_metrics=False)
-    qat_model, state = trainer.restore_qat_state(ctx)
-    bn_fn = ctx.sharded.jit_batch_fn(trainer.step_lib.make_bn_stats_step(qat_model))
+    ctx = context.open_run(config, workdir, write_metrics=False)
+    qat_model, state = phases.restore_qat_state(ctx)
+    bn_fn = ctx.sharded.jit_batch_fn(step_lib.make_bn_stats_step(qat_model))
     reference = dict(
-        state.variables, batch_stats=trainer.reestimate_bn(ctx, bn_fn, state.variables)
+        state.variables, batch_stats=evaluation.reestimate_bn(ctx, bn_fn, state.variables)
     )
     images = next(ctx.eval_batches())[0]
-    context = QuantContext.create("eval")
-    want = qat_model.apply(reference, images, context)
-    got = model.apply(variables, images, context)
+    eval_context = QuantContext.create("eval")
+    want = qat_model.apply(reference, images, eval_context)
+    got = model.apply(variables, images, eval_context)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     with pytest.raises(ValueError, match="suffix"):
         trainer.export_checkpoint(config, workdir, str(tmp_path / "model.onnx"))

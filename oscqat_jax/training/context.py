@@ -1,0 +1,115 @@
+"""What the phases of one run share, and how a run opens: config checked, cluster joined,
+data opened, mesh built, metrics writer ready.
+
+Every random stream of a run is derived from ``config.seed`` here (:data:`SEED_OFFSETS`), so
+a study that repeats part of a run (e.g. BN re-estimation on the same batches) asks this
+module instead of copying a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from oscqat_jax.training import build, data, metrics
+from oscqat_jax.training import step as step_lib
+
+SEED_OFFSETS = {
+    "float_state": 1,  # dropout key of the float phase's train state
+    "qat_state": 2,  # dropout key of the QAT train state
+    "calibration_init": 3,  # initialisers of the quantizer variables
+    "bn_batches": 10_007,  # training batches of BN re-estimation
+    "calibration_batches": 20_011,  # training batches of range initialisation
+}
+"""Added to ``config.seed`` for each random stream of a run besides the training batches."""
+
+
+@dataclasses.dataclass
+class Context:
+    """What the phases of one run share."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    source: data.Source
+    sharded: step_lib.Sharded
+    writer: metrics.MetricWriter
+
+    def seed(self, stream: str) -> int:
+        """The seed of one of the run's random streams (see :data:`SEED_OFFSETS`)."""
+        return self.config.seed + SEED_OFFSETS[stream]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return data.steps_per_epoch(self.source, self.config.data.batch_size)
+
+    def train_batches(self, start_step: int, stream: str | None = None):
+        """This process's rows of the global training batches from ``start_step`` on (of the
+        training order, or of another random stream of :data:`SEED_OFFSETS`)."""
+        return self.source.train_batches(
+            start_step,
+            batch_size=self.config.data.batch_size,
+            seed=self.config.seed if stream is None else self.seed(stream),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def train_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's rows of the global training batch of ``step`` alone."""
+        return next(self.train_batches(step))
+
+    def eval_batches(self):
+        """This process's rows of the padded validation batches ``(images, labels, mask)``."""
+        return self.source.eval_batches(
+            batch_size=self.config.data.eval_batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """Joins the multi-host run described by ``config.distributed``, if any.
+
+    Must run before anything touches a device. With a coordinator address every process
+    passes it with the process count and its own id; with ``auto`` the platform (TPU pod,
+    SLURM, ...) supplies them. A single-host run does nothing.
+    """
+    d = config.distributed
+    if not (d.coordinator_address or d.auto):
+        return
+    if jax.distributed.is_initialized():
+        return
+    if d.coordinator_address:
+        jax.distributed.initialize(
+            coordinator_address=d.coordinator_address,
+            num_processes=d.num_processes,
+            process_id=d.process_id,
+        )
+    else:
+        jax.distributed.initialize()
+
+
+def _check_batch_sizes(config, sharded: step_lib.Sharded) -> None:
+    for field in ("batch_size", "eval_batch_size"):
+        size = config.data[field]
+        if size % sharded.num_devices:
+            raise ValueError(
+                f"config.data.{field} = {size} does not divide over {sharded.num_devices} "
+                "devices; use a multiple of the device count."
+            )
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str, *, write_metrics: bool) -> Context:
+    """Validates the config, joins the cluster, opens the data and the mesh of all devices."""
+    build.validate(config)
+    initialize_distributed(config)
+    source = data.load_dataset(config.data)
+    if write_metrics:
+        os.makedirs(workdir, exist_ok=True)
+    sharded = step_lib.Sharded.over_all_devices(fast_compile=config.train.fast_compile)
+    _check_batch_sizes(config, sharded)
+    writer = metrics.MetricWriter(workdir, enabled=write_metrics and jax.process_index() == 0)
+    return Context(config, workdir, source, sharded, writer)

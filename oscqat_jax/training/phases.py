@@ -1,0 +1,189 @@
+"""The phases of a run: float training (or its cache), range initialisation, QAT, and the
+restore of a QAT checkpoint for evaluation or export."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from oscqat_jax.nn.config import QuantContext
+from oscqat_jax.training import build, checkpoint, loop, reports
+from oscqat_jax.training import step as step_lib
+from oscqat_jax.training.context import Context
+from oscqat_jax.training.evaluation import Evaluator
+
+
+def init_variables(model, ctx: Context) -> dict:
+    """Model variables initialised on a dummy batch (float mode, replicated)."""
+    images = jnp.zeros((1, *ctx.source.image_shape), jnp.float32)
+    init = jax.jit(
+        lambda key: model.init(key, images, QuantContext.create("float_eval")),
+        compiler_options=ctx.sharded.compiler_options,
+    )
+    variables = init(jax.random.PRNGKey(ctx.config.seed))
+    return ctx.sharded.replicate(jax.tree_util.tree_map(jnp.asarray, dict(variables)))
+
+
+def float_phase(ctx: Context, variables: dict) -> dict:
+    """Trains the float model for ``float_train.epochs`` (or loads it from the workdir cache)."""
+    config = ctx.config
+    model = build.build_model(config, ctx.source.num_classes, quantize=False)
+    per_epoch = ctx.steps_per_epoch
+    total = config.float_train.epochs * per_epoch
+    opt = build.optimizer(config, phase="float", total_steps=total, steps_per_epoch=per_epoch)
+    state = ctx.sharded.replicate(
+        step_lib.create_state(variables, opt.tx, jax.random.PRNGKey(ctx.seed("float_state")))
+    )
+    cache = checkpoint.Checkpointer(
+        os.path.join(ctx.workdir, "float_model"),
+        metadata=build.run_metadata(config, "float"),
+        max_to_keep=1,
+    )
+    if cache.latest_step() == total:
+        print(f"Float model: loaded from {cache.directory} (trained for {total} steps).")
+        state = cache.restore(state)
+    else:
+        step_fn = step_lib.make_train_step(model, opt.tx, build.FLOAT_STEP)
+        state, _ = loop.train_phase(
+            ctx,
+            state=state,
+            train_step=ctx.sharded.jit_train_step(step_fn),
+            table=build.float_schedules(opt).table(total),
+            total_steps=total,
+            prefix="float",
+            ckpt=None,
+            on_epoch_end=None,
+        )
+        cache.save(total, state, force=True)
+        cache.wait()
+    cache.close()
+    return dict(variables, params=state.params, batch_stats=state.batch_stats)
+
+
+def calibrate(ctx: Context, model, variables: dict) -> dict:
+    """Quantizer variables added to (float) ``variables`` and their ranges initialised on
+    ``quant.num_est_batches`` training batches (SPEC §3)."""
+    fn = jax.jit(step_lib.make_calibrate_step(model), compiler_options=ctx.sharded.compiler_options)
+    key = jax.random.PRNGKey(ctx.seed("calibration_init"))
+    batches = ctx.train_batches(0, stream="calibration_batches")
+    for _ in range(ctx.config.quant.num_est_batches):
+        images = ctx.sharded.put_batch(next(batches)[0])
+        variables = fn(variables, images, key)
+    return ctx.sharded.replicate(variables)
+
+
+def _qat_checkpointer(ctx: Context) -> checkpoint.Checkpointer:
+    return checkpoint.Checkpointer(
+        os.path.join(ctx.workdir, "checkpoints"),
+        metadata=build.run_metadata(ctx.config, "qat"),
+        max_to_keep=ctx.config.train.keep_checkpoints,
+    )
+
+
+def qat_phase(ctx: Context, variables: dict, summary: dict) -> step_lib.TrainState:
+    """Range initialisation of the float ``variables``, then QAT with per-epoch evaluation
+    before and after BN re-estimation."""
+    config = ctx.config
+    model = build.build_model(config, ctx.source.num_classes)
+    per_epoch = ctx.steps_per_epoch
+    total = config.train.epochs * per_epoch
+    opt = build.optimizer(config, phase="qat", total_steps=total, steps_per_epoch=per_epoch)
+    variables = calibrate(ctx, model, variables)
+    state = ctx.sharded.replicate(
+        step_lib.create_state(variables, opt.tx, jax.random.PRNGKey(ctx.seed("qat_state")))
+    )
+    ckpt = _qat_checkpointer(ctx)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state)
+        print(f"Resuming QAT from step {int(state.step)} of {total} ({ckpt.directory}).")
+
+    evaluator = Evaluator.create(ctx, model)
+    summary["qat_before_training"] = evaluator.evaluate(state.variables)["top1"]
+
+    def on_epoch_end(epoch: int, state: step_lib.TrainState) -> step_lib.TrainState:
+        if epoch % config.eval.every_epochs and epoch != config.train.epochs:
+            return state
+        state, record = evaluator.epoch_record(state)
+        ctx.writer.write(int(state.step), record, prefix="eval")
+        reports.print_epoch_evaluation(epoch, record)
+        return state
+
+    step_fn = step_lib.make_train_step(model, opt.tx, build.qat_step_config(config))
+    state, complete = loop.train_phase(
+        ctx,
+        state=state,
+        train_step=ctx.sharded.jit_train_step(step_fn),
+        table=build.qat_schedules(config, opt, total).table(total),
+        total_steps=total,
+        prefix="qat",
+        ckpt=ckpt,
+        on_epoch_end=on_epoch_end,
+        stop_at=config.train.stop_at_step,
+    )
+    ckpt.wait()
+    ckpt.close()
+    if not complete:
+        print(
+            f"Stopped at step {int(state.step)} of {total} as asked (train.stop_at_step); "
+            "run the same command without it to resume."
+        )
+        return state
+    reports.finish(ctx, state, summary)
+    return state
+
+
+def _checkpoint_location(workdir: str, checkpoint_path: str) -> tuple[str, int | None]:
+    """The checkpoint directory and step named by ``--checkpoint`` (or the workdir's newest)."""
+    if not checkpoint_path:
+        return os.path.join(workdir, "checkpoints"), None
+    path = os.path.abspath(checkpoint_path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"--checkpoint={checkpoint_path} does not exist; pass a run's checkpoints directory "
+            "(its newest step is used) or one step inside it (checkpoints/<step>)."
+        )
+    name = os.path.basename(path.rstrip(os.sep))
+    if name.isdigit():
+        return os.path.dirname(path), int(name)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    return path, None
+
+
+def restore_qat_state(ctx: Context, checkpoint_path: str = ""):
+    """The QAT model and its train state restored from a checkpoint (``checkpoint_path``: a
+    checkpoints directory or one ``<step>`` in it; empty for the workdir's newest)."""
+    config = ctx.config
+    directory, step = _checkpoint_location(ctx.workdir, checkpoint_path)
+    ckpt = checkpoint.Checkpointer(directory, metadata=build.run_metadata(config, "qat"))
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(
+            f"No QAT checkpoint in {directory}; train first, or pass the --workdir of a run "
+            "or --checkpoint=<its checkpoints directory>."
+        )
+    model = build.build_model(config, ctx.source.num_classes)
+    per_epoch = ctx.steps_per_epoch
+    opt = build.optimizer(
+        config, phase="qat", total_steps=config.train.epochs * per_epoch, steps_per_epoch=per_epoch
+    )
+    # The variable layout the checkpoint was written with, without computing anything.
+    float_model = build.build_model(config, ctx.source.num_classes, quantize=False)
+    key = jax.random.PRNGKey(0)
+    images = jax.ShapeDtypeStruct((1, *ctx.source.image_shape), jnp.float32)
+    float_variables = jax.eval_shape(
+        lambda k, x: dict(float_model.init(k, x, QuantContext.create("float_eval"))), key, images
+    )
+    template = jax.eval_shape(step_lib.make_calibrate_step(model), float_variables, images, key)
+    abstract = jax.eval_shape(
+        lambda t: step_lib.create_state(t, opt.tx, jax.random.PRNGKey(0)), template
+    )
+    replicated = ctx.sharded.replicated
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
+    )
+    state = ckpt.restore(abstract, step=step)
+    ckpt.close()
+    print(f"Restored step {int(state.step)} from {directory}.")
+    return model, state
