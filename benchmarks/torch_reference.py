@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -22,6 +23,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+# Run as a script from a clone: make the repository's package importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from oscqat_jax.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
 
