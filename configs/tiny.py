@@ -8,7 +8,7 @@ layer, few compilations) on random 16x16 images, W3A3 with freezing and dampenin
 over 2 QAT epochs of 6 steps, fast CPU compiles. The tests start from it and change what
 they exercise; a run takes seconds after its compiles.
 
-``quick``: the four-block MobileNetV2 of ``demos/reproduce.py --quick`` (width 0.5, 16x16
+``quick``: the three-stage (five-block) MobileNetV2 of ``demos/reproduce.py --quick`` (width 0.5, 16x16
 inputs); only the model fields and fast compiles are set here, the study fills in the rest.
 """
 

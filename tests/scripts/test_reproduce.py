@@ -3,7 +3,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 from testkit import load_script
 
@@ -50,6 +49,7 @@ def test_quick_study_writes_the_table_and_figures(quick):
         assert os.path.getsize(path) > 1000
         assert f"figures/{name}" in text
     assert set(results) == {"float_mobilenet_v2", "w3a3_lsq_s0", "w3a3_freeze_s0"}
+    assert os.path.isfile(str(workdir / "runs" / "runs" / "float_mobilenet_v2" / "float_model.npz"))
     assert "## What the numbers say" in text and "LSQ + freezing minus LSQ" in text
 
 
@@ -66,6 +66,21 @@ def test_freezing_leaves_fewer_weights_oscillating_than_lsq(quick):
     assert lsq["float"] == freeze["float"]
 
 
+def test_a_run_result_is_the_trainers_final_evaluation(quick):
+    workdir, _, results = quick
+    run_dir = str(workdir / "runs" / "runs" / "w3a3_lsq_s0")
+    final = demo.reports.evaluations(run_dir)[-1]
+    history = demo.reports.oscillation_history(run_dir)
+    result = results["w3a3_lsq_s0"]
+    assert result["steps"] == final["step"] == history[-1]["step"] > 0
+    assert (result["pre_bn"], result["post_bn"]) == (final["top1_pre_bn"], final["top1_post_bn"])
+    for group, short in (("depthwise", "dw"), ("pointwise", "other")):
+        assert result[f"bn_mean_shift/{short}"] == final[f"bn_mean_shift/{group}"] > 0
+        assert result[f"osc_active_end/{group}"] == final[f"active/{group}"]
+        assert result[f"osc_peak/{group}"] == max(r[f"oscillating/{group}"] for r in history)
+    assert result["osc_end/all"] == history[-1]["oscillating"]
+
+
 def test_a_finished_study_is_skipped_and_its_report_rewritten(quick, monkeypatch):
     workdir, out, results = quick
 
@@ -79,28 +94,6 @@ def test_a_finished_study_is_skipped_and_its_report_rewritten(quick, monkeypatch
     assert os.path.isfile(out)
 
 
-def test_bn_mismatch_by_hand():
-    running = {
-        "features_1": {
-            "depthwise": {"bn": {"mean": np.array([1.0, 0.0]), "var": np.array([4.0, 1.0])}}
-        },
-        "features_0": {"bn": {"mean": np.array([0.0]), "var": np.array([1.0])}},
-    }
-    reestimated = {
-        "features_1": {
-            "depthwise": {"bn": {"mean": np.array([0.0, 0.0]), "var": np.array([1.0, 1.0])}}
-        },
-        "features_0": {"bn": {"mean": np.array([0.5]), "var": np.array([0.25])}},
-    }
-    out = demo.bn_mismatch(running, reestimated)
-    eps = 1e-5
-    # Depth-wise: channel shifts 1/sqrt(1+eps) and 0; std ratios sqrt(4+eps)/sqrt(1+eps) and 1.
-    assert out["bn_mean_shift/dw"] == pytest.approx(0.5 / np.sqrt(1 + eps))
-    assert out["bn_std_error/dw"] == pytest.approx(0.5 * (np.sqrt((4 + eps) / (1 + eps)) - 1))
-    assert out["bn_mean_shift/other"] == pytest.approx(0.5 / np.sqrt(0.25 + eps))
-    assert out["bn_std_error/other"] == pytest.approx(np.sqrt((1 + eps) / (0.25 + eps)) - 1)
-
-
 def test_plan_runs_every_method_bit_width_and_seed_after_its_float_model():
     runs = demo.plan(demo.FULL)
     names = [r.name for r in runs]
@@ -112,6 +105,17 @@ def test_plan_runs_every_method_bit_width_and_seed_after_its_float_model():
     for model in ("mobilenet_v2", "resnet18"):
         first_use = min(i for i, r in enumerate(runs) if r.model == model and r.kind != "float")
         assert names.index(f"float_{model}") < first_use
-    config = demo.run_config(demo.FULL, demo.Run("bn", "resnet18"), pretrained="")
+    config = demo.run_config(demo.FULL, demo.Run("bn", "resnet18"), float_weights="f.npz")
     assert not config.quant.quantize_activations and config.model.block_setting is None
     assert config.data.train_subset == demo.FULL.qat_train_images
+    assert config.model.pretrained == "f.npz" and not config.float_train.save_weights
+    assert config.eval.bn_reestimate and config.eval.bn_batches == demo.FULL.bn_batches
+
+
+def test_a_float_run_writes_the_weights_its_qat_runs_start_from():
+    config = demo.run_config(demo.QUICK, demo.Run("float", "mobilenet_v2"), float_weights="f.npz")
+    assert config.float_train.save_weights == "f.npz" and not config.model.pretrained
+    assert config.float_train.epochs == 4 and config.train.stop_at_step == 1
+    quick_model = load_script("configs/tiny.py", "tiny_quick_config").get_config("quick").model
+    assert config.model.block_setting == quick_model.block_setting
+    assert config.model.width_multiplier == quick_model.width_multiplier
