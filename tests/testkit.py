@@ -3,8 +3,11 @@ repository as a module, the tiny config of ``configs/tiny.py``, and comparing tr
 
 from __future__ import annotations
 
+import ast
+import collections
 import importlib.util
 import os
+import pathlib
 import sys
 
 import jax
@@ -71,3 +74,56 @@ def assert_trees_equal(a, b, atol=0.0, rtol=0.0):
             rtol=rtol,
             err_msg=jax.tree_util.keystr(path),
         )
+
+
+# The import walker (source text only, nothing imported) of test_layering.py and
+# scripts/test_packaging.py.
+class Import(collections.namedtuple("Import", "source target line lazy")):
+    """``source`` imports ``target`` (a dotted name) at ``line``; ``lazy``: inside a function."""
+
+
+def _module_name(package_dir: pathlib.Path, path: pathlib.Path) -> str:
+    parts = list(path.relative_to(package_dir.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _function_lines(tree: ast.AST) -> set[int]:
+    """Line numbers inside function bodies (an import there runs only when called)."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            lines.update(range(node.lineno, node.end_lineno + 1))
+    return lines
+
+
+def collect_imports(package_dir: pathlib.Path) -> tuple[dict[str, pathlib.Path], list[Import]]:
+    """The package's modules (name -> file) and every import statement in them."""
+    files = {_module_name(package_dir, p): p for p in sorted(package_dir.rglob("*.py"))}
+    imports = []
+    for source, path in files.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        lazy_lines = _function_lines(tree)
+        package = source if path.name == "__init__.py" else source.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = package.split(".")
+                    if node.level - 1 >= len(parts):
+                        raise ValueError(f"{path}:{node.lineno}: relative import above the package")
+                    base = ".".join(parts[: len(parts) - node.level + 1])
+                    base = f"{base}.{node.module}" if node.module else base
+                else:
+                    base = node.module
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base
+                    for alias in node.names
+                ]
+            else:
+                continue
+            lazy = node.lineno in lazy_lines
+            imports += [Import(source, t, node.lineno, lazy) for t in dict.fromkeys(targets)]
+    return files, imports
