@@ -99,9 +99,9 @@ class _NaNAtStep:
 def test_an_injected_nan_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     tmp_path, monkeypatch
 ):
-    load = trainer.data.load_dataset
+    load = data.load_dataset
     # The 0-based batch 4 is the 5th step; checkpoints are written after steps 2 and 4.
-    monkeypatch.setattr(trainer.data, "load_dataset", lambda c: _NaNAtStep(load(c), 4))
+    monkeypatch.setattr(data, "load_dataset", lambda c: _NaNAtStep(load(c), 4))
     config = tiny_config(train__checkpoint_every=2, train__log_every=1)
     workdir = str(tmp_path / "run")
     with pytest.raises(
