@@ -33,13 +33,17 @@ format name and version, the model (registry name, ``num_classes`` and the other
   ``role`` (see ``oscqat_jax.nn.setups``), ``kernel_shape``, ``tracked`` (oscillation
   tracking) and ``frozen`` (how many of its weights are frozen);
 - ``activations``: per activation quantizer ``<site>/<q>`` its ``n_bits``, ``signed`` and
-  ``symmetric``.
+  ``symmetric``;
+- ``sha256``: the digest of the rest of the manifest and every tensor
+  (:mod:`oscqat_jax.export_manifest`), which the loader verifies before it checks each
+  tensor's shape and each kernel's bit width against the model the manifest describes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -52,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from oscqat_jax import oscillation, quant, weight_files
+from oscqat_jax import export_manifest, oscillation, quant, weight_files
 from oscqat_jax.models import create_model, quant_plan
 from oscqat_jax.nn import batchnorm, collect
 from oscqat_jax.nn.config import QuantContext, QuantizerSpec
@@ -60,10 +64,10 @@ from oscqat_jax.nn.quantizer import OSCILLATION, QUANT_STATS, split_quantizer_pa
 from oscqat_jax.nn.setups import QuantSetup
 
 FORMAT = "oscqat_jax.export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest holds the sha256 of the file's content
 MANIFEST_KEY = "oscqat_jax_export"
 SUFFIXES = (".safetensors", ".npz")
-KERNEL_INT = "kernel_int"
+KERNEL_INT = export_manifest.KERNEL_INT
 _RESIDUAL_ROLES = ("residual", "head_residual")
 
 
@@ -119,14 +123,15 @@ def export_model(
         "model": {
             "name": model_name,
             "num_classes": num_classes,
-            "options": {k: _to_json(k, v) for k, v in model_kwargs.items()},
+            "options": {k: export_manifest.to_json(k, v) for k, v in model_kwargs.items()},
         },
-        "quant_setup": _to_json("quant_setup", dataclasses.asdict(quant_setup)),
+        "quant_setup": export_manifest.to_json("quant_setup", dataclasses.asdict(quant_setup)),
         "input_shape": list(input_shape),
         "weights": weight_entries,
         "activations": activation_entries,
     }
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    manifest[export_manifest.DIGEST_KEY] = export_manifest.digest(arrays, manifest)
     weight_files.write(path, arrays, metadata_key=MANIFEST_KEY, metadata=manifest)
     return manifest
 
@@ -152,15 +157,15 @@ def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     path = check_suffix(path)
     if not path.is_file():
         raise FileNotFoundError(f"Export file {path} does not exist.")
-    arrays, manifest = weight_files.read(path, metadata_key=MANIFEST_KEY)
-    _check_manifest(path, manifest)
-    options = {k: _from_json(k, v) for k, v in manifest["model"]["options"].items()}
-    model = create_model(
-        manifest["model"]["name"],
-        num_classes=manifest["model"]["num_classes"],
-        quant_setup=QuantSetup(**manifest["quant_setup"]),
-        **options,
-    )
+    try:
+        arrays, manifest = weight_files.read(path, metadata_key=MANIFEST_KEY)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its manifest is not valid JSON ({err}).") from None
+    export_manifest.check_manifest(path, manifest, arrays, name=FORMAT, version=FORMAT_VERSION)
+    model = _manifest_model(path, manifest)
+    shapes, setup_bits = _model_tensors(model, manifest)
+    export_manifest.check_tensors(path, arrays, shapes)
+    export_manifest.check_bits(path, manifest["weights"], setup_bits, arrays)
     params, collections = {}, {"batch_stats": {}, QUANT_STATS: {}}
     for key, value in arrays.items():
         collection, rest = key.split("/", 1)
@@ -169,7 +174,9 @@ def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         elif collection in collections:
             collections[collection][rest] = value
     w_ints = {
-        layer: _checked_int(path, layer, arrays[f"params/{layer}/{KERNEL_INT}"], entry["n_bits"])
+        layer: export_manifest.checked_int(
+            path, layer, arrays[f"params/{layer}/{KERNEL_INT}"], entry["n_bits"]
+        )
         for layer, entry in manifest["weights"].items()
     }
     # One compiled program: eager ops would compile a kernel per layer shape.
@@ -192,6 +199,43 @@ def check_suffix(path: str | os.PathLike) -> pathlib.Path:
             f"Export file {path} has the suffix {path.suffix!r}; use one of {', '.join(SUFFIXES)}."
         )
     return path
+
+
+def _manifest_model(path: pathlib.Path, manifest: dict) -> nn.Module:
+    """The model a (checked) manifest describes; one sentence if this code builds none."""
+    try:
+        options = {
+            k: export_manifest.from_json(k, v) for k, v in manifest["model"]["options"].items()
+        }
+        return create_model(
+            manifest["model"]["name"],
+            num_classes=manifest["model"]["num_classes"],
+            quant_setup=QuantSetup(**manifest["quant_setup"]),
+            **options,
+        )
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(
+            f"{path}: its manifest describes no model this code builds ({err})."
+        ) from None
+
+
+def _model_tensors(model: nn.Module, manifest: dict) -> tuple[dict[str, tuple], dict[str, int]]:
+    """``({file key: shape}, {layer: n_bits})``: every tensor an export of ``model`` holds and
+    the bit width of each quantized kernel, from one abstract trace each (nothing compiled)."""
+    input_shape = (1, *(int(d) for d in manifest["input_shape"]))
+    x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x, QuantContext.create("eval"))
+    shapes = {}
+    for collection in ("params", "batch_stats", QUANT_STATS):
+        for key, leaf in traverse_util.flatten_dict(abstract.get(collection, {}), sep="/").items():
+            layer, name = _split(key)
+            if collection == "params" and name == "kernel" and layer in manifest["weights"]:
+                key = _join(layer, KERNEL_INT)
+            if collection != QUANT_STATS or name.endswith("_signed"):
+                shapes[f"{collection}/{key}"] = tuple(leaf.shape)
+    plan = quant_plan(model, input_shape)
+    bits = {layer: lq.weight.n_bits for layer, (_, lq) in plan.items() if lq.weight.enabled}
+    return shapes, bits
 
 
 def _join(layer: str, name: str) -> str:
@@ -309,57 +353,6 @@ def _check_calibrated(plan: Mapping, params: Mapping, quant_stats: Mapping) -> N
 
 def _spec_entry(spec: QuantizerSpec, *, signed: bool) -> dict:
     return {"n_bits": spec.n_bits, "signed": signed, "symmetric": spec.symmetric}
-
-
-def _to_json(name: str, value: Any) -> Any:
-    """A model option or setup field as JSON (tuples as lists, dtypes by name)."""
-    if name == "dtype" and value is not None:
-        return jnp.dtype(value).name
-    if isinstance(value, Mapping):
-        return {k: _to_json(k, v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_to_json(name, v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise ValueError(
-        f"The model option {name}={value!r} cannot be written to the export manifest; pass "
-        "numbers, strings, booleans, None or tuples of them."
-    )
-
-
-def _from_json(name: str, value: Any) -> Any:
-    """Inverse of :func:`_to_json` for model options (lists back to tuples)."""
-    if name == "dtype" and value is not None:
-        return jnp.dtype(value)
-    if isinstance(value, list):
-        return tuple(_from_json(name, v) for v in value)
-    return value
-
-
-def _check_manifest(path: pathlib.Path, manifest: dict | None) -> None:
-    if manifest is None or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an oscqat_jax export (it has no {FORMAT} manifest).")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} is an export of format version {version}, but this code reads version "
-            f"{FORMAT_VERSION}; export the model again with this version."
-        )
-
-
-def _checked_int(path: pathlib.Path, layer: str, w_int: np.ndarray, n_bits: int) -> np.ndarray:
-    """``w_int`` as float32 after checking it is integer and on the signed ``n_bits`` grid."""
-    int_min, int_max = quant.int_range(n_bits, True)
-    if not np.issubdtype(w_int.dtype, np.integer) or (
-        w_int.size and (w_int.min() < int_min or w_int.max() > int_max)
-    ):
-        raise ValueError(
-            f"{path}: params/{layer}/{KERNEL_INT} must hold integers in [{int_min}, {int_max}] "
-            f"({n_bits} bits), got dtype {w_int.dtype}."
-        )
-    return w_int.astype(np.float32)
 
 
 def _inference_weights(

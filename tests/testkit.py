@@ -47,7 +47,8 @@ def restore_final(workdir, config):
     from oscqat_jax.training import build, checkpoint
 
     ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), metadata=build.run_metadata(config, "qat")
+        os.path.join(workdir, "checkpoints"),
+        metadata=build.run_metadata(config, "qat", config.data.num_classes),
     )
     step = ckpt.latest_step()
     path = os.path.join(ckpt.directory, str(step), "state")

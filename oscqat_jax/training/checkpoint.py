@@ -1,48 +1,85 @@
-"""Checkpoints of the whole train state, with the run's metadata beside them (orbax).
+"""Checkpoints of the whole train state, with the run's fingerprint and checksums (orbax).
 
 A checkpoint directory holds one sub-directory per saved step, ``<step>/state`` (the pytree)
-and ``<step>/metadata`` (JSON). Orbax writes each step into a temporary directory and renames
-it when complete, so an interrupted save never counts as a checkpoint, and old steps are only
-deleted (``max_to_keep``) after the newer one is finalised.
+and ``<step>/metadata`` (JSON: the :class:`Fingerprint` of the run that wrote it). Orbax
+writes each step into a temporary directory and renames it when complete, so an interrupted
+save never counts as a checkpoint, and old steps are only deleted (``max_to_keep``) after the
+newer one is finalised. Just before that rename, the SHA-256 of every file of each item is
+written into the item as ``sha256sums.json``; a restore checks them first, so a flipped bit
+or a truncated file counts as damage (the step is moved aside and the previous one restored)
+instead of being read as a different state. Orbax itself has no content checksum to switch
+on: its zarr3 ``crc32c`` codec covers only the index of a shard, not the chunk data.
 
 Saves are asynchronous: :meth:`Checkpointer.save` returns once the arrays are copied to host
-memory (so the caller may donate or overwrite them), and the files are written by a background
-thread. :meth:`Checkpointer.wait` blocks until that write is done and re-raises its error.
+memory and the step's directories exist (so the caller may donate or overwrite the arrays),
+and the files are written by a background thread. :meth:`Checkpointer.wait` blocks until
+that write is done. A save that fails raises :class:`CheckpointSaveError` from ``save`` or
+``wait`` and closes orbax's manager, so that none of its threads keeps the process alive.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from oscqat_jax.training import checksums
+
 State = TypeVar("State")
 
 _STATE = "state"
 _METADATA = "metadata"
-_NOT_SET = "(not set)"
+_ITEMS = (_STATE, _METADATA)
+"""The file in each item directory holding the SHA-256 of the item's other files."""
+_NOT_SET = "(not recorded)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """What a checkpoint records about the config of the run that wrote it (JSON values).
+
+    Flat mappings from a field's dotted name to its value.
+    """
+
+    fixed: Mapping[str, Any]
+    """Fields a restore must agree on: the saved state has their shape or meaning (model,
+    classes, bit widths, quant setup, ...); a config that changes one is refused."""
+    tunable: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Fields a resumed run may change (learning rates, epochs, seed, thresholds, ...); the
+    changes are printed in one line when the checkpoint is restored."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint cannot be read: files that differ from their checksums, truncated or
+    missing files."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the complete checkpoints before it are untouched."""
 
 
 class Checkpointer:
     """Saves and restores a train-state pytree in ``directory``, keeping the newest few.
 
-    ``metadata`` (JSON-serialisable: model name, bit widths, quant setup, ...) is written with
-    every checkpoint; :meth:`restore` refuses a checkpoint whose metadata differs. Call every
-    method on all processes: orbax synchronises them and writes shared files from process 0.
+    ``metadata`` is written with every checkpoint; :meth:`restore` refuses a checkpoint whose
+    fixed fields differ and reports the tunable ones that changed. Call every method on all
+    processes: orbax synchronises them and writes shared files from process 0.
     """
 
     def __init__(
         self,
         directory: str | os.PathLike,
         *,
-        metadata: Mapping[str, Any],
+        metadata: Fingerprint | Mapping[str, Any],
         max_to_keep: int = 3,
         save_every_steps: int | None = None,
     ):
@@ -50,7 +87,7 @@ class Checkpointer:
 
         Args:
           directory: where checkpoints live; a local path is made absolute (orbax needs it).
-          metadata: what a checkpoint must agree on with the run that restores it.
+          metadata: the run's :class:`Fingerprint`; a plain mapping is all fixed fields.
           max_to_keep: number of newest complete checkpoints kept; older ones are deleted.
           save_every_steps: :meth:`save` writes when ``step`` is a multiple of it; ``None``
             writes only when called with ``force=True``.
@@ -63,63 +100,119 @@ class Checkpointer:
             )
         directory = os.fspath(directory)
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        if not isinstance(metadata, Fingerprint):
+            metadata = Fingerprint(fixed=metadata)
         try:
             # The JSON round trip makes tuples lists, as they come back from disk.
-            self.metadata = json.loads(json.dumps(dict(metadata)))
+            self.metadata = json.loads(
+                json.dumps({"fixed": dict(metadata.fixed), "tunable": dict(metadata.tunable)})
+            )
         except TypeError as err:
             raise ValueError(
                 f"Checkpoint metadata must hold only JSON values (str, int, float, bool, None, "
                 f"lists and dicts of them): {err}."
             ) from err
         self.save_every_steps = save_every_steps
-        self._manager = ocp.CheckpointManager(
+        self.max_to_keep = max_to_keep
+        self._pending: int | None = None  # the step being written in the background
+        self._closed = False
+        self._manager = self._open_manager()
+
+    def _open_manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
+                max_to_keep=self.max_to_keep,
                 # Leftovers of saves that were interrupted (never finalised) are removed.
                 cleanup_tmp_directories=True,
+                # Created in the background, a directory that cannot be created leaves
+                # orbax's item threads waiting for it (for its 20-minute timeout), and the
+                # process cannot exit; created in save(), the failure is raised there.
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
             ),
-            item_names=(_STATE, _METADATA),
+            handler_registry=checksums.handler_registry(_STATE, _METADATA),
         )
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         """Starts saving ``state`` at ``step`` if it is due (or ``force``); returns whether it did.
 
         ``state`` is any pytree of arrays (typed PRNG keys included). The call first waits for
-        the previous save and re-raises its error, if any; it returns once ``state`` is copied
-        to host memory, and a background thread writes the files. A step that is already
-        saved is not written again. Once the new step is complete on disk, steps beyond the
-        newest ``max_to_keep`` are deleted.
+        the previous save; it returns once ``state`` is copied to host memory, and a
+        background thread writes the files. A step that is already saved is not written
+        again. Once the new step is complete on disk, steps beyond the newest
+        ``max_to_keep`` are deleted.
+
+        Raises:
+          CheckpointSaveError: this save, or the previous one, failed.
         """
         due = self.save_every_steps is not None and step % self.save_every_steps == 0
         if not (due or force):
             return False
         self.wait()
+        if self._closed:  # an earlier save failed and closed the manager
+            self._manager, self._closed = self._open_manager(), False
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    _STATE: ocp.args.StandardSave(state),
-                    _METADATA: ocp.args.JsonSave(self.metadata),
-                }
-            ),
-            force=True,
-        )
+        try:
+            started = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _STATE: ocp.args.StandardSave(state),
+                        _METADATA: ocp.args.JsonSave(self.metadata),
+                    }
+                ),
+                force=True,
+            )
+        except Exception as err:  # the directory, tensorstore or the host copy
+            self._failed(step, err)
+        self._pending = step if started else None
+        return started
 
     def wait(self) -> None:
-        """Blocks until the pending asynchronous save is on disk; re-raises its error."""
+        """Blocks until the pending asynchronous save is on disk.
+
+        Raises:
+          CheckpointSaveError: the pending save failed.
+        """
+        step, self._pending = self._pending, None
         try:
             self._manager.wait_until_finished()
-        except Exception:
-            # orbax already listed the failed step; list only what is complete on disk.
-            self._manager.reload()
-            raise
+        except Exception as err:
+            self._failed(step, err)
+
+    def _failed(self, step: int | None, err: Exception) -> NoReturn:
+        """Closes orbax's manager (its threads end) and raises the error of a failed save."""
+        with contextlib.suppress(Exception):  # the error being raised is the one that counts
+            self._manager.close()
+        self._closed = True
+        # orbax listed the failed step; list only what is complete on disk.
+        self._manager.reload()
+        kept = sorted(self._manager.all_steps())
+        after = (
+            f"the complete checkpoints there (steps {kept}) are untouched, and re-running the "
+            f"same command once it can write there resumes from step {kept[-1]}"
+            if kept
+            else "no complete checkpoint was written before it, and re-running the same "
+            "command once it can write there starts over"
+        )
+        raise CheckpointSaveError(
+            f"Saving the checkpoint of step {step} in {self.directory} failed "
+            f"({_first_line(err)}); {after}."
+        ) from err
 
     def close(self) -> None:
-        """Waits for the pending save and releases orbax's threads."""
-        self._manager.close()
+        """Waits for the pending save and releases orbax's threads (also after a failure).
+
+        Raises:
+          CheckpointSaveError: the pending save failed (the threads are released first).
+        """
+        try:
+            self.wait()
+        finally:
+            if not self._closed:
+                self._manager.close()
+                self._closed = True
 
     def latest_step(self) -> int | None:
         """The newest saved step (complete on disk, or being written), or ``None``."""
@@ -134,14 +227,17 @@ class Checkpointer:
             restored with the leaf's sharding (e.g. ``NamedSharding`` over a ``Mesh``), or the
             sharding recorded in the checkpoint when an abstract leaf has none.
           step: the step to restore; ``None`` means the newest readable one. Newer
-            checkpoints that cannot be read are logged, skipped and moved aside to
-            ``<step>.unreadable-<unix time>`` so that training can save those steps again.
+            checkpoints that cannot be read are moved aside to
+            ``<step>.unreadable-<unix time>`` (never deleted), with one warning each, so
+            that training can save those steps again. Tunable fields that differ from the
+            restored checkpoint's are printed in one line.
 
         Raises:
-          ValueError: the checkpoint's metadata differs from this Checkpointer's.
+          ValueError: the checkpoint's fixed fields differ from this Checkpointer's, or its
+            state has another structure or shape than ``target``.
           FileNotFoundError: there is no checkpoint (or not ``step``).
           UnreadableCheckpointError: ``step`` (or, for ``None``, every checkpoint) cannot be
-            read into ``target``: damaged files, or a state of another structure or shape.
+            read: files that differ from their checksums, truncated or missing files.
         """
         self.wait()
         steps = sorted(self._manager.all_steps(), reverse=True)
@@ -155,85 +251,105 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"There is no checkpoint in {self.directory}; train first or check the directory."
             )
-        unreadable = []
+        unreadable: dict[int, UnreadableCheckpointError] = {}
         for candidate in steps:
             try:
                 restored = self._restore_step(target, candidate)
             except UnreadableCheckpointError as err:
-                logging.warning("%s Trying the previous one.", err)
-                unreadable.append(candidate)
+                unreadable[candidate] = err
                 continue
             if unreadable:
-                self._move_aside(unreadable)
+                self._move_aside(unreadable, candidate)
             return restored
+        reasons = "; ".join(str(err).rstrip(".") for err in unreadable.values())
         raise UnreadableCheckpointError(
-            f"None of the checkpoints in {self.directory} (steps {sorted(steps)}) can be "
-            "restored into the given state; see the warnings above for each step's error."
+            f"None of the checkpoints in {self.directory} can be read ({reasons})."
         )
 
     def _restore_step(self, target: State, step: int) -> State:
-        """Checks the metadata of ``step``, then restores its state into ``target``."""
+        """Checks the checksums, the fingerprint and the shapes of ``step``, then restores it."""
+        step_dir = epath.Path(self.directory) / str(step)
+        for item in _ITEMS:
+            damage = checksums.verify_checksums(step_dir / item)
+            if damage:
+                raise UnreadableCheckpointError(
+                    f"The checkpoint of step {step} in {self.directory} is damaged: {damage}."
+                )
         try:
             saved = self._manager.restore(
                 step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
             )[_METADATA]
+            saved_tree = self._manager.item_metadata(step)[_STATE]
+            if saved_tree is None:
+                raise FileNotFoundError("orbax finds no tree metadata of the state")
         except Exception as err:  # orbax, tensorstore and json raise many types
             raise _unreadable(self.directory, step, "metadata", err) from err
-        self._check_metadata(saved)
+        changes = self._check_fingerprint(step, saved)
+        _check_fits(self.directory, step, saved_tree, target)
         try:
-            return self._manager.restore(
+            restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
             )[_STATE]
-        except Exception as err:  # as above, and a target whose structure or shapes differ
+        except Exception as err:  # as above
             raise _unreadable(self.directory, step, "state", err) from err
-
-    def _check_metadata(self, saved: Mapping[str, Any]) -> None:
-        """Raises if ``saved`` differs from this Checkpointer's metadata in any key."""
-        saved_flat, wanted_flat = _flatten(saved), _flatten(self.metadata)
-        keys = sorted(
-            k
-            for k in saved_flat.keys() | wanted_flat.keys()
-            if saved_flat.get(k, _NOT_SET) != wanted_flat.get(k, _NOT_SET)
-        )
-        if keys:
-            was = ", ".join(f"{k}={_show(saved_flat.get(k, _NOT_SET))}" for k in keys)
-            wanted = ", ".join(f"{k}={_show(wanted_flat.get(k, _NOT_SET))}" for k in keys)
-            raise ValueError(
-                f"The checkpoint in {self.directory} was written for {was} but the config asks "
-                f"for {wanted}; use another --workdir or the matching config."
+        if changes and jax.process_index() == 0:
+            print(
+                f"The checkpoint of step {step} was written with other settings, safe to "
+                f"change: {changes}."
             )
+        return restored
 
-    def _move_aside(self, steps: list[int]) -> None:
+    def _check_fingerprint(self, step: int, saved: Mapping[str, Any]) -> str:
+        """Raises if ``saved`` differs from this Checkpointer's fixed fields; returns the
+        tunable fields that changed (``"field old → new, ..."``, empty if none)."""
+        if "fixed" not in saved:  # written before tunable fields were recorded
+            saved = {"fixed": saved, "tunable": {}}
+        fixed = _changes(saved["fixed"], self.metadata["fixed"])
+        if fixed:
+            raise ValueError(
+                f"The checkpoint of step {step} in {self.directory} cannot be used with this "
+                f"config, which changes {fixed}: settings the saved state depends on; use "
+                "another --workdir, or set them back."
+            )
+        return _changes(saved.get("tunable", {}), self.metadata["tunable"])
+
+    def _move_aside(self, unreadable: dict[int, UnreadableCheckpointError], restored: int):
         """Renames unreadable step directories so that orbax no longer lists them."""
         if jax.process_index() == 0:
             stamp = int(time.time())
-            for step in steps:
+            for step, err in unreadable.items():
                 path = epath.Path(self.directory) / str(step)
                 if path.exists():
                     aside = path.parent / f"{step}.unreadable-{stamp}"
                     path.rename(aside)
-                    logging.warning("Moved the unreadable checkpoint %s to %s.", path, aside)
+                    logging.warning(
+                        "%s; moved it to %s and restored step %d instead.",
+                        str(err).rstrip("."),
+                        aside,
+                        restored,
+                    )
         ocp.multihost.sync_global_processes(
-            "oscqat_jax_checkpoint_move_aside_" + "_".join(map(str, steps))
+            "oscqat_jax_checkpoint_move_aside_" + "_".join(map(str, unreadable))
         )
         self._manager.reload()
 
 
-class UnreadableCheckpointError(RuntimeError):
-    """A checkpoint cannot be read: truncated or corrupted files, or a mismatched target."""
+# --------------------------------------------------------------------------- comparisons
 
 
-def _unreadable(directory: str, step: int, item: str, err: Exception) -> UnreadableCheckpointError:
-    text = str(err).strip()
-    first_line = text.splitlines()[0] if text else ""
-    return UnreadableCheckpointError(
-        f"The {item} of the checkpoint of step {step} in {directory} cannot be read "
-        f"({type(err).__name__}: {first_line})."
+def _changes(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
+    """The fields whose values differ, as ``"field old → new, ..."`` (empty if none)."""
+    saved, wanted = _flatten(saved), _flatten(wanted)
+    keys = sorted(
+        k for k in saved.keys() | wanted.keys() if saved.get(k, _NOT_SET) != wanted.get(k, _NOT_SET)
+    )
+    return ", ".join(
+        f"{k} {_show(saved.get(k, _NOT_SET))} → {_show(wanted.get(k, _NOT_SET))}" for k in keys
     )
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict with dotted keys (so errors name ``quant.n_bits``)."""
+    """Nested dicts as one dict with dotted keys (so messages name ``quant.n_bits``)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
@@ -241,6 +357,52 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _check_fits(directory: str, step: int, saved_tree: Any, target: Any) -> None:
+    """Raises ValueError naming the first leaf whose path, shape or dtype differs between the
+    saved state and ``target`` (a config change no fingerprint field names)."""
+    saved, wanted = _leaf_specs(saved_tree), _leaf_specs(target, keys_as_data=True)
+    differing = [k for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
+    if not differing:
+        return
+    first = differing[0]
+    more = f"; {len(differing) - 1} more leaves differ" if len(differing) > 1 else ""
+    raise ValueError(
+        f"The checkpoint of step {step} in {directory} holds a state that does not fit this "
+        f"config ({first}: {_spec(saved.get(first))} saved, {_spec(wanted.get(first))} "
+        f"wanted{more}); use another --workdir, or the config it was written with."
+    )
+
+
+def _leaf_specs(tree: Any, keys_as_data: bool = False) -> dict[str, tuple]:
+    """``{"params.conv.kernel": (shape, dtype name)}`` of a state or of orbax's metadata of
+    one; typed PRNG keys as their key data, as orbax stores them."""
+    specs = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if keys_as_data and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)
+        name = ".".join(
+            str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path
+        )
+        specs[name] = (tuple(leaf.shape), str(leaf.dtype))
+    return specs
+
+
+def _spec(spec: tuple | None) -> str:
+    return "absent" if spec is None else f"{spec[1]}{list(spec[0])}"
+
+
+def _unreadable(directory: str, step: int, item: str, err: Exception) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(
+        f"The {item} of the checkpoint of step {step} in {directory} cannot be read "
+        f"({_first_line(err)})."
+    )
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def _show(value: Any) -> str:

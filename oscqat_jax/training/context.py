@@ -9,7 +9,10 @@ module instead of copying a number.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import socket
+import time
 
 import jax
 import ml_collections
@@ -37,6 +40,7 @@ class Context:
     source: data.Source
     sharded: step_lib.Sharded
     writer: metrics.MetricWriter
+    lock: WorkdirLock | None = None
 
     def seed(self, stream: str) -> int:
         """The seed of one of the run's random streams (see :data:`SEED_OFFSETS`)."""
@@ -102,14 +106,114 @@ def _check_batch_sizes(config, sharded: step_lib.Sharded) -> None:
             )
 
 
+LOCK_FILE = "run.lock"
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for the run that writes it: ``<workdir>/run.lock``
+    holds the host, process id and start time of its holder, and is created atomically.
+
+    A second run on the same workdir is refused with one sentence naming the holder. A lock
+    left by a process that no longer runs on this host (a killed run) is stale and taken
+    over; a lock of another host cannot be checked, so it is refused until removed.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.held = False
+
+    def acquire(self) -> None:
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._take_over_stale():
+                    raise RuntimeError(self._refusal()) from None
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(holder, f)
+            self.held = True
+            return
+        raise RuntimeError(self._refusal())
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _take_over_stale(self) -> bool:
+        holder = self._holder()
+        if holder is None or holder.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            print(
+                f"Removing the stale lock {self.path} of process {holder['pid']}, which has ended."
+            )
+            os.remove(self.path)
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+        return False
+
+    def _refusal(self) -> str:
+        holder = self._holder()
+        who = (
+            f"process {holder.get('pid')} on {holder.get('host')}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))}"
+            if holder
+            else "an unknown process"
+        )
+        return (
+            f"The workdir {os.path.dirname(self.path)} is in use by {who} ({self.path}); wait "
+            "for that run to end, use another --workdir, or delete the lock file if that run "
+            "is gone."
+        )
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
 def open_run(config: ml_collections.ConfigDict, workdir: str, *, write_metrics: bool) -> Context:
-    """Validates the config, joins the cluster, opens the data and the mesh of all devices."""
+    """Validates the config, joins the cluster, opens the data and the mesh of all devices.
+
+    A run that writes (``write_metrics``) takes the workdir's :class:`WorkdirLock` on process
+    0 before it writes anything there (release it with :func:`close_run`); evaluation and
+    export only read, take no lock and create nothing.
+    """
     build.validate(config)
     initialize_distributed(config)
     source = data.load_dataset(config.data)
-    if write_metrics:
-        os.makedirs(workdir, exist_ok=True)
-    sharded = step_lib.Sharded.over_all_devices(fast_compile=config.train.fast_compile)
-    _check_batch_sizes(config, sharded)
+    lock = None
+    try:
+        sharded = step_lib.Sharded.over_all_devices(fast_compile=config.train.fast_compile)
+        _check_batch_sizes(config, sharded)
+        if write_metrics:
+            os.makedirs(workdir, exist_ok=True)
+            if jax.process_index() == 0:
+                lock = WorkdirLock(workdir)
+                lock.acquire()
+    except BaseException:
+        source.close()
+        raise
     writer = metrics.MetricWriter(workdir, enabled=write_metrics and jax.process_index() == 0)
-    return Context(config, workdir, source, sharded, writer)
+    return Context(config, workdir, source, sharded, writer, lock)
+
+
+def close_run(ctx: Context) -> None:
+    """Closes the data and the metrics writer and releases the workdir lock."""
+    try:
+        ctx.writer.close()
+        ctx.source.close()
+    finally:
+        if ctx.lock is not None:
+            ctx.lock.release()

@@ -4,9 +4,11 @@ restore of a QAT checkpoint for evaluation or export."""
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from oscqat_jax.nn.config import QuantContext
 from oscqat_jax.training import build, checkpoint, loop, reports
@@ -36,14 +38,16 @@ def float_phase(ctx: Context, variables: dict) -> dict:
     state = ctx.sharded.replicate(
         step_lib.create_state(variables, opt.tx, jax.random.PRNGKey(ctx.seed("float_state")))
     )
-    cache = checkpoint.Checkpointer(
-        os.path.join(ctx.workdir, "float_model"),
-        metadata=build.run_metadata(config, "float"),
-        max_to_keep=1,
-    )
+    cache = _float_cache(ctx)
+    restored = None
     if cache.latest_step() == total:
-        print(f"Float model: loaded from {cache.directory} (trained for {total} steps).")
-        state = cache.restore(state)
+        try:
+            restored = cache.restore(state)
+            print(f"Float model: loaded from {cache.directory} (trained for {total} steps).")
+        except checkpoint.UnreadableCheckpointError as err:
+            cache = _move_float_cache_aside(ctx, cache, err)
+    if restored is not None:
+        state = restored
     else:
         step_fn = step_lib.make_train_step(model, opt.tx, build.FLOAT_STEP)
         state, _ = loop.train_phase(
@@ -62,6 +66,27 @@ def float_phase(ctx: Context, variables: dict) -> dict:
     return dict(variables, params=state.params, batch_stats=state.batch_stats)
 
 
+def _float_cache(ctx: Context) -> checkpoint.Checkpointer:
+    return checkpoint.Checkpointer(
+        os.path.join(ctx.workdir, "float_model"),
+        metadata=build.run_metadata(ctx.config, "float", ctx.source.num_classes),
+        max_to_keep=1,
+    )
+
+
+def _move_float_cache_aside(ctx: Context, cache, err: Exception) -> checkpoint.Checkpointer:
+    """A damaged float-model cache is kept beside the workdir's cache and trained again."""
+    cache.close()
+    aside = f"{cache.directory}.unreadable-{int(time.time())}"
+    if jax.process_index() == 0:
+        os.rename(cache.directory, aside)
+        print(
+            f"The cached float model cannot be read ({err}); moved it to {aside} and training it again."
+        )
+    multihost_utils.sync_global_devices("oscqat_jax_float_cache_moved_aside")
+    return _float_cache(ctx)
+
+
 def calibrate(ctx: Context, model, variables: dict) -> dict:
     """Quantizer variables added to (float) ``variables`` and their ranges initialised on
     ``quant.num_est_batches`` training batches (SPEC §3)."""
@@ -77,7 +102,7 @@ def calibrate(ctx: Context, model, variables: dict) -> dict:
 def _qat_checkpointer(ctx: Context) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(
         os.path.join(ctx.workdir, "checkpoints"),
-        metadata=build.run_metadata(ctx.config, "qat"),
+        metadata=build.run_metadata(ctx.config, "qat", ctx.source.num_classes),
         max_to_keep=ctx.config.train.keep_checkpoints,
     )
 
@@ -111,19 +136,21 @@ def qat_phase(ctx: Context, variables: dict, summary: dict) -> step_lib.TrainSta
         return state
 
     step_fn = step_lib.make_train_step(model, opt.tx, build.qat_step_config(config))
-    state, complete = loop.train_phase(
-        ctx,
-        state=state,
-        train_step=ctx.sharded.jit_train_step(step_fn),
-        table=build.qat_schedules(config, opt, total).table(total),
-        total_steps=total,
-        prefix="qat",
-        ckpt=ckpt,
-        on_epoch_end=on_epoch_end,
-        stop_at=config.train.stop_at_step,
-    )
-    ckpt.wait()
-    ckpt.close()
+    try:
+        state, complete = loop.train_phase(
+            ctx,
+            state=state,
+            train_step=ctx.sharded.jit_train_step(step_fn),
+            table=build.qat_schedules(config, opt, total).table(total),
+            total_steps=total,
+            prefix="qat",
+            ckpt=ckpt,
+            on_epoch_end=on_epoch_end,
+            stop_at=config.train.stop_at_step,
+        )
+        ckpt.wait()
+    finally:
+        ckpt.close()  # on every exit path: orbax's threads must not outlive the run
     if not complete:
         print(
             f"Stopped at step {int(state.step)} of {total} as asked (train.stop_at_step); "
@@ -157,12 +184,18 @@ def restore_qat_state(ctx: Context, checkpoint_path: str = ""):
     checkpoints directory or one ``<step>`` in it; empty for the workdir's newest)."""
     config = ctx.config
     directory, step = _checkpoint_location(ctx.workdir, checkpoint_path)
-    ckpt = checkpoint.Checkpointer(directory, metadata=build.run_metadata(config, "qat"))
+    missing = (
+        f"No QAT checkpoint in {directory}; train first, or pass the --workdir of a run "
+        "or --checkpoint=<its checkpoints directory>."
+    )
+    if not os.path.isdir(directory):  # opening a Checkpointer would create it
+        raise FileNotFoundError(missing)
+    ckpt = checkpoint.Checkpointer(
+        directory, metadata=build.run_metadata(config, "qat", ctx.source.num_classes)
+    )
     if ckpt.latest_step() is None:
-        raise FileNotFoundError(
-            f"No QAT checkpoint in {directory}; train first, or pass the --workdir of a run "
-            "or --checkpoint=<its checkpoints directory>."
-        )
+        ckpt.close()
+        raise FileNotFoundError(missing)
     model = build.build_model(config, ctx.source.num_classes)
     per_epoch = ctx.steps_per_epoch
     opt = build.optimizer(

@@ -19,7 +19,7 @@ import ml_collections
 
 from oscqat_jax.training import build, evaluation, metrics, phases, reports
 from oscqat_jax.training import step as step_lib
-from oscqat_jax.training.context import open_run
+from oscqat_jax.training.context import close_run, open_run
 from oscqat_jax.training.evaluation import Evaluator
 
 
@@ -27,7 +27,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the experiment of ``config`` in ``workdir``; returns the summary shown at the end."""
     started = time.time()
     ctx = open_run(config, workdir, write_metrics=True)
-    source = ctx.source
+    try:
+        summary = _train(ctx)
+    finally:
+        close_run(ctx)
+    summary["wall_time_s"] = time.time() - started
+    if jax.process_index() == 0:
+        print(metrics.format_table(reports.summary_rows(summary), title="Summary"))
+    return summary
+
+
+def _train(ctx) -> dict:
+    config, source = ctx.config, ctx.source
     print(
         f"{config.model.name} (width {config.model.width_multiplier}) on {source.name}: "
         f"{source.num_train} training / {source.num_val} validation images, "
@@ -57,11 +68,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"Float model: top-1 {summary['float']:.2f} %")
     phases.qat_phase(ctx, variables, summary)
     summary.update({f"data/{k}": v for k, v in source.stats().items()})
-    summary["wall_time_s"] = time.time() - started
-    ctx.writer.close()
-    source.close()
-    if jax.process_index() == 0:
-        print(metrics.format_table(reports.summary_rows(summary), title="Summary"))
     return summary
 
 
@@ -71,12 +77,14 @@ def evaluate_checkpoint(
     """Top-1/top-5 of a QAT checkpoint (the workdir's newest unless ``checkpoint_path`` names
     one), before and after BN re-estimation, on the config's validation data."""
     ctx = open_run(config, workdir, write_metrics=False)
-    model, state = phases.restore_qat_state(ctx, checkpoint_path)
-    pre, post = Evaluator.create(ctx, model).pre_and_post_bn(state.variables)
+    try:
+        model, state = phases.restore_qat_state(ctx, checkpoint_path)
+        pre, post = Evaluator.create(ctx, model).pre_and_post_bn(state.variables)
+    finally:
+        close_run(ctx)
     result = {"step": int(state.step), **{f"{k}_pre_bn": v for k, v in pre.items()}}
     if post is not None:
         result.update({f"{k}_post_bn": v for k, v in post["metrics"].items()})
-    ctx.source.close()
     if jax.process_index() == 0:
         rows = [(k, f"{v:.4g}") for k, v in result.items()]
         print(metrics.format_table(rows, title="Evaluation"))
@@ -96,13 +104,15 @@ def export_checkpoint(
 
     export.check_suffix(output)  # before any work
     ctx = open_run(config, workdir, write_metrics=False)
-    model, state = phases.restore_qat_state(ctx, checkpoint_path)
-    variables = state.variables
-    if config.eval.bn_reestimate:
-        variables = dict(
-            variables, batch_stats=Evaluator.create(ctx, model).reestimate_bn(variables)
-        )
-    ctx.source.close()
+    try:
+        model, state = phases.restore_qat_state(ctx, checkpoint_path)
+        variables = state.variables
+        if config.eval.bn_reestimate:
+            variables = dict(
+                variables, batch_stats=Evaluator.create(ctx, model).reestimate_bn(variables)
+            )
+    finally:
+        close_run(ctx)
     manifest = None
     if jax.process_index() == 0:
         manifest = export.export_model(

@@ -6,6 +6,7 @@ compiles one random kernel per parameter), then calibrated by one jitted calibra
 """
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import pytest
 from flax import traverse_util
 from testkit import TEST_BLOCKS
 
-from oscqat_jax import export, quant
+from oscqat_jax import export, export_manifest, quant, weight_files
 from oscqat_jax.models import create_model
 from oscqat_jax.nn import collect
 from oscqat_jax.nn.config import QuantContext
@@ -228,7 +229,7 @@ def test_a_missing_file_is_named(tmp_path):
 def test_files_of_another_format_version_or_without_manifest_are_refused(tmp_path):
     manifest = {"format": export.FORMAT, "format_version": 99}
     np.savez(tmp_path / "v99.npz", **{export.MANIFEST_KEY: np.asarray(json.dumps(manifest))})
-    with pytest.raises(ValueError, match="format version 99, but this code reads version 1"):
+    with pytest.raises(ValueError, match="format version 99, but this code reads version 2"):
         export.load_export(tmp_path / "v99.npz")
     np.savez(tmp_path / "plain.npz", kernel=np.zeros(3))
     with pytest.raises(ValueError, match="is not an oscqat_jax export"):
@@ -246,3 +247,168 @@ def test_uncalibrated_variables_are_refused(tmp_path):
             tmp_path / "a.npz", float_variables, input_shape=TINY_INPUT, **MOBILENET
         )
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """``{suffix: path}``: the tiny model exported once to each format (copy before editing)."""
+    model, variables, _ = tiny
+    folder = tmp_path_factory.mktemp("exports")
+    paths = {}
+    for suffix in (".safetensors", ".npz"):
+        paths[suffix] = folder / f"tiny{suffix}"
+        export.export_model(paths[suffix], variables, input_shape=TINY_INPUT, **MOBILENET)
+    return paths
+
+
+def copy(exported, suffix, tmp_path):
+    path = tmp_path / f"edited{suffix}"
+    shutil.copyfile(exported[suffix], path)
+    return path
+
+
+def contents(path):
+    """``(arrays, manifest)`` as stored, without any check."""
+    return weight_files.read(path, metadata_key=export.MANIFEST_KEY)
+
+
+def rewrite(path, arrays, manifest, *, sign=False):
+    """Writes ``arrays`` and ``manifest`` (a dict, or raw text) as the file's content; with
+    ``sign`` the digest is recomputed first (an edit the digest alone cannot catch)."""
+    if sign:
+        manifest = dict(manifest, sha256=export_manifest.digest(arrays, manifest))
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    if path.suffix == ".npz":
+        np.savez(path, **arrays, **{export.MANIFEST_KEY: np.asarray(text)})
+    else:
+        from safetensors.numpy import save_file
+
+        save_file(dict(arrays), str(path), metadata={export.MANIFEST_KEY: text})
+
+
+def refused(path, match):
+    """The one sentence of load_export's refusal: it names the file and matches ``match``."""
+    with pytest.raises(ValueError, match=match) as error:
+        export.load_export(path)
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message, message
+    return message
+
+
+def test_the_untouched_file_and_the_same_content_saved_again_load(tiny, exported, tmp_path):
+    """Negative control of the refusals below: the digest is of the content, not the bytes."""
+    model, variables, images = tiny
+    expected = forward(model, eval_variables(variables), images)
+    arrays, manifest = contents(exported[".safetensors"])
+    assert manifest["sha256"] == export_manifest.digest(arrays, manifest)
+    assert len(manifest["sha256"]) == 64
+    resaved = tmp_path / "resaved.npz"  # other format, uncompressed, keys in another order
+    rewrite(resaved, dict(reversed(list(arrays.items()))), manifest)
+    assert resaved.read_bytes() != exported[".npz"].read_bytes()
+    for path in (exported[".safetensors"], resaved):
+        loaded_model, loaded = export.load_export(path)
+        np.testing.assert_allclose(forward(loaded_model, loaded, images), expected, atol=1e-6)
+
+
+def test_a_flipped_byte_in_a_tensor_is_refused(exported, tmp_path):
+    path = copy(exported, ".safetensors", tmp_path)
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    key = f"params/{FROZEN_LAYER}/kernel_int"
+    begin, end = header[key]["data_offsets"]
+    data[8 + header_len + begin + 5] ^= 1  # still an integer of the 4-bit grid
+    path.write_bytes(bytes(data))
+    arrays, _ = contents(path)
+    assert arrays[key].min() >= -8 and arrays[key].max() <= 7  # nothing else would notice
+    refused(path, "was changed after it was exported: the sha256")
+
+
+def test_an_edited_float_in_a_compressed_npz_is_refused(exported, tmp_path):
+    path = copy(exported, ".npz", tmp_path)
+    arrays, manifest = contents(path)
+    arrays["batch_stats/features_0/bn/var"] = arrays["batch_stats/features_0/bn/var"] * 1.001
+    rewrite(path, arrays, manifest)
+    refused(path, "changed after it was exported")
+
+
+@pytest.mark.parametrize("sign", [False, True], ids=["digest-kept", "digest-recomputed"])
+def test_an_edited_bit_width_is_refused(exported, tmp_path, sign):
+    # 4 -> 8 bits: the stored integers still fit the wider grid, and without a check the file
+    # loaded with a model whose logits differ.
+    path = copy(exported, ".safetensors", tmp_path)
+    arrays, manifest = contents(path)
+    assert manifest["weights"][FROZEN_LAYER]["n_bits"] == 4
+    manifest["weights"][FROZEN_LAYER]["n_bits"] = 8
+    rewrite(path, arrays, manifest, sign=sign)
+    if sign:
+        refused(path, f"gives 8 bits to the kernel of {FROZEN_LAYER}, .* quantizes it at 4 bits")
+    else:
+        refused(path, "changed after it was exported")
+
+
+def test_a_changed_shape_is_refused_at_load(exported, tmp_path):
+    path = copy(exported, ".npz", tmp_path)
+    arrays, manifest = contents(path)
+    arrays["params/classifier/bias"] = np.zeros(5, np.float32)  # the model has 4 classes
+    rewrite(path, arrays, manifest, sign=True)
+    refused(
+        path, r"params/classifier/bias has shape \(5,\), but the model of its manifest needs \(4,\)"
+    )
+    # A kernel cut down and its manifest entry with it.
+    arrays, manifest = contents(exported[".npz"])
+    key = f"params/{FROZEN_LAYER}/kernel_int"
+    arrays[key] = arrays[key][..., :-1]
+    manifest["weights"][FROZEN_LAYER]["kernel_shape"] = list(arrays[key].shape)
+    rewrite(path, arrays, manifest, sign=True)
+    refused(path, f"{key} has shape")
+
+
+def test_missing_and_extra_tensors_are_refused(exported, tmp_path):
+    path = copy(exported, ".npz", tmp_path)
+    arrays, manifest = contents(exported[".npz"])
+    scale = arrays.pop(f"params/{FROZEN_LAYER}/weight_scale")
+    rewrite(path, arrays, manifest, sign=True)
+    refused(path, f"lacks the tensor params/{FROZEN_LAYER}/weight_scale of its model")
+    arrays[f"params/{FROZEN_LAYER}/weight_scale"] = scale
+    arrays["params/head/kernel"] = np.zeros((2, 2), np.float32)
+    rewrite(path, arrays, manifest, sign=True)
+    refused(path, "holds the tensor params/head/kernel, which the model of its manifest has no")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_a_manifest_that_is_not_json_is_refused(exported, tmp_path, suffix):
+    path = copy(exported, suffix, tmp_path)
+    arrays, manifest = contents(path)
+    text = json.dumps(manifest)
+    rewrite(path, arrays, text[: len(text) // 2])
+    refused(path, "its manifest is not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda m: m.pop("input_shape"), "'input_shape'"),
+        (lambda m: m.pop("sha256"), "'sha256'"),
+        (lambda m: m["model"].pop("options"), "'model/options'"),
+        (lambda m: m["weights"][FROZEN_LAYER].pop("n_bits"), f"'weights/{FROZEN_LAYER}/n_bits'"),
+    ],
+)
+def test_a_manifest_without_a_key_is_refused(exported, tmp_path, edit, key):
+    path = copy(exported, ".npz", tmp_path)
+    arrays, manifest = contents(path)
+    edit(manifest)
+    rewrite(path, arrays, manifest)
+    refused(path, f"its manifest lacks the key {key}; export the model again")
+
+
+def test_a_version_1_file_without_digest_is_refused(exported, tmp_path):
+    path = copy(exported, ".npz", tmp_path)
+    arrays, manifest = contents(path)
+    del manifest["sha256"]
+    manifest["format_version"] = 1
+    rewrite(path, arrays, manifest)
+    refused(path, "format version 1, but this code reads version 2")

@@ -1,9 +1,13 @@
 """Tests of oscqat_jax.training.build: the one validation table and config -> objects."""
 
+import importlib.util
 import math
+import os
+import re
 
+import ml_collections
 import pytest
-from testkit import tiny_config
+from testkit import ROOT, tiny_config
 
 from oscqat_jax import oscillation
 from oscqat_jax.training import build
@@ -12,77 +16,231 @@ from oscqat_jax.training.config import base_config
 
 # A value outside each limit, chosen next to the boundary where there is one.
 BAD = {
+    "seed": -1,
     "data.name": "mnist",
+    "data.image_size": 0,
+    "data.num_classes": 0,
+    "data.val_fraction": 1.0,
+    "data.split_seed": -1,
+    "data.num_train": 0,
+    "data.num_val": 0,
+    "data.channels": 0,
+    "data.batch_size": 0,
+    "data.eval_batch_size": 0,
+    "data.max_shift": -1,
+    "data.flip": 1,
     "data.tfds_format": "parquet",
     "data.tfrecord_shards_per_block": 0,
     "data.num_workers": -1,
-    "data.min_crop_area": 0.0,
+    "data.prefetch": 0,
     "data.eval_resize_ratio": 0.99,
-    "data.batch_size": 0,
-    "data.eval_batch_size": 0,
-    "data.image_size": 0,
-    "distributed.num_processes": 0,
+    "data.min_crop_area": 0.0,
+    "data.train_subset": -1,
     "model.name": "alexnet",
+    "model.width_multiplier": 0.0,
+    "model.fold_bn": "False",
     "model.dtype": "float16",
     "model.pretrained_layout": "keras",
+    "float_train.epochs": -1,
+    "float_train.optimizer.lr": -0.1,
+    "float_train.optimizer.lr_final": -1e-6,
+    "float_train.optimizer.warmup_steps": -1,
+    "float_train.optimizer.lr_per_epoch": 0,
+    "float_train.optimizer.momentum": 1.0,
+    "float_train.optimizer.nesterov": "yes",
+    "float_train.optimizer.weight_decay": -1e-5,
+    "float_train.optimizer.quant_lr": -1e-5,
+    "float_train.optimizer.quant_weight_decay": -1e-9,
     "quant.setup": "int8",
     "quant.n_bits": 9,
     "quant.n_bits_act": 1,
+    "quant.per_channel": 1,
+    "quant.weight_range": "minmax",
+    "quant.act_range": "percentile",
     "quant.num_est_batches": 0,
+    "quant.grad_scale": 0,
+    "quant.quantize_activations": "True",
+    "osc_freeze.track": 1,
+    "osc_freeze.threshold": 1.5,  # frequencies lie in [0, 1]: nothing could ever freeze
+    "osc_freeze.threshold_final": 1.0001,
     "osc_freeze.anneal_start": 1.0,
-    "osc_freeze.threshold": -0.1,
-    "osc_freeze.threshold_final": -0.01,
     "osc_freeze.ema_momentum": 0.0,
-    "osc_damp.anneal_start": -0.1,
+    "osc_freeze.use_ema": None,
+    "osc_freeze.max_bits": build.MAX_BITS + 1,
     "osc_damp.weight": -1.0,
-    "osc_damp.weight_final": -1.0,
+    "osc_damp.weight_final": -1e-9,
+    "osc_damp.anneal_start": -0.1,
     "osc_damp.aggregation": "max",
-    "train.epochs": 0,
-    "float_train.epochs": -1,
-    "optimizer.lr": -0.1,
+    "optimizer.lr": 0.0,
     "optimizer.lr_final": -1e-6,
+    "optimizer.warmup_steps": -1,
+    "optimizer.lr_per_epoch": 1,
+    "optimizer.momentum": 1.5,  # accepted once, and training ran away
+    "optimizer.nesterov": 0,
     "optimizer.weight_decay": -1e-5,
     "optimizer.quant_lr": -1e-5,
-    "float_train.optimizer.lr": -0.1,
-    "float_train.optimizer.lr_final": -1e-6,
-    "float_train.optimizer.weight_decay": -1e-5,
-    "float_train.optimizer.quant_lr": -1e-5,
+    "optimizer.quant_weight_decay": -1e-9,
+    "train.epochs": 0,
+    "train.log_every": 0,
+    "train.checkpoint_every": 0,
+    "train.keep_checkpoints": 0,
+    "train.osc_level": 1.0,
+    "train.divergence_factor": 1.0,
     "train.stop_at_step": -1,
+    "train.fast_compile": "no",
+    "distributed.num_processes": 0,
+    "distributed.process_id": -1,
+    "distributed.auto": 1,
+    "eval.every_epochs": 0,
+    "eval.bn_reestimate": 0,
     "eval.bn_batches": 0,
 }
+# Further bad values: the other side of a two-sided range, and wrong types.
+ALSO_BAD = [
+    ("osc_freeze.threshold", -0.1),
+    ("osc_freeze.threshold", 1.0000001),
+    ("osc_freeze.threshold_final", -0.01),
+    ("osc_freeze.max_bits", -1),
+    ("optimizer.momentum", -0.5),
+    ("optimizer.momentum", 1.0),
+    ("float_train.optimizer.momentum", -1e-9),
+    ("train.osc_level", 0.0),
+    ("train.divergence_factor", -1.0),
+    ("train.divergence_factor", 0.5),
+    ("data.val_fraction", 0.0),
+    ("model.width_multiplier", -0.5),
+    ("optimizer.lr", -0.1),
+    ("optimizer.warmup_steps", 2.0),
+    ("data.max_shift", 1.5),
+    ("train.log_every", True),
+]
 # Values on the valid side of the same boundaries.
-EDGE = {
-    "data.num_workers": 0,
-    "data.min_crop_area": 1.0,
-    "data.eval_resize_ratio": 1.0,
-    "quant.n_bits": build.MAX_BITS,
-    "quant.n_bits_act": 2,
-    "osc_freeze.anneal_start": 0.0,
-    "osc_freeze.threshold": 0.0,
-    "osc_freeze.ema_momentum": 1.0,
-    "osc_damp.weight": 0.0,
-    "float_train.epochs": 0,
-    "optimizer.lr": 0.0,
-    "train.stop_at_step": 0,
-}
+EDGE = [
+    ("seed", 0),
+    ("data.num_workers", 0),
+    ("data.val_fraction", 1e-6),
+    ("data.val_fraction", 1 - 1e-6),
+    ("data.max_shift", 0),
+    ("data.min_crop_area", 1.0),
+    ("data.eval_resize_ratio", 1.0),
+    ("data.flip", True),
+    ("model.width_multiplier", 1e-3),
+    ("model.fold_bn", True),
+    ("quant.n_bits", build.MAX_BITS),
+    ("quant.n_bits_act", 2),
+    ("osc_freeze.anneal_start", 0.0),
+    ("osc_freeze.threshold", 0.0),
+    ("osc_freeze.threshold", 1.0),
+    ("osc_freeze.threshold_final", 0.0),
+    ("osc_freeze.threshold_final", 1.0),
+    ("osc_freeze.ema_momentum", 1.0),
+    ("osc_freeze.max_bits", 0),
+    ("osc_freeze.max_bits", build.MAX_BITS),
+    ("osc_damp.weight", 0.0),
+    ("osc_damp.weight_final", 0.0),
+    ("float_train.epochs", 0),
+    ("float_train.optimizer.lr", 0.0),  # the float phase is skipped (float_train.epochs = 0)
+    ("optimizer.lr", 1e-12),
+    ("optimizer.momentum", 0.0),
+    ("optimizer.momentum", 0.999),
+    ("optimizer.warmup_steps", 0),
+    ("optimizer.weight_decay", 0.0),
+    ("optimizer.quant_lr", 0.0),
+    ("train.osc_level", 1e-9),
+    ("train.osc_level", 1 - 1e-9),
+    ("train.divergence_factor", 0.0),
+    ("train.divergence_factor", 1.0001),
+    ("train.log_every", 1),
+    ("train.keep_checkpoints", 1),
+    ("train.stop_at_step", 0),
+    ("eval.every_epochs", 1),
+]
 
 
-def _set(config, field, value):
+def _group_and_name(config, field):
     *groups, name = field.split(".")
     node = config
     for group in groups:
         node = node[group]
+    return node, name
+
+
+def _set(config, field, value):
+    node, name = _group_and_name(config, field)
     with node.ignore_type():
         node[name] = value
 
 
+def _schema_type(field):
+    node, name = _group_and_name(base_config(), field)
+    return node.get_type(name)
+
+
+def _schema_leaves(node=None, prefix=""):
+    """``{dotted field: its declared type}`` of every leaf of :func:`base_config`."""
+    node = base_config() if node is None else node
+    leaves = {}
+    for key in node.keys():
+        if isinstance(node[key], ml_collections.ConfigDict):
+            leaves.update(_schema_leaves(node[key], f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = node.get_type(key)
+    return leaves
+
+
+FLOAT_FIELDS = [field for field in sorted(build.LIMITS) if _schema_type(field) is float]
+BOOL_FIELDS = [field for field in sorted(build.LIMITS) if _schema_type(field) is bool]
+
+
+def _load_recipe(name: str, arg: str | None):
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+PAPER_VARIANTS = [f"w{bits}_{method}" for bits in (3, 4) for method in ("lsq", "damp", "freeze")]
+RECIPES = [
+    ("default", None),
+    ("tiny", "test"),
+    ("tiny", "quick"),
+    ("bn_study", "mobilenet_v2"),
+    ("bn_study", "resnet18"),
+    *[(name, arg) for name in ("fashion_mnist",) for arg in PAPER_VARIANTS],
+    *[
+        (name, arg)
+        for name in ("mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_small")
+        for arg in PAPER_VARIANTS
+    ],
+]
+
+
 def test_every_limited_field_has_a_bad_value_here():
     assert set(BAD) == set(build.LIMITS)
+    assert {field for field, _ in ALSO_BAD + EDGE} <= set(build.LIMITS)
+
+
+def test_every_number_and_switch_of_the_schema_has_a_limit():
+    leaves = _schema_leaves()
+    numbers_and_switches = {f for f, t in leaves.items() if t in (int, float, bool)}
+    assert len(numbers_and_switches) > 60  # the walk reaches the nested groups
+    assert numbers_and_switches <= set(build.LIMITS), numbers_and_switches - set(build.LIMITS)
+    assert set(build.LIMITS) <= set(leaves)  # no limit for a field the schema lacks
+    assert len(FLOAT_FIELDS) > 20 and len(BOOL_FIELDS) == 14
 
 
 def test_the_defaults_and_the_tiny_config_are_valid():
     build.validate(base_config())
     build.validate(tiny_config())
+
+
+@pytest.mark.parametrize("name, arg", RECIPES, ids=[f"{n}:{a}" for n, a in RECIPES])
+def test_every_recipe_is_valid(name, arg):
+    config = _load_recipe(name, arg)
+    if config.data.name == "imagenet_folder":
+        config.data.dir = "/data/imagenet"  # the one field a user must add
+    build.validate(config)
 
 
 @pytest.mark.parametrize("field", sorted(BAD))
@@ -96,10 +254,18 @@ def test_a_bad_value_names_its_field_and_what_is_valid(field):
     assert build.LIMITS[field].valid in message and "\n" not in message
 
 
-@pytest.mark.parametrize("field", sorted(EDGE))
-def test_boundary_values_on_the_valid_side_pass(field):
+@pytest.mark.parametrize("field, value", ALSO_BAD)
+def test_the_other_side_of_each_range_is_refused_too(field, value):
     config = base_config()
-    _set(config, field, EDGE[field])
+    _set(config, field, value)
+    with pytest.raises(ValueError, match=f"^config\\.{re.escape(field)} = "):
+        build.validate(config)
+
+
+@pytest.mark.parametrize("field, value", EDGE)
+def test_boundary_values_on_the_valid_side_pass(field, value):
+    config = base_config()
+    _set(config, field, value)
     build.validate(config)
 
 
@@ -112,11 +278,65 @@ def test_whole_number_fields_refuse_other_types(field, value):
         build.validate(config)
 
 
-@pytest.mark.parametrize("field", ["optimizer.lr", "osc_freeze.threshold"])
-def test_nan_is_not_a_valid_number(field):
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_nan_and_infinities_are_not_valid_numbers(field, value):
     config = base_config()
-    _set(config, field, math.nan)
-    with pytest.raises(ValueError, match=field):
+    _set(config, field, value)
+    with pytest.raises(ValueError) as error:
+        build.validate(config)
+    assert str(error.value).startswith(f"config.{field} = {value!r} is not valid: ")
+    # The control: a finite value of the same field passes (the default).
+    build.validate(base_config())
+
+
+@pytest.mark.parametrize("value", [0, 1, "True", "false", None, 1.0])
+@pytest.mark.parametrize("field", BOOL_FIELDS)
+def test_switches_take_only_booleans(field, value):
+    config = base_config()
+    _set(config, field, value)
+    with pytest.raises(ValueError, match=f"config.{field} = .* use True or False"):
+        build.validate(config)
+    for valid in (True, False):
+        config = base_config()
+        _set(config, field, valid)
+        build.validate(config)
+
+
+def test_the_float_learning_rate_may_be_0_only_when_there_is_no_float_phase():
+    config = base_config()
+    config.float_train.optimizer.lr = 0.0
+    build.validate(config)  # negative control: float_train.epochs = 0
+    config.float_train.epochs = 1
+    with pytest.raises(ValueError, match=r"^config\.float_train\.optimizer\.lr = 0\.0 is not"):
+        build.validate(config)
+    config.float_train.optimizer.lr = 1e-6
+    build.validate(config)
+
+
+@pytest.mark.parametrize("group", ["optimizer", "float_train.optimizer"])
+def test_the_cosine_floor_is_at_most_the_peak_rate(group):
+    config = base_config()
+    config.float_train.epochs = 1
+    opt, _ = _group_and_name(config, f"{group}.lr")
+    opt.lr_final = opt.lr  # a constant rate: valid
+    build.validate(config)
+    opt.lr_final = opt.lr * 1.01
+    with pytest.raises(ValueError) as error:
+        build.validate(config)
+    assert str(error.value) == (
+        f"config.{group}.lr_final = {opt.lr_final!r} is not valid: use at most "
+        f"{group}.lr = {opt.lr!r}."
+    )
+
+
+def test_the_float_floor_is_not_checked_without_a_float_phase():
+    config = base_config()
+    config.float_train.optimizer.lr = 0.0
+    config.float_train.optimizer.lr_final = 0.01
+    build.validate(config)
+    config.float_train.epochs = 2
+    with pytest.raises(ValueError, match="float_train.optimizer.lr"):
         build.validate(config)
 
 
@@ -193,14 +413,20 @@ def test_the_quant_setup_carries_the_bits_and_weight_only_mode():
 
 def test_checkpoint_metadata_tells_runs_apart():
     config = tiny_config()
-    qat = build.run_metadata(config, "qat")
-    assert qat["n_bits"] == 3 and qat["phase"] == "qat"
-    assert build.run_metadata(tiny_config(quant__n_bits=4), "qat") != qat
-    # The float cache depends on the seed and epochs; a QAT checkpoint does not.
+    qat = build.run_metadata(config, "qat", 4)
+    assert qat.fixed["quant.n_bits"] == 3 and qat.fixed["phase"] == "qat"
+    assert qat.fixed["data.num_classes"] == 4
+    assert build.run_metadata(tiny_config(quant__n_bits=4), "qat", 4).fixed != qat.fixed
+    assert build.run_metadata(config, "qat", 5).fixed != qat.fixed
+    # The float cache depends on the seed; a QAT checkpoint records it as safe to change.
     reseeded = tiny_config()
     reseeded.seed = 1
-    assert build.run_metadata(reseeded, "qat") == qat
-    assert build.run_metadata(reseeded, "float") != build.run_metadata(config, "float")
+    moved = build.run_metadata(reseeded, "qat", 4)
+    assert moved.fixed == qat.fixed and moved.tunable["seed"] == 1 != qat.tunable["seed"]
+    assert (
+        build.run_metadata(reseeded, "float", 4).fixed
+        != build.run_metadata(config, "float", 4).fixed
+    )
 
 
 def test_the_qat_schedules_follow_the_config():

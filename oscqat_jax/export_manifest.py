@@ -1,0 +1,163 @@
+"""The manifest of an integer export (``oscqat_jax.export``): its JSON values, its digest,
+and what the loader checks before it trusts a file.
+
+- :func:`digest`: the sha256 that the exporter writes into the manifest (``sha256``), over the
+  rest of the manifest and every tensor's name, dtype, shape and little-endian bytes; so a
+  flipped byte or an edited manifest value is noticed, while the same content saved again
+  (other compression, the other format) still matches.
+- :func:`check_manifest`: an export's manifest of this format version, with the keys the
+  loader reads and the digest of the file's content.
+- :func:`check_tensors` and :func:`check_bits`: every tensor has the shape of the model's
+  variable it becomes (none missing, none extra), and each quantized kernel the bit width the
+  model's quant setup gives it; :func:`checked_int`: a kernel's integers lie on its grid.
+
+Each check raises a ValueError of one sentence that starts with the file's path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from oscqat_jax import quant
+
+DIGEST_KEY = "sha256"
+KERNEL_INT = "kernel_int"
+# The keys the loader reads: top level, under "model", and in each "weights" entry.
+REQUIRED = ("model", "quant_setup", "input_shape", "weights", "activations", DIGEST_KEY)
+MODEL_KEYS = ("name", "num_classes", "options")
+WEIGHT_KEYS = ("n_bits", "kernel_shape", "tracked")
+_AGAIN = "export the model again"
+
+
+def to_json(name: str, value: Any) -> Any:
+    """A model option or setup field as JSON (tuples as lists, dtypes by name)."""
+    if name == "dtype" and value is not None:
+        return jnp.dtype(value).name
+    if isinstance(value, Mapping):
+        return {k: to_json(k, v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [to_json(name, v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(
+        f"The model option {name}={value!r} cannot be written to the export manifest; pass "
+        "numbers, strings, booleans, None or tuples of them."
+    )
+
+
+def from_json(name: str, value: Any) -> Any:
+    """Inverse of :func:`to_json` for model options (lists back to tuples)."""
+    if name == "dtype" and value is not None:
+        return jnp.dtype(value)
+    if isinstance(value, list):
+        return tuple(from_json(name, v) for v in value)
+    return value
+
+
+def digest(arrays: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
+    """The hex sha256 of ``manifest`` (without its own ``sha256`` entry) and ``arrays``."""
+    h = hashlib.sha256()
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    h.update(json.dumps(body, sort_keys=True).encode())
+    for key in sorted(arrays):
+        array = np.asarray(arrays[key])
+        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        h.update(f"\0{key}\0{array.dtype.name}\0{list(array.shape)}\0".encode())
+        h.update(little.tobytes())
+    return h.hexdigest()
+
+
+def check_manifest(
+    path: pathlib.Path, manifest: Any, arrays: Mapping[str, Any], *, name: str, version: int
+) -> None:
+    """``manifest`` is a ``name`` manifest of ``version`` with every key the loader reads, and
+    its digest is that of ``arrays`` and itself."""
+    if not isinstance(manifest, dict) or manifest.get("format") != name:
+        raise ValueError(f"{path} is not an oscqat_jax export (it has no {name} manifest).")
+    found = manifest.get("format_version")
+    if found != version:
+        raise ValueError(
+            f"{path} is an export of format version {found}, but this code reads version "
+            f"{version}; export the model again with this version."
+        )
+    missing = [k for k in REQUIRED if k not in manifest]
+    if not missing and isinstance(manifest["model"], dict):
+        missing = [f"model/{k}" for k in MODEL_KEYS if k not in manifest["model"]]
+    if not missing and isinstance(manifest["weights"], dict):
+        missing = [
+            f"weights/{layer}/{k}"
+            for layer, entry in manifest["weights"].items()
+            for k in WEIGHT_KEYS
+            if not isinstance(entry, dict) or k not in entry
+        ]
+    if missing:
+        raise ValueError(f"{path}: its manifest lacks the key {missing[0]!r}; {_AGAIN}.")
+    if manifest[DIGEST_KEY] != digest(arrays, manifest):
+        raise ValueError(
+            f"{path} was changed after it was exported: the sha256 of its tensors and manifest "
+            f"is not the one written into it; {_AGAIN}."
+        )
+
+
+def check_tensors(
+    path: pathlib.Path, arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple]
+) -> None:
+    """The file holds exactly the tensors of ``shapes`` (``{key: shape}`` of the model)."""
+    for key, array in sorted(arrays.items()):
+        if key not in shapes:
+            raise ValueError(
+                f"{path} holds the tensor {key}, which the model of its manifest has no "
+                f"variable for; {_AGAIN}."
+            )
+        if tuple(np.shape(array)) != tuple(shapes[key]):
+            raise ValueError(
+                f"{path}: the tensor {key} has shape {tuple(np.shape(array))}, but the model of "
+                f"its manifest needs {tuple(shapes[key])}; {_AGAIN}."
+            )
+    missing = sorted(set(shapes) - set(arrays))
+    if missing:
+        raise ValueError(f"{path} lacks the tensor {missing[0]} of its model; {_AGAIN}.")
+
+
+def check_bits(
+    path: pathlib.Path, weights: Mapping[str, dict], setup_bits: Mapping[str, int], arrays
+) -> None:
+    """The manifest's quantized kernels are the model's (``setup_bits``: ``{layer: n_bits}``),
+    at the same bit widths and with the shapes of the stored integers."""
+    for layer in sorted(set(setup_bits) | set(weights)):
+        listed, setup = weights.get(layer, {}).get("n_bits"), setup_bits.get(layer)
+        if listed != setup:
+            said = f"gives {listed} bits to" if layer in weights else "does not list"
+            does = f"quantizes it at {setup} bits" if setup is not None else "keeps it in float"
+            raise ValueError(
+                f"{path}: its manifest {said} the kernel of {layer}, but the quant setup of its "
+                f"model {does}; {_AGAIN}."
+            )
+        shape = tuple(np.shape(arrays[f"params/{layer}/{KERNEL_INT}"]))
+        if tuple(weights[layer]["kernel_shape"]) != shape:
+            raise ValueError(
+                f"{path}: its manifest gives the kernel of {layer} the shape "
+                f"{tuple(weights[layer]['kernel_shape'])}, but the file holds {shape}; {_AGAIN}."
+            )
+
+
+def checked_int(path: pathlib.Path, layer: str, w_int: np.ndarray, n_bits: int) -> np.ndarray:
+    """``w_int`` as float32 after checking it is integer and on the signed ``n_bits`` grid."""
+    int_min, int_max = quant.int_range(n_bits, True)
+    if not np.issubdtype(w_int.dtype, np.integer) or (
+        w_int.size and (w_int.min() < int_min or w_int.max() > int_max)
+    ):
+        raise ValueError(
+            f"{path}: params/{layer}/{KERNEL_INT} must hold integers in [{int_min}, {int_max}] "
+            f"({n_bits} bits), got dtype {w_int.dtype}."
+        )
+    return w_int.astype(np.float32)

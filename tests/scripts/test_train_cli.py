@@ -1,0 +1,113 @@
+"""``python train.py``: a bad flag, config field or value, or a missing file stops it with one
+sentence on stderr, exit status 1, no traceback and no workdir; ``--debug`` shows the traceback.
+
+Every command here fails before anything is compiled (validation comes first), so each costs
+one interpreter start and the imports.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from testkit import ROOT
+
+TINY = "--config=configs/tiny.py"
+
+
+def _train(*args: str, workdir) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", f"--workdir={workdir}", "--compilation_cache=", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _one_sentence(result: subprocess.CompletedProcess) -> str:
+    """The one line the user sees, after checking that nothing else came out."""
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        # An unknown field of the embedded default (parsed while --config is defined) and of
+        # a named recipe (parsed with the other flags): the flag and the field meant.
+        (["--config.quant.nbits=3"], ["--config.quant.nbits", "did you mean n_bits?"]),
+        ([TINY, "--config.quant.nbits=3"], ["--config.quant.nbits", "n_bits"]),
+        ([TINY, "--config.quantt.n_bits=3"], ["--config.quantt.n_bits", "quant"]),
+        (["--config=configs/nope.py"], ["configs/nope.py", "does not exist"]),
+        ([f"{TINY}:bogus"], ["configs/tiny.py", "'test' or 'quick'", "'bogus'"]),
+        ([TINY, "--config.quant.n_bits=abc"], ["--config.quant.n_bits=abc", "type int"]),
+        ([TINY, "--no_such_flag=1"], ["no_such_flag", "--helpshort"]),
+        ([TINY, "stray"], ["stray"]),
+        # Values refused by build.validate, before the workdir is made.
+        (
+            [TINY, "--config.optimizer.momentum=1.5"],
+            ["config.optimizer.momentum = 1.5", "[0, 1)"],
+        ),
+        ([TINY, "--config.optimizer.lr=nan"], ["config.optimizer.lr = nan", "finite"]),
+        (
+            [TINY, "--config.osc_freeze.threshold=1.5"],
+            ["config.osc_freeze.threshold = 1.5", "[0, 1]"],
+        ),
+        ([TINY, "--config.model.pretrained=/no/such/weights.pth"], ["/no/such/weights.pth"]),
+        ([TINY, "--mode=export", "--output=model.onnx"], ["model.onnx", ".safetensors"]),
+    ],
+)
+def test_errors_are_one_sentence_naming_the_field_or_file(args, expected, tmp_path):
+    workdir = tmp_path / "run"
+    sentence = _one_sentence(_train(*args, workdir=workdir))
+    for text in expected:
+        assert text in sentence, sentence
+    assert not workdir.exists()
+
+
+def test_a_missing_checkpoint_names_the_workdir_and_creates_nothing(tmp_path):
+    # The config is valid (the control of the cases above): the error is the checkpoint's.
+    workdir = tmp_path / "run"
+    sentence = _one_sentence(_train(TINY, "--mode=evaluate", workdir=workdir))
+    assert f"No QAT checkpoint in {workdir}" in sentence
+    assert not workdir.exists()
+    sentence = _one_sentence(
+        _train(TINY, "--mode=export", f"--checkpoint={tmp_path / 'gone'}", workdir=workdir)
+    )
+    assert f"--checkpoint={tmp_path / 'gone'} does not exist" in sentence
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        ([TINY, "--config.optimizer.momentum=1.5"], "ValueError: config.optimizer.momentum"),
+        ([TINY, "--config.quant.nbits=3"], "nbits"),
+    ],
+)
+def test_debug_shows_the_traceback(args, error, tmp_path):
+    result = _train(*args, "--debug", workdir=tmp_path / "run")
+    assert result.returncode != 0
+    assert "Traceback (most recent call last)" in result.stderr
+    assert error in result.stderr.strip().splitlines()[-1]
+    assert not any(line.startswith("Error: ") for line in result.stderr.splitlines())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [TINY, "--config.quant.n_bits=4", "--config.optimizer.momentum=0.0"],
+        ["--config", "configs/tiny.py:quick"],
+        ["--config.osc_freeze.threshold=1.0"],
+    ],
+)
+def test_valid_flags_pass_the_parser(args, tmp_path):
+    """Negative control: absl's --only_check_args stops right after our flag parser."""
+    result = _train(*args, "--only_check_args", workdir=tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "Error" not in result.stderr and not os.path.exists(tmp_path / "run")

@@ -1,0 +1,243 @@
+"""A run that never lies about its state: the workdir lock, read-only modes that create
+nothing, the deferred loss checks (non-finite and diverging), the finite-state check before
+every save, and a damaged float-model cache that is retrained."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from testkit import ROOT, restore_final, tiny_config
+
+from oscqat_jax.training import context, loop, trainer
+
+# --------------------------------------------------------------------------- the lock
+
+
+def _write_lock(workdir, **holder):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, context.LOCK_FILE), "w", encoding="utf-8") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": 0.0, **holder}, f)
+
+
+def _dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused_and_writes_nothing(tmp_path):
+    workdir = str(tmp_path / "run")
+    _write_lock(workdir, pid=os.getpid(), host=socket.gethostname())  # a live holder: us
+    with pytest.raises(RuntimeError, match=f"in use by process {os.getpid()}") as error:
+        trainer.train_and_evaluate(tiny_config(), workdir)
+    assert "\n" not in str(error.value)
+    assert sorted(os.listdir(workdir)) == [context.LOCK_FILE]  # no metrics, no checkpoints
+    with open(os.path.join(workdir, context.LOCK_FILE), encoding="utf-8") as f:
+        assert json.load(f)["pid"] == os.getpid()  # the holder's lock is left alone
+
+
+def test_a_lock_of_another_host_is_refused_and_a_dead_process_lock_is_taken_over(tmp_path):
+    other = str(tmp_path / "other")
+    _write_lock(other, host="some-other-host", pid=1)
+    with pytest.raises(RuntimeError, match="some-other-host"):
+        context.WorkdirLock(other).acquire()
+
+    stale = str(tmp_path / "stale")
+    _write_lock(stale, pid=_dead_pid())
+    lock = context.WorkdirLock(stale)
+    lock.acquire()  # the holder has ended: taken over
+    with open(lock.path, encoding="utf-8") as f:
+        assert json.load(f)["pid"] == os.getpid()
+    second = context.WorkdirLock(stale)
+    with pytest.raises(RuntimeError, match="in use"):
+        second.acquire()  # now held by a live process
+    lock.release()
+    assert not os.path.exists(lock.path)
+    second.acquire()
+    second.release()
+
+
+def test_evaluate_and_export_on_an_empty_workdir_create_nothing(tmp_path):
+    workdir = tmp_path / "empty"
+    with pytest.raises(FileNotFoundError, match="No QAT checkpoint"):
+        trainer.evaluate_checkpoint(tiny_config(), str(workdir))
+    with pytest.raises(FileNotFoundError, match="No QAT checkpoint"):
+        trainer.export_checkpoint(tiny_config(), str(workdir), str(tmp_path / "m.npz"))
+    assert not workdir.exists() and not (tmp_path / "m.npz").exists()
+
+
+# --------------------------------------------------------------------------- loss checks
+
+
+def _fake_rows(pending, losses, first_step=1):
+    for i, loss in enumerate(losses):
+        pending.add(first_step + i, {"loss": np.float32(loss), "top1": np.float32(0.5)})
+
+
+def test_a_non_finite_loss_stops_naming_the_last_good_checkpoint():
+    pending = loop.PendingMetrics()
+    _fake_rows(pending, [1.0, np.nan, 1.0], first_step=7)
+    with pytest.raises(loop.TrainingStopped, match=r"became nan at step 8.*step 6\) in /w"):
+        pending.flush(6, "/w")
+    _fake_rows(pending, [np.inf])
+    with pytest.raises(FloatingPointError, match="no checkpoint was written"):
+        pending.flush(None, "/w")
+
+
+def test_divergence_is_measured_against_the_recent_level_and_the_start():
+    pending = loop.PendingMetrics(divergence_factor=10.0)
+    for level in (2.0, 1.0, 1.0, 0.5):
+        _fake_rows(pending, [level] * 3)
+        pending.flush(None, "/w")
+    # Median of the recent means is 1.0: 9.9 passes, 10.1 would not, but it is also
+    # above the phase's first level (2.0), so it is divergence.
+    _fake_rows(pending, [9.9] * 3)
+    assert pending.flush(None, "/w")["loss"] == pytest.approx(9.9)
+    _fake_rows(pending, [2e6] * 3, first_step=20)
+    with pytest.raises(loop.TrainingStopped, match=r"rose to 2e\+06 \(mean of steps 20-22\)"):
+        pending.flush(4, "/w")
+
+
+def test_a_small_loss_jumping_many_times_over_but_below_the_start_is_not_divergence():
+    pending = loop.PendingMetrics(divergence_factor=10.0)
+    for level in (2.3, 0.02, 0.02, 0.02):
+        _fake_rows(pending, [level])
+        pending.flush(None, "/w")
+    _fake_rows(pending, [0.5])  # 25x the recent level, still below 2.3
+    assert pending.flush(None, "/w")["loss"] == pytest.approx(0.5)
+    # Negative control: the same jump from a start below it is divergence.
+    pending = loop.PendingMetrics(divergence_factor=10.0)
+    for level in (0.03, 0.02, 0.02):
+        _fake_rows(pending, [level])
+        pending.flush(None, "/w")
+    _fake_rows(pending, [0.5])
+    with pytest.raises(loop.TrainingStopped, match="diverged"):
+        pending.flush(None, "/w")
+    # A factor of 0 switches the check off.
+    pending = loop.PendingMetrics(divergence_factor=0.0)
+    _fake_rows(pending, [0.01])
+    pending.flush(None, "/w")
+    _fake_rows(pending, [1e9])
+    pending.flush(None, "/w")
+
+
+def test_the_state_check_finds_one_bad_value_and_ignores_integer_leaves():
+    good = {
+        "w": np.ones((3, 2), np.float32),
+        "i": np.arange(3, dtype=np.int32),
+        "b": np.array(True),
+    }
+    loop.check_finite(good, 4, 2, "/w")
+    bad = dict(good, w=good["w"].copy())
+    bad["w"][2, 1] = np.inf
+    with pytest.raises(loop.TrainingStopped, match=r"after step 4 .*not saved.*step 2\)"):
+        loop.check_finite(bad, 4, 2, "/w")
+
+
+@pytest.fixture(scope="module", params=[0.0, 10.0], ids=["nan", "finite-divergence"])
+def diverged(request, tmp_path_factory):
+    """A run whose learning rate blows the state up within a few steps, saving every step.
+    With ``divergence_factor`` 0 only the non-finite checks stop it: the loss of a step comes
+    from the parameters before its update, so without the check of the state before each save
+    the named checkpoint would hold non-finite values (checked by hand: 30 leaves). With 10 the
+    finite jump of the loss stops it first."""
+    workdir = str(tmp_path_factory.mktemp("diverged"))
+    config = tiny_config(
+        optimizer__lr=1e12,
+        train__checkpoint_every=1,
+        train__log_every=1,
+        train__divergence_factor=request.param,
+        osc_damp__weight=None,
+    )
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train_and_evaluate(config, workdir)
+    return workdir, config, str(error.value)
+
+
+def test_a_diverging_run_names_a_checkpoint_that_loads_finite(diverged):
+    workdir, config, message = diverged
+    assert "\n" not in message
+    if "no checkpoint was written" in message:
+        pytest.fail(f"the run diverged before its first checkpoint; raise the steps: {message}")
+    named = int(message.split("the last good checkpoint (step ")[1].split(")")[0])
+    step, state = restore_final(workdir, config)
+    assert step == named  # the newest checkpoint on disk is the one named
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        leaf = np.asarray(leaf)
+        if np.issubdtype(leaf.dtype, np.floating):
+            assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
+    assert not os.path.exists(os.path.join(workdir, context.LOCK_FILE))  # released on error
+
+
+def test_the_state_check_is_what_keeps_a_bad_state_out(tmp_path, monkeypatch):
+    """Negative control of the test above: without the state check, the same run names a
+    checkpoint holding non-finite values."""
+    monkeypatch.setattr(loop, "check_finite", lambda *args: None)
+    workdir = str(tmp_path / "unchecked")
+    config = tiny_config(
+        optimizer__lr=1e12,
+        train__checkpoint_every=1,
+        train__log_every=1,
+        train__divergence_factor=0.0,
+        osc_damp__weight=None,
+    )
+    with pytest.raises(FloatingPointError, match="became nan"):
+        trainer.train_and_evaluate(config, workdir)
+    _, state = restore_final(workdir, config)
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+    assert any(np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)) for x in leaves)
+
+
+# --------------------------------------------------------------------------- float cache
+
+
+def test_a_damaged_float_cache_is_moved_aside_and_retrained(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(float_train__epochs=1, train__stop_at_step=1)
+    first = trainer.train_and_evaluate(config, workdir)
+    cache = os.path.join(workdir, "float_model")
+    damaged = 0
+    for root, _, files in os.walk(cache):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.getsize(path) > 64 and "metadata" not in root:
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                damaged += 1
+    assert damaged
+    capsys.readouterr()
+    second = trainer.train_and_evaluate(config, workdir)
+    out = capsys.readouterr().out
+    assert "cannot be read" in out and "training it again" in out
+    assert any(n.startswith("float_model.unreadable-") for n in os.listdir(workdir))
+    assert second["float"] == first["float"]  # retrained to the same model
+
+
+def test_the_progress_bar_starts_after_compilation():
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); from testkit import tiny_config\n"
+        "from oscqat_jax.training import trainer\n"
+        "trainer.train_and_evaluate(tiny_config(train__epochs=1), sys.argv[1])\n"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as workdir:
+        result = subprocess.run(
+            [sys.executable, "-c", script, workdir],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out, err = result.stdout, result.stderr
+    assert "qat: compiling the train step" in out
+    # The bar appears only once the first step has run: its first state counts 1 step done.
+    bars = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("qat:")]
+    assert bars and "1/6" in bars[0], bars[:3]
