@@ -64,6 +64,22 @@ def test_frozen_value_follows_the_ema_while_the_frequency_stays_above_the_thresh
     assert [float(u) for u in used[3:]] == [1.0, 0.0]
 
 
+def test_a_frequency_equal_to_the_threshold_does_not_freeze():
+    # SPEC §6 freezes when ema_osc > f_th, strictly. Momentum 0.5 keeps every EMA exact in
+    # float32: the reversal at step 3 gives ema_osc 0.5, the pause at step 4 halves it to
+    # 0.25, the reversal at step 5 gives 0.625.
+    _, states = run([0, 0, 1, 0, 0, 1], momentum=0.5, thresholds=[0.5] * 5)
+    assert [bool(s.frozen) for s in states] == [False, False, False, False, True]
+    assert [float(s.ema_osc) for s in states] == [0.0, 0.0, 0.5, 0.25, 0.625]
+    # On the decaying side: 0.25 at step 4 against a threshold of 0.25 (inactive before).
+    _, states = run([0, 0, 1, 0, 0], momentum=0.5, thresholds=[0.0, 0.0, 0.0, 0.25])
+    assert float(states[3].ema_osc) == 0.25 and not bool(states[3].frozen)
+    # The next float32 below the threshold freezes at the same step.
+    below = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
+    _, states = run([0, 0, 1, 0], momentum=0.5, thresholds=[below] * 3)
+    assert bool(states[2].frozen) and float(states[2].frozen_int) == 0.0
+
+
 def test_freeze_without_ema_uses_the_current_integer():
     used, states = run([0, 0, 1, 0, 0], momentum=0.6, thresholds=[0.4] * 4, use_ema=False)
     assert bool(states[2].frozen) and float(states[2].frozen_int) == 0.0

@@ -1,6 +1,7 @@
 """Every recipe in configs/ builds its model, optimizer and schedules and runs a step."""
 
 import importlib.util
+import math
 import os
 
 import jax
@@ -111,6 +112,59 @@ def test_every_recipe_builds_its_model_optimizer_and_schedules(name, arg):
     if config.osc_damp.weight is not None:
         np.testing.assert_allclose(table["dampening_weight"][-1], 0.1, rtol=1e-3)
     assert all(v.dtype == np.float32 for v in hparams.values())
+
+
+def paper_cosine(t: int, start: float, final: float, total: int, before: float) -> float:
+    """SPEC §6/§7 at the 1-based iteration ``t`` of ``total``: ``before`` until
+    ``t0 = 0.25 * total``, then ``final + (start - final) * (1 + cos(pi (t - t0) / (T - t0))) / 2``."""
+    t0 = 0.25 * total
+    if t < t0:
+        return before
+    return final + 0.5 * (start - final) * (1.0 + math.cos(math.pi * (t - t0) / (total - t0)))
+
+
+ANNEALED = [
+    ("mobilenet_v2", "w4_freeze", "freeze_threshold", 0.1, 0.01),
+    ("mobilenet_v2", "w3_freeze", "freeze_threshold", 0.1, 0.011),
+    ("mobilenet_v2", "w4_damp", "dampening_weight", 0.0, 0.1),
+    ("mobilenet_v2", "w3_damp", "dampening_weight", 0.0, 0.1),
+    ("efficientnet_lite0", "w3_freeze", "freeze_threshold", 0.1, 0.005),
+]
+
+
+@pytest.mark.parametrize(
+    "name, arg, column, start, final", ANNEALED, ids=[f"{n}:{a}" for n, a, *_ in ANNEALED]
+)
+def test_annealed_schedules_follow_the_paper_cosine_at_every_milestone(
+    name, arg, column, start, final
+):
+    """The table's row ``i`` holds the value at iteration ``i + 1`` (the reference counts
+    from 1). On the stand-in data a recipe of E epochs has T = 2 E steps (8 images, batch 4),
+    so t0 = T / 4 is a whole iteration and the milestones below land on exact cosines."""
+    config, _, _, _, _, table, _, _ = build(name, arg)
+    assert config.osc_freeze.anneal_start == config.osc_damp.anneal_start == 0.25
+    values = table[column]
+    total = len(values)
+    assert total == 2 * config.train.epochs and total % 4 == 0
+    t0 = total // 4
+    # Before the anneal start the threshold is 0 (tracking only) and lambda its start, 0.
+    before = 0.0
+    by_hand = {
+        1: before,  # the first iteration
+        t0 - 1: before,  # the last one before the anneal start
+        t0: start,  # the anneal start: cos(0) = 1
+        t0 + (total - t0) // 3: final + 0.75 * (start - final),  # cos(pi/3) = 1/2
+        t0 + 2 * (total - t0) // 3: final + 0.25 * (start - final),  # cos(2 pi/3) = -1/2
+        total: final,  # the last iteration: cos(pi) = -1
+    }
+    assert (total - t0) % 3 == 0
+    for t, want in by_hand.items():
+        np.testing.assert_allclose(values[t - 1], want, rtol=1e-6, atol=1e-9, err_msg=f"t={t}")
+    # Every iteration against the formula, float32 cosines against float64 ones: an absolute
+    # error of a few ulps of the start value (1e-7 of 0.1).
+    want = [paper_cosine(t, start, final, total, before) for t in range(1, total + 1)]
+    np.testing.assert_allclose(values, want, rtol=1e-5, atol=1e-8)
+    assert values[t0] != values[t0 - 1]  # just after the anneal start it has moved
 
 
 @pytest.mark.parametrize("name, arg", TRACED, ids=[f"{n}:{a}" for n, a in TRACED])
