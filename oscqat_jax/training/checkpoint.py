@@ -198,7 +198,7 @@ class Checkpointer:
         )
         raise CheckpointSaveError(
             f"Saving the checkpoint of step {step} in {self.directory} failed "
-            f"({_first_line(err)}); {after}."
+            f"({checksums.first_line(err)}); {after}."
         ) from err
 
     def close(self) -> None:
@@ -396,13 +396,8 @@ def _spec(spec: tuple | None) -> str:
 def _unreadable(directory: str, step: int, item: str, err: Exception) -> UnreadableCheckpointError:
     return UnreadableCheckpointError(
         f"The {item} of the checkpoint of step {step} in {directory} cannot be read "
-        f"({_first_line(err)})."
+        f"({checksums.first_line(err)})."
     )
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def _show(value: Any) -> str:

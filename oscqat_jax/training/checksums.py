@@ -18,7 +18,8 @@ from etils import epath
 CHECKSUMS = "sha256sums.json"
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
+    """``"Type: first line of the message"`` of an error, for one-sentence reports."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
@@ -90,7 +91,7 @@ def verify_checksums(item_dir: epath.Path) -> str | None:
     try:
         digests = json.loads(listing.read_text())["sha256"]
     except Exception as err:  # json, a damaged listing without the key, I/O
-        return f"its checksum file {item}/{CHECKSUMS} cannot be read ({_first_line(err)})"
+        return f"its checksum file {item}/{CHECKSUMS} cannot be read ({first_line(err)})"
     for name, digest in digests.items():
         path = item_dir / name
         if not path.exists():
