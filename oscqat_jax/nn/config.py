@@ -29,7 +29,9 @@ MODES = ("float_train", "float_eval", "calibrate", "train", "eval", "bn_stats")
   updates its range estimator in the ``quant_stats`` collection and sets its scale from it
   before quantizing, so downstream quantizers see the already-quantized network.
 - ``train``: QAT. BN uses batch statistics (updating ``batch_stats``); oscillation tracking
-  and freezing advance when the ``oscillation`` collection is mutable.
+  and freezing advance (the ``oscillation`` collection must be mutable) and dampened layers
+  sow their term into ``dampening`` (which must be mutable and must not be passed in), unless
+  the context turns them off (``track_oscillations=False`` / ``dampen=False``).
 - ``eval``: quantized inference with running BN statistics; nothing advances.
 - ``bn_stats``: BN re-estimation pass (SPEC §8): quantized like ``eval``, but each BN layer
   normalises with batch statistics and records them; tracking does not advance.
@@ -88,8 +90,15 @@ FLOAT_LAYER = LayerQuant()
 class QuantContext:
     """Per-call settings shared by every quantized layer of a model.
 
-    ``mode`` is static (a different mode is a different compiled function); the other fields
-    are float32 scalar arrays and may change every step without recompiling.
+    ``mode``, ``use_ema_freeze``, ``dampening_aggregation``, ``dampen`` and
+    ``track_oscillations`` are static (a change is a different compiled function);
+    ``freeze_threshold`` and ``osc_momentum`` are float32 scalar arrays and may change every
+    step without recompiling.
+
+    ``dampen`` and ``track_oscillations`` say whether this call means to dampen and to track.
+    While they are True (the default), a ``train`` call whose ``apply`` lacks the collection
+    the work needs (``"dampening"`` / ``"oscillation"`` in ``mutable``) raises instead of
+    silently dropping the term or the tracking; set them False to train without it.
     """
 
     freeze_threshold: jax.Array  # f_th of SPEC §6; freezing is active only while > 0
@@ -99,10 +108,18 @@ class QuantContext:
     dampening_aggregation: str = dataclasses.field(
         default="kernel_mean", metadata=dict(static=True)
     )
+    dampen: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    track_oscillations: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
+        for name in ("dampen", "track_oscillations"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"QuantContext.{name} must be a Python bool (it is static), "
+                    f"got {getattr(self, name)!r}."
+                )
 
     @classmethod
     def create(
@@ -113,6 +130,8 @@ class QuantContext:
         osc_momentum=oscillation.EMA_MOMENTUM,
         use_ema_freeze: bool = True,
         dampening_aggregation: str = "kernel_mean",
+        dampen: bool = True,
+        track_oscillations: bool = True,
     ) -> QuantContext:
         """Builds a context with float32 scalar arrays for the dynamic fields."""
         return cls(
@@ -121,6 +140,8 @@ class QuantContext:
             mode=mode,
             use_ema_freeze=use_ema_freeze,
             dampening_aggregation=dampening_aggregation,
+            dampen=dampen,
+            track_oscillations=track_oscillations,
         )
 
     @property
@@ -135,5 +156,12 @@ class QuantContext:
 
     @property
     def tracking(self) -> bool:
-        """Whether oscillation tracking may advance (also needs a mutable ``oscillation``)."""
-        return self.mode == "train"
+        """Whether oscillation tracking advances in this call (``train`` mode with
+        ``track_oscillations``; the ``oscillation`` collection must then be mutable)."""
+        return self.mode == "train" and self.track_oscillations
+
+    @property
+    def dampening(self) -> bool:
+        """Whether dampened layers sow their term in this call (``train`` mode with
+        ``dampen``; the ``dampening`` collection must then be mutable)."""
+        return self.mode == "train" and self.dampen

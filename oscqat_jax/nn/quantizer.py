@@ -18,6 +18,12 @@ Variables of a quantizer named ``<q>`` (``weight``, ``input``, ``output`` or ``r
   ``lower``/``upper``/``loss``/``one_sided``/``num_batches`` for the MSE search).
 - ``oscillation/{prev_int, prev_dir, ema_osc, ema_int, frozen, frozen_int, freezing_started}``
   for a tracked weight: its :class:`~oscqat_jax.oscillation.OscillationState`.
+- ``dampening/kernel`` (sown in ``train`` mode by a dampened weight): a 1-tuple holding the
+  weight's dampening term, a float32 scalar. It is an output only: passing it back in raises.
+
+Train calls fail loudly rather than silently: a tracked weight needs ``oscillation`` mutable
+and a dampened one ``dampening`` mutable, unless the context switches that off
+(``QuantContext.track_oscillations`` / ``QuantContext.dampen``).
 
 ``init`` only creates variables: no calibration, tracking or sowing happens while
 initialising, so the layout after ``init`` does not depend on the context's mode.
@@ -63,6 +69,34 @@ def is_quantizer_param(name: str) -> bool:
     ``input_scale``, ``output_zero_point``, ...): the one rule that the optimizer, the
     converter and the export follow."""
     return split_quantizer_param(name) is not None
+
+
+def _path(module: nn.Module) -> str:
+    return "/".join(module.scope.path) or "<top>"
+
+
+def _check_dampening_collection(module: nn.Module) -> None:
+    """Raises unless this train call can sow a fresh dampening term for ``module``.
+
+    ``sow`` appends to what the collection already holds, so a ``dampening`` collection fed
+    back from an earlier call (``{**variables, **mutated}``) would double the term each step
+    (and recompile the step, the tuple growing); an immutable one would drop it silently.
+    """
+    if module.has_variable(DAMPENING, "kernel"):
+        raise ValueError(
+            f"Layer {_path(module)} already holds a '{DAMPENING}' term before its train call: "
+            f"the variables passed to apply contain the '{DAMPENING}' collection of an earlier "
+            "call, which sow would add to; drop it from the variables you keep "
+            "(term, rest = oscqat_jax.nn.strip_dampening(mutated)), and call each quantized "
+            "layer once per apply."
+        )
+    if not module.is_mutable_collection(DAMPENING):
+        raise ValueError(
+            f"Layer {_path(module)} dampens its weight in train mode, but '{DAMPENING}' is not "
+            f"mutable, so its term would silently be 0; pass mutable=[..., '{DAMPENING}'] and "
+            "add oscqat_jax.nn.strip_dampening(mutated)[0] (weighted) to the loss, or train "
+            "without dampening: QuantContext.create('train', dampen=False)."
+        )
 
 
 def _require_mutable(module: nn.Module, collections: tuple[str, ...], why: str) -> None:
@@ -197,17 +231,23 @@ def _tracked_int(
 ) -> jax.Array:
     """The integers the forward uses for a tracked weight, advancing its state when allowed.
 
-    Tracking advances only in ``train`` mode with a mutable ``oscillation`` collection;
-    calibration restarts the state from the new integers; otherwise frozen values are
-    applied and the state is left alone.
+    Tracking advances in ``train`` mode unless the context turns it off, and then needs a
+    mutable ``oscillation`` collection (raises otherwise); calibration restarts the state
+    from the new integers; otherwise frozen values are applied and the state is left alone.
     """
     variables = _oscillation_variables(module, w_int)
     state = oscillation.OscillationState(**{f: v.value for f, v in variables.items()})
     if calibrating:
         new_state = oscillation.init(w_int)
-    elif (
-        ctx.tracking and module.is_mutable_collection(OSCILLATION) and not module.is_initializing()
-    ):
+    elif ctx.tracking and not module.is_initializing():
+        if not module.is_mutable_collection(OSCILLATION):
+            raise ValueError(
+                f"Layer {_path(module)} tracks oscillations in train mode, but "
+                f"'{OSCILLATION}' is not mutable, so tracking and freezing would silently "
+                f"stop; pass mutable=[..., '{OSCILLATION}'] and keep the returned collection, "
+                "or train without tracking: QuantContext.create('train', "
+                "track_oscillations=False)."
+            )
         w_int, new_state = oscillation.update(
             state,
             w_int,
@@ -273,8 +313,10 @@ def _sow_weight(
     *,
     dampen: bool,
 ) -> None:
-    """Sows the dampening term (train) and the export record (eval) when those are mutable."""
-    if dampen and ctx.mode == "train" and module.is_mutable_collection(DAMPENING):
+    """Sows the dampening term (train, unless the context turns dampening off) and the
+    export record (eval, when ``quantized_weights`` is mutable)."""
+    if dampen and ctx.dampening:
+        _check_dampening_collection(module)
         scale, zero_point = module.get_variable("params", "weight_scale"), None
         if not spec.symmetric:
             zero_point = module.get_variable("params", "weight_zero_point")
@@ -314,7 +356,8 @@ def quantize_weight(
       spec: the weight quantizer; disabled returns ``w`` unchanged.
       ctx: the call's mode and dynamic settings.
       track: whether this weight is tracked and frozen (SPEC §5-6).
-      dampen: whether this weight sows its dampening term (SPEC §7) in train mode.
+      dampen: whether this weight sows its dampening term (SPEC §7) in train mode (when
+        ``ctx.dampen``; the ``dampening`` collection must then be mutable and empty).
 
     Returns:
       ``w_q`` (float32, shape of ``w``), the fake-quantized kernel with frozen entries at

@@ -15,19 +15,19 @@ import jax
 import optax
 
 from oscqat_jax import schedules
-from oscqat_jax.nn.quantizer import is_quantizer_param
+from oscqat_jax.nn import api
 
 MODEL, QUANT = "model", "quant"
+"""The trainer's names for :data:`oscqat_jax.nn.api.WEIGHTS` / ``QUANTIZER``; they key the
+optimizer state in checkpoints, so they keep their names."""
+
+_TRAINER_LABEL = {api.WEIGHTS: MODEL, api.QUANTIZER: QUANT}
 
 
 def param_labels(params) -> dict:
-    """The pytree of ``"model"`` / ``"quant"`` labels for ``optax.multi_transform``."""
-
-    def label(path, _):
-        name = getattr(path[-1], "key", str(path[-1]))
-        return QUANT if is_quantizer_param(name) else MODEL
-
-    return jax.tree_util.tree_map_with_path(label, params)
+    """The pytree of ``"model"`` / ``"quant"`` labels for ``optax.multi_transform``: the rule
+    of :func:`oscqat_jax.nn.api.param_labels` under the trainer's label names."""
+    return jax.tree_util.tree_map(_TRAINER_LABEL.__getitem__, api.param_labels(params))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oscqat_jax import oscillation
-from oscqat_jax.nn import collect
+from oscqat_jax.nn import api, collect
 from oscqat_jax.nn.batchnorm import BN_BATCH_STATS
 from oscqat_jax.nn.config import QuantContext
 from oscqat_jax.nn.quantizer import DAMPENING, OSCILLATION, QUANT_STATS
@@ -157,8 +157,9 @@ def make_train_step(
     """
     osc = cfg.oscillations
     dampen = osc.dampen and cfg.mode == "train"
+    track = osc.track and cfg.mode == "train"
     mutable = ["batch_stats"]
-    if cfg.mode == "train" and osc.track:
+    if track:
         mutable.append(OSCILLATION)
     if dampen:
         mutable.append(DAMPENING)
@@ -172,6 +173,9 @@ def make_train_step(
             osc_momentum=osc.momentum,
             use_ema_freeze=osc.use_ema_freeze,
             dampening_aggregation=osc.dampening_aggregation,
+            # Static: the layers check that the collections these need are mutable.
+            dampen=dampen,
+            track_oscillations=track,
         )
         rng, dropout_rng = jax.random.split(state.rng)
 
@@ -250,18 +254,12 @@ def make_calibrate_step(model: nn.Module) -> Callable:
 
     ``variables`` may be those of the float model: the quantizer variables it lacks are
     created on the first batch (``key`` seeds their initialisers) and then calibrated.
+    The work is :func:`oscqat_jax.nn.api.calibration_step`'s.
     """
-    ctx = QuantContext.create("calibrate")
+    calibrate = api.calibration_step(model)
 
     def step(variables: dict, images: jax.Array, key: jax.Array) -> dict:
-        _, mutated = model.apply(
-            variables,
-            images,
-            ctx,
-            mutable=["params", QUANT_STATS, OSCILLATION],
-            rngs={"params": key},
-        )
-        return dict(variables, **mutated)
+        return calibrate(variables, (images,), key)
 
     return step
 

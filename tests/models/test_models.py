@@ -28,6 +28,8 @@ FAST_COMPILE = {
 }
 EVAL = QuantContext.create("eval")
 TRAIN = QuantContext.create("train", freeze_threshold=0.0)
+# Train calls without the 'dampening' collection must say so (the layers raise otherwise).
+TRAIN_UNDAMPENED = QuantContext.create("train", freeze_threshold=0.0, dampen=False)
 SMALL = (2, 32, 32, 3)
 
 # torchvision (mobilenet_v2, mobilenet_v3_*, resnet*) and timm (efficientnet_lite*) at 1000
@@ -106,9 +108,11 @@ def test_quantized_model_adds_only_quantizer_parameters():
 def qat_step(model, mutable, variables, x, labels, rngs):
     """One QAT forward/backward (mode train) and an evaluation pass on the same variables."""
 
+    ctx = TRAIN if "dampening" in mutable else TRAIN_UNDAMPENED
+
     def loss_fn(params):
         logits, updates = model.apply(
-            {**variables, "params": params}, x, TRAIN, mutable=mutable, rngs=rngs
+            {**variables, "params": params}, x, ctx, mutable=mutable, rngs=rngs
         )
         task = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
         return task + collect.dampening_total(updates), updates
@@ -185,7 +189,7 @@ def test_dtype_and_fold_bn_pass_through():
     model = MobileNetV2(num_classes=10, width_multiplier=0.25, dtype=jnp.bfloat16, fold_bn=True)
     variables = abstract_variables(model)
     out, _ = jax.eval_shape(
-        lambda v, x: model.apply(v, x, TRAIN, mutable=["batch_stats", "oscillation"]),
+        lambda v, x: model.apply(v, x, TRAIN_UNDAMPENED, mutable=["batch_stats", "oscillation"]),
         variables,
         jax.ShapeDtypeStruct(SMALL, jnp.float32),
     )

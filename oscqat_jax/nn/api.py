@@ -1,0 +1,261 @@
+"""The safe training API: what a user's own optax loop calls around the quantized layers.
+
+Quantized layers keep their quantizer parameters (``weight_scale``, ``input_scale``,
+``*_zero_point``) in ``params`` next to the kernels, and write their per-step results into
+collections. Each helper here removes one way of getting that wrong:
+
+- :func:`param_labels` / :func:`quant_optimizer`: the scales need their own optimizer. A
+  step size of 0.006 under ``optax.sgd(0.02, momentum=0.9)`` over all parameters goes
+  negative within a few steps (its gradient sums over every element it quantizes); the
+  quantizer then clamps it to 1e-8, the layer's weights round to about 0 and accuracy
+  collapses.
+- :func:`min_scale` / :func:`check_scales`: notice a non-positive or non-finite scale.
+  ``min_scale`` is a jittable scalar to log from the step; ``check_scales`` raises on the
+  host, naming the layer (call it every N steps, or after each evaluation).
+- :func:`strip_dampening`: the dampening term is an output of a train call, never an input
+  (the layers raise if it is passed back in).
+- :func:`calibrate`: range initialisation for the package's own models, with the
+  collections it writes already chosen.
+
+A training loop over the package's layers (``model(x, ctx)``)::
+
+    tx = quant_optimizer(optax.sgd(0.02, momentum=0.9), optax.adam(1e-3))
+    ctx = QuantContext.create("train", freeze_threshold=f_th)
+
+    def loss_fn(params, variables, x, y):
+        logits, mutated = model.apply(
+            {**variables, "params": params}, x, ctx,
+            mutable=["batch_stats", "oscillation", "dampening"])
+        damp, updates = strip_dampening(mutated)  # updates: batch_stats, oscillation
+        return cross_entropy(logits, y) + lam * damp, updates
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from oscqat_jax.nn import collect
+from oscqat_jax.nn.config import QuantContext
+from oscqat_jax.nn.quantizer import (
+    DAMPENING,
+    OSCILLATION,
+    QUANT_STATS,
+    split_quantizer_param,
+)
+
+WEIGHTS, QUANTIZER = "weights", "quantizer"
+"""The labels of :func:`param_labels`: model parameters and quantizer parameters."""
+
+CALIBRATION_COLLECTIONS = ("params", QUANT_STATS, OSCILLATION)
+"""What a ``calibrate`` call writes: the scales (and zero points) in ``params``, the range
+estimators and signedness in ``quant_stats``, and the restarted ``oscillation`` state."""
+
+
+def _leaf_name(path) -> str:
+    key = path[-1]
+    return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def _path_text(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def param_labels(params) -> Any:
+    """``"quantizer"`` for every quantizer parameter, ``"weights"`` for everything else.
+
+    Args:
+      params: the ``params`` collection (any pytree of arrays keyed by name). A leaf is a
+        quantizer parameter when its name is ``<quantizer>_scale`` or
+        ``<quantizer>_zero_point`` (``weight_scale``, ``input_scale``,
+        ``output_zero_point``...); kernels, biases and BatchNorm's ``scale`` are weights.
+
+    Returns:
+      A pytree of the structure of ``params`` holding the label strings, for
+      ``optax.multi_transform({"weights": ..., "quantizer": ...}, param_labels)``.
+    """
+
+    def label(path, _):
+        return QUANTIZER if split_quantizer_param(_leaf_name(path)) else WEIGHTS
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def quant_optimizer(
+    weights_tx: optax.GradientTransformation, quantizer_tx: optax.GradientTransformation
+) -> optax.GradientTransformation:
+    """One optimizer over all ``params``: ``weights_tx`` for the model's parameters and
+    ``quantizer_tx`` for the quantizers' (see :func:`param_labels`).
+
+    The paper trains the weights with SGD and the scales with Adam at a small constant rate,
+    e.g. ``quant_optimizer(optax.sgd(lr, momentum=0.9), optax.adam(1e-5))``; pass
+    ``optax.set_to_zero()`` as ``quantizer_tx`` to keep the scales from calibration.
+    """
+    return optax.multi_transform({WEIGHTS: weights_tx, QUANTIZER: quantizer_tx}, param_labels)
+
+
+def _scales(params) -> list[tuple[str, jax.Array]]:
+    """``[(path, value)]`` of every quantizer scale in ``params`` (zero points excluded)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    found = []
+    for path, value in flat:
+        split = split_quantizer_param(_leaf_name(path))
+        if split is not None and split[1] == "scale":
+            found.append((_path_text(path), value))
+    return found
+
+
+def min_scale(params) -> jax.Array:
+    """The smallest quantizer scale in ``params`` (float32 scalar; ``inf`` if there is none,
+    NaN if a scale is NaN). Jittable: return it from a train step as a metric and stop or
+    warn when it is not positive. A quantizer uses ``max(scale, 1e-8)``
+    (``oscqat_jax.quant.SCALE_EPS``), so a scale that went non-positive does not fail by
+    itself; it quietly quantizes everything to a few levels."""
+    values = [jnp.min(jnp.asarray(v, jnp.float32)) for _, v in _scales(params)]
+    if not values:
+        return jnp.asarray(jnp.inf, jnp.float32)
+    stacked = jnp.stack(values)
+    return jnp.where(jnp.any(jnp.isnan(stacked)), jnp.nan, jnp.min(stacked))
+
+
+def check_scales(params) -> None:
+    """Raises ``ValueError`` naming the first quantizer scale (in ``params`` order) that is
+    not a finite positive number; returns None when all are.
+
+    Needs concrete arrays (it reads them on the host): call it between steps, e.g. every
+    few hundred steps or after each evaluation; inside a jitted step use :func:`min_scale`.
+    """
+    for path, value in _scales(params):
+        if isinstance(value, jax.core.Tracer):
+            raise ValueError(
+                "check_scales reads the scales on the host and cannot run inside jit; call it "
+                "on the params between steps, or return min_scale(params) from the step."
+            )
+        values = np.asarray(value, np.float64)
+        bad = ~np.isfinite(values) | (values <= 0)
+        if np.any(bad):
+            worst = values[bad].flat[0]
+            raise ValueError(
+                f"Quantizer scale {path} is {worst} (needs a finite value > 0; the quantizer "
+                "would clamp it to 1e-8): its optimizer steps are too large for it; give "
+                "quantizer parameters their own small-step optimizer "
+                "(oscqat_jax.nn.quant_optimizer) or lower their learning rate."
+            )
+
+
+def strip_dampening(mutated: Mapping[str, Any]) -> tuple[jax.Array, dict]:
+    """Splits the collections a train call returned into the dampening term and the rest.
+
+    Args:
+      mutated: the second output of ``apply(..., mutable=[..., "dampening"])``.
+
+    Returns:
+      ``(term, rest)``: ``term`` the sum of every layer's sown dampening term (float32
+      scalar, 0 when there is none; weight it and add it to the loss) and ``rest`` the other
+      collections (``batch_stats``, ``oscillation``...) to merge into the variables of the
+      next step. The layers raise if ``"dampening"`` is passed back in.
+    """
+    rest = {k: v for k, v in mutated.items() if k != DAMPENING}
+    return collect.dampening_total(mutated), rest
+
+
+def calibration_step(model: nn.Module) -> Callable:
+    """``step(variables, inputs, key, **apply_kwargs) -> variables``: one calibration batch.
+
+    ``inputs`` is the tuple of positional arguments the model takes before its
+    :class:`QuantContext` (``(images,)`` for the package's models and layers). The step runs
+    the model in ``calibrate`` mode with :data:`CALIBRATION_COLLECTIONS` mutable and returns
+    ``variables`` updated by them. ``variables`` may lack the quantizer variables (those of
+    the float model): they are created on the first batch (``key`` seeds their
+    initialisers). Not jitted.
+    """
+    ctx = QuantContext.create("calibrate")
+
+    def step(variables: Mapping, inputs: tuple, key: jax.Array, **apply_kwargs) -> dict:
+        _, mutated = model.apply(
+            variables,
+            *inputs,
+            ctx,
+            mutable=list(CALIBRATION_COLLECTIONS),
+            rngs={"params": key},
+            **apply_kwargs,
+        )
+        return dict(variables, **mutated)
+
+    return step
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_calibration_step(model: nn.Module) -> Callable:
+    """:func:`calibration_step` jitted, kept per model so repeated calls compile once."""
+    return jax.jit(calibration_step(model))
+
+
+def calibrate(
+    model: nn.Module,
+    variables: Mapping,
+    batches: Iterable,
+    *,
+    key: jax.Array | None = None,
+    **apply_kwargs,
+) -> dict:
+    """Initialises the quantizers' ranges of a package model (SPEC §3) on ``batches``.
+
+    Args:
+      model: a module of the package's layers called as ``model(*inputs, ctx)``.
+      variables: its variables (those of the float model are enough: the quantizer
+        variables are created on the first batch).
+      batches: an iterable of inputs, each an array (e.g. ``(N, H, W, C)`` float32 images)
+        or a tuple of the positional arguments before the context. Each batch updates every
+        range estimator; the scales are those of the estimators after the last one.
+      key: seeds the initialisers of variables created on the first batch (default
+        ``jax.random.key(0)``).
+      apply_kwargs: further keyword arguments of ``model.apply`` (``method=``, keyword
+        inputs); not ``mutable`` or ``rngs``, which calibration sets.
+
+    Returns:
+      The complete variables (a new dict): ``params`` with calibrated scales,
+      ``quant_stats`` and a fresh ``oscillation`` state, and every other collection of
+      ``variables`` unchanged. Compiled once per input shape.
+    """
+    if apply_kwargs:
+        one_batch = calibration_step(model)
+        step = jax.jit(lambda v, inputs, k: one_batch(v, inputs, k, **apply_kwargs))
+    else:
+        step = _jitted_calibration_step(model)
+    key = jax.random.key(0) if key is None else key
+    variables = dict(variables)
+    if DAMPENING in variables:
+        raise ValueError(
+            "calibrate got variables with a 'dampening' collection; pass the model's variables "
+            "without it (see strip_dampening)."
+        )
+    count = 0
+    for batch in batches:
+        inputs = tuple(batch) if isinstance(batch, tuple) else (batch,)
+        variables = step(variables, inputs, key, **apply_kwargs)
+        count += 1
+    if count == 0:
+        raise ValueError("calibrate got no batches; pass at least one batch of inputs.")
+    return variables
+
+
+__all__ = [
+    "CALIBRATION_COLLECTIONS",
+    "QUANTIZER",
+    "WEIGHTS",
+    "calibrate",
+    "calibration_step",
+    "check_scales",
+    "min_scale",
+    "param_labels",
+    "quant_optimizer",
+    "strip_dampening",
+]
