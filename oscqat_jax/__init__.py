@@ -8,10 +8,37 @@ The functional core (no Flax) lives in these modules:
 - :mod:`oscqat_jax.dampening`: the oscillation-dampening regulariser.
 - :mod:`oscqat_jax.schedules`: freezing-threshold, dampening-weight and learning-rate schedules.
 - :mod:`oscqat_jax.toy`: the paper's 1-D toy regression, solved with the core.
+
+``oscqat_jax.quantize_model``, ``QuantRule``, ``paper_rules`` and ``quantize_nnx`` (quantizing
+one's own Flax model by rules) come from :mod:`oscqat_jax.nn` and load on first use.
 """
+
+import importlib
 
 from oscqat_jax import dampening, oscillation, quant, ranges, schedules, toy
 
 __version__ = "0.1.0"
 
-__all__ = ["dampening", "oscillation", "quant", "ranges", "schedules", "toy", "__version__"]
+# Quantizing a user's own Flax model by rules (oscqat_jax.nn): re-exported here for
+# convenience and loaded on first use, so that importing the core does not import Flax.
+_FROM_NN = ("QuantRule", "paper_rules", "quantize_model", "quantize_nnx")
+
+
+def __getattr__(name: str):
+    if name in _FROM_NN:
+        value = getattr(importlib.import_module("oscqat_jax.nn"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'oscqat_jax' has no attribute {name!r}")
+
+
+__all__ = [
+    "dampening",
+    "oscillation",
+    "quant",
+    "ranges",
+    "schedules",
+    "toy",
+    "__version__",
+    *_FROM_NN,
+]

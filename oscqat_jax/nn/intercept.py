@@ -1,0 +1,354 @@
+"""Quantize a plain ``flax.linen`` model by rules, without editing it.
+
+:func:`quantize_model` wraps a model written with ordinary Flax layers. While the wrapper runs
+the model, a method interceptor (``flax.linen.intercept_methods``, Flax's public hook) sees
+every module call; for each quantization site whose path a :class:`~oscqat_jax.nn.rules.QuantRule`
+matches it runs the package's quantizers (:mod:`oscqat_jax.nn.quantizer`) in that module's
+scope, so the variables land where the package's own layers keep them:
+``params/<layer>/{weight_scale, input_scale}``, ``quant_stats/<layer>/input_signed``,
+``oscillation/<layer>/{prev_int, ..., frozen_int}``.
+
+Sites:
+
+- ``nn.Conv``, ``nn.ConvTranspose``, ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum``:
+  the input (the first argument) is fake-quantized before the layer runs, and the kernel is
+  fake-quantized (tracked, frozen, dampened) as the layer hands it to ``promote_dtype``, the
+  one function each of these layers passes its kernel through right before the convolution
+  or contraction (after ``Conv``'s mask). The wrapper swaps that field on the bound layer for
+  the duration of the call. Per-channel weight scales need the output channels on the
+  kernel's last axis: true for ``Conv``, ``Dense``, ``ConvTranspose`` (unless
+  ``transpose_kernel``) and ``DenseGeneral`` with one feature axis; the others raise.
+  ``nn.ConvLocal``, ``nn.Embed`` and attention layers are not sites.
+- :class:`ActQuant`: an identity module the user places where an activation should be
+  quantized (after BN and the activation, after a residual add, on the logits); the
+  quantizer is named ``output`` (``params/<hook>/output_scale``). This is the one extra hook:
+  those values are not the input or output of any conv/dense call, so interception alone
+  cannot find them (the ``LSQ_paper`` setup needs no hook at all).
+
+Modes of :meth:`QuantizedModel.apply`: ``eval`` (quantized inference), ``train`` (QAT:
+oscillation tracking, freezing and the dampening term) and ``float`` (quantizers off). The
+model's own switches (BatchNorm's ``use_running_average``, dropout) stay the user's keyword
+arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from oscqat_jax import oscillation
+from oscqat_jax.nn.collect import dampening_total
+from oscqat_jax.nn.config import LayerQuant, QuantContext
+from oscqat_jax.nn.quantizer import (
+    DAMPENING,
+    OSCILLATION,
+    QUANT_STATS,
+    quantize_activation,
+    quantize_weight,
+)
+from oscqat_jax.nn.rules import QuantRule, check_rules, hook_site_quant, layer_site_quant
+
+LAYER_TYPES = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
+"""Flax layers whose input and kernel the rules can quantize."""
+
+APPLY_MODES = {"eval": "eval", "train": "train", "float": "float_eval"}
+"""``QuantizedModel.apply`` modes and the :class:`QuantContext` mode each one runs."""
+
+CALIBRATE_COLLECTIONS = ("params", QUANT_STATS, OSCILLATION)
+"""Collections a calibration pass writes (scales, range estimators, restarted tracking)."""
+
+
+class ActQuant(nn.Module):
+    """Marks an activation for quantization: identity ``(...) -> (...)`` in a model run
+    without rules; under :func:`quantize_model` the first rule matching its path quantizes
+    the value with the rule's ``output_bits`` (per tensor, float32 grid, input dtype out)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+class QuantAux(NamedTuple):
+    """The side results of a ``train`` call.
+
+    ``dampening`` is the float32 scalar sum of the dampening terms of every dampened kernel
+    (SPEC §7, ``kernel_mean`` aggregation per layer); add ``weight * dampening`` to the loss.
+    ``updates`` holds the collections the call changed: ``oscillation`` and those named in
+    ``mutable`` (e.g. ``batch_stats``); merge it into the variables for the next step. The
+    sown ``dampening`` collection is never returned, so it cannot be fed back.
+    """
+
+    dampening: jax.Array
+    updates: dict[str, Any]
+
+
+def _depthwise(module: nn.Module, x: jax.Array) -> bool:
+    """Whether ``module`` is a depth-wise conv (one group per input channel, as the package's
+    layers define it) for the input ``x``."""
+    return isinstance(module, nn.Conv) and module.feature_group_count == x.shape[-1] > 1
+
+
+def _check_per_channel(module: nn.Module, path: str) -> None:
+    if isinstance(module, nn.Einsum):
+        why = "an Einsum kernel has no fixed output-channel axis"
+    elif isinstance(module, nn.ConvTranspose) and module.transpose_kernel:
+        why = "with transpose_kernel=True its output channels are not the kernel's last axis"
+    elif (
+        isinstance(module, nn.DenseGeneral)
+        and not isinstance(module.features, int)
+        and len(module.features) != 1
+    ):
+        why = "its kernel has several output-feature axes"
+    else:
+        return
+    raise ValueError(
+        f"Layer {path} ({type(module).__name__}) cannot take per-channel weight scales: {why}; "
+        "give it a rule with per_channel=False."
+    )
+
+
+@contextlib.contextmanager
+def _quantized_kernel(module: nn.Module, quant: LayerQuant, ctx: QuantContext, path: str):
+    """Within the block, ``module`` fake-quantizes its kernel as it passes ``promote_dtype``."""
+    original = module.promote_dtype
+    calls = []
+
+    def promote(inputs, kernel, *rest, **kwargs):
+        calls.append(path)
+        w_q = quantize_weight(
+            module,
+            jnp.asarray(kernel, jnp.float32),
+            quant.weight,
+            ctx,
+            track=quant.track_oscillations,
+            dampen=quant.dampen,
+        )
+        # Float modes keep the user's kernel (and its dtype) untouched.
+        return original(inputs, w_q if ctx.quantize else kernel, *rest, **kwargs)
+
+    object.__setattr__(module, "promote_dtype", promote)
+    try:
+        yield
+    finally:
+        object.__setattr__(module, "promote_dtype", original)
+    if len(calls) != 1:
+        raise RuntimeError(
+            f"Layer {path} ({type(module).__name__}) passed its kernel through promote_dtype "
+            f"{len(calls)} times instead of once; this Flax version's layer cannot be quantized "
+            "by interception."
+        )
+
+
+def _interceptor(
+    rules: tuple[QuantRule, ...], ctx: QuantContext, record: dict[str, LayerQuant] | None
+) -> Callable:
+    """A ``flax.linen.intercept_methods`` interceptor applying ``rules`` in context ``ctx``;
+    it writes each quantized site's :class:`LayerQuant` into ``record`` when given."""
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (ActQuant, *LAYER_TYPES)):
+            return next_fun(*args, **kwargs)
+        path = "/".join(module.scope.path)
+        if isinstance(module, ActQuant):
+            spec = hook_site_quant(rules, path)
+            y = next_fun(*args, **kwargs)
+            if not spec.enabled:
+                return y
+            if record is not None:
+                record[path] = LayerQuant(output=spec)
+            return quantize_activation(module, "output", y, spec, ctx).astype(y.dtype)
+        args, kwargs = list(args), dict(kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        quant = layer_site_quant(rules, path, depthwise=_depthwise(module, x))
+        if not quant.quantized:
+            return next_fun(*args, **kwargs)
+        if quant.weight.per_channel:
+            _check_per_channel(module, path)
+        if (
+            quant.track_oscillations
+            and ctx.tracking
+            and not module.is_initializing()
+            and not module.has_variable(OSCILLATION, "prev_int")
+        ):
+            raise ValueError(
+                f"Layer {path} tracks oscillations but the variables have no '{OSCILLATION}' "
+                "collection; pass the variables from init/calibrate, updated with aux.updates."
+            )
+        if record is not None:
+            record[path] = quant
+        x = quantize_activation(module, "input", x, quant.input, ctx)
+        if args:
+            args[0] = x
+        else:
+            kwargs["inputs"] = x
+        if not quant.weight.enabled:
+            return next_fun(*args, **kwargs)
+        with _quantized_kernel(module, quant, ctx, path):
+            return next_fun(*args, **kwargs)
+
+    return intercept
+
+
+def _as_mutable(mutable) -> list[str] | bool:
+    if mutable is True:
+        return True
+    if mutable is False or mutable is None:
+        return []
+    if isinstance(mutable, str):
+        return [mutable]
+    return list(mutable)
+
+
+def _without_dampening(variables: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in variables.items() if k != DAMPENING}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedModel:
+    """A Linen ``model`` run with its quantization ``rules`` (see :func:`quantize_model`)."""
+
+    model: nn.Module
+    rules: tuple[QuantRule, ...]
+
+    def _run(self, ctx: QuantContext, fn: Callable, *args, record=None, **kwargs):
+        with nn.intercept_methods(_interceptor(self.rules, ctx, record)):
+            return fn(*args, **kwargs)
+
+    def init(self, rngs, *args, **kwargs) -> dict[str, Any]:
+        """``model.init`` plus every quantizer variable: ``weight_scale`` (kernel min-max),
+        ``input_scale``/``output_scale`` (1.0), ``quant_stats/<q>_signed`` and the
+        ``oscillation`` state, so later calls never change the variable structure (the range
+        estimators' ``quant_stats/<q>_range`` appear with the first :meth:`calibrate`)."""
+        ctx = QuantContext.create("eval")
+        return self._run(ctx, self.model.init, rngs, *args, **kwargs)
+
+    def calibrate(
+        self, variables: Mapping[str, Any], batches: Iterable[Any], **kwargs
+    ) -> dict[str, Any]:
+        """Sets every quantizer's range from data (SPEC §3) and returns the full variables.
+
+        ``batches`` yields the model's positional input: an array, or a tuple of arguments.
+        ``kwargs`` go to the model on every batch; pass those of inference (e.g.
+        ``train=False``), as calibration must not move BatchNorm statistics. Each batch
+        updates the range estimators, writes the scales they give and restarts the
+        oscillation state from the newly rounded weights; quantizers downstream see the
+        already-quantized network. Runs jitted: one compile for the first batch (it
+        creates the range estimators) and one for the rest, per input shape.
+        """
+        ctx = QuantContext.create("calibrate")
+
+        def one_batch(variables, args):
+            return self._run(
+                ctx,
+                self.model.apply,
+                variables,
+                *args,
+                mutable=list(CALIBRATE_COLLECTIONS),
+                **kwargs,
+            )[1]
+
+        step = jax.jit(one_batch)
+        variables = _without_dampening(variables)
+        count = 0
+        for batch in batches:
+            args = batch if isinstance(batch, tuple) else (batch,)
+            variables = {**variables, **step(variables, args)}
+            count += 1
+        if count == 0:
+            raise ValueError("calibrate needs at least one batch; batches was empty.")
+        return variables
+
+    def apply(
+        self,
+        variables: Mapping[str, Any],
+        *args,
+        mode: str = "eval",
+        freeze_threshold=0.0,
+        osc_momentum=oscillation.EMA_MOMENTUM,
+        mutable=(),
+        rngs=None,
+        **kwargs,
+    ):
+        """Runs the quantized model.
+
+        Args:
+          variables: from :meth:`init` / :meth:`calibrate` (updated with ``QuantAux.updates``);
+            a ``dampening`` entry, if any, is ignored.
+          *args, **kwargs: the model's own arguments (e.g. images, ``train=True``).
+          mode: ``eval`` -> output; ``train`` -> ``(output, QuantAux)``; ``float`` -> the
+            output of the unquantized model.
+          freeze_threshold: f_th of SPEC §6 (freezing active while > 0); float or float32
+            array, may be traced (changing it does not recompile).
+          osc_momentum: EMA momentum of tracking and freezing; may be traced.
+          mutable: the model's own collections to update, e.g. ``["batch_stats"]``. In
+            ``train`` mode they are returned in ``QuantAux.updates``; in ``eval``/``float``
+            mode a non-empty ``mutable`` returns ``(output, updated collections)`` as Flax does.
+          rngs: the model's rngs (e.g. ``{"dropout": key}``).
+        """
+        if mode not in APPLY_MODES:
+            raise ValueError(f"mode must be one of {', '.join(APPLY_MODES)}, got {mode!r}.")
+        ctx = QuantContext.create(
+            APPLY_MODES[mode], freeze_threshold=freeze_threshold, osc_momentum=osc_momentum
+        )
+        variables = _without_dampening(variables)
+        mutable = _as_mutable(mutable)
+        if mode != "train":
+            return self._run(
+                ctx,
+                self.model.apply,
+                variables,
+                *args,
+                mutable=mutable or False,
+                rngs=rngs,
+                **kwargs,
+            )
+        if mutable is not True:
+            mutable = [*dict.fromkeys([*mutable, OSCILLATION, DAMPENING])]
+        out, mutated = self._run(
+            ctx, self.model.apply, variables, *args, mutable=mutable, rngs=rngs, **kwargs
+        )
+        return out, QuantAux(dampening_total(mutated), _without_dampening(mutated))
+
+    def plan(self, *args, **kwargs) -> dict[str, LayerQuant]:
+        """``{module path: LayerQuant}`` of every site the rules quantize, for inputs like
+        ``args`` (arrays or ``jax.ShapeDtypeStruct``; traced abstractly, nothing computed).
+        Layers report ``weight``/``input``, hooks ``output``."""
+        record: dict[str, LayerQuant] = {}
+        ctx = QuantContext.create("eval")
+        init = lambda *a: self._run(ctx, self.model.init, *a, record=record, **kwargs)  # noqa: E731
+        jax.eval_shape(init, jax.random.key(0), *args)
+        return record
+
+
+def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedModel:
+    """``model`` (any ``flax.linen.Module``, unchanged) with quantizers placed by ``rules``.
+
+    The first rule matching a site's ``/``-joined module path decides how it is quantized;
+    sites no rule matches stay float. See the module docstring for the sites and
+    :func:`oscqat_jax.nn.rules.paper_rules` for the paper's setups.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"quantize_model needs a flax.linen.Module, got {type(model).__name__}; "
+            "for flax.nnx models use oscqat_jax.nn.nnx_quant.quantize_nnx."
+        )
+    if model.scope is not None:
+        raise ValueError("quantize_model needs an unbound module (the model, not a bound copy).")
+    return QuantizedModel(model, check_rules(rules))
+
+
+__all__ = [
+    "APPLY_MODES",
+    "LAYER_TYPES",
+    "ActQuant",
+    "QuantAux",
+    "QuantizedModel",
+    "quantize_model",
+]

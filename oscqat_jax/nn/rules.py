@@ -1,0 +1,290 @@
+"""Quantization rules over Flax module paths: which layers of a model are quantized, and how.
+
+A :class:`QuantRule` names layers by a regular expression that must match the whole
+``/``-joined module path (as in the parameter tree: ``"features_3/depthwise"``, ``"Conv_0"``,
+``"block1/conv"``). Rules form an ordered list; for each quantization site the **first**
+matching rule decides, and a site that no rule matches stays in floating point.
+
+Sites are of two kinds (see :mod:`oscqat_jax.nn.intercept` for how they are found):
+
+- **layers** (``nn.Conv``, ``nn.Dense``, ...): the rule's ``weight_bits`` quantize the kernel
+  and its ``act_bits`` the layer's *input* (the paper's ``LSQ_paper`` placement);
+- **activation hooks** (:class:`~oscqat_jax.nn.intercept.ActQuant`, an identity module the
+  user places where a value should be quantized: after BN and the activation, after a
+  residual add, on the logits): the rule's ``output_bits`` quantize the value there.
+
+Layers ignore ``output_bits``: in a plain Flax model a conv's own output still goes through
+BatchNorm, the activation or a residual add before anything reads it, so the place where the
+paper quantizes an "output" is never a conv call and only a hook can mark it.
+
+:func:`paper_rules` writes the paper's setups (SPEC §4) as rule lists, built from the same
+table as :meth:`oscqat_jax.nn.setups.QuantSetup.layer_quant`, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+import re
+from collections.abc import Iterable, Sequence
+
+from oscqat_jax._checks import MAX_BITS, check_n_bits
+from oscqat_jax.nn.config import FLOAT, RANGE_METHODS, LayerQuant, QuantizerSpec
+from oscqat_jax.nn.setups import SETUPS, QuantSetup
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def _check_bits(value, name: str) -> None:
+    if value is not None:
+        check_n_bits(value, name)
+
+
+def _check_bool(value, name: str, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if optional else "True or False"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """How the sites whose module path matches ``module_path`` are quantized.
+
+    Bit widths are ints in 2..16 or None (that tensor stays float32).
+    """
+
+    module_path: str = ".*"  # regex, re.fullmatch against the '/'-joined module path
+    weight_bits: int | None = 4  # a layer's kernel (signed grid)
+    act_bits: int | None = 4  # a layer's input activation (signedness learnt at calibration)
+    output_bits: int | None = None  # the value at an ActQuant hook; layers ignore it
+    depthwise: bool | None = None  # None: any site; True: only depth-wise convs; False: all but
+    per_channel: bool = False  # one weight scale per output channel (last kernel axis)
+    weight_symmetric: bool = True  # weights on a symmetric grid (else a learnt zero point)
+    act_symmetric: bool = True  # activations on a symmetric grid (else unsigned + zero point)
+    weight_range_method: str = "mse"  # initial weight range: "mse", "current_minmax", ...
+    act_range_method: str = "mse"  # initial activation range
+    grad_scale: bool = False  # LSQ gradient scaling of the scales (off in the reference)
+    track: bool = True  # track oscillations and allow freezing (weights of <= max_bits bits)
+    dampen: bool = True  # add this kernel's dampening term to the loss (train mode)
+    max_bits: int = 4  # widest weight that is tracked and frozen (the paper: 4)
+
+    def __post_init__(self):
+        if not isinstance(self.module_path, str):
+            raise ValueError(
+                f"module_path must be a regular expression string, got {self.module_path!r}."
+            )
+        try:
+            _compiled(self.module_path)
+        except re.error as err:
+            raise ValueError(
+                f"module_path {self.module_path!r} is not a valid regular expression ({err})."
+            ) from None
+        for name in ("weight_bits", "act_bits", "output_bits"):
+            _check_bits(getattr(self, name), name)
+        _check_bool(self.depthwise, "depthwise", optional=True)
+        for name in ("per_channel", "weight_symmetric", "act_symmetric", "grad_scale"):
+            _check_bool(getattr(self, name), name)
+        _check_bool(self.track, "track")
+        _check_bool(self.dampen, "dampen")
+        for name in ("weight_range_method", "act_range_method"):
+            if getattr(self, name) not in RANGE_METHODS:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(RANGE_METHODS)}, "
+                    f"got {getattr(self, name)!r}."
+                )
+        if isinstance(self.max_bits, bool) or not isinstance(self.max_bits, numbers.Integral):
+            raise ValueError(
+                f"max_bits must be an int between 0 and {MAX_BITS}, got {self.max_bits!r}."
+            )
+        if not 0 <= self.max_bits <= MAX_BITS:
+            raise ValueError(f"max_bits must be between 0 and {MAX_BITS}, got {self.max_bits}.")
+
+    def matches(self, path: str, *, depthwise: bool = False) -> bool:
+        """Whether this rule applies to the site at module ``path`` (a depth-wise conv or not)."""
+        if self.depthwise is not None and self.depthwise != depthwise:
+            return False
+        return _compiled(self.module_path).fullmatch(path) is not None
+
+    def layer_quant(self) -> LayerQuant:
+        """The rule as a :class:`~oscqat_jax.nn.config.LayerQuant`: ``weight`` and ``input``
+        for layers, ``output`` for activation hooks."""
+        weight = _spec(
+            self.weight_bits,
+            self.weight_symmetric,
+            self.weight_range_method,
+            self.grad_scale,
+            per_channel=self.per_channel,
+        )
+        return LayerQuant(
+            weight=weight,
+            input=_spec(self.act_bits, self.act_symmetric, self.act_range_method, self.grad_scale),
+            output=_spec(
+                self.output_bits, self.act_symmetric, self.act_range_method, self.grad_scale
+            ),
+            track_oscillations=self.track and weight.enabled and weight.n_bits <= self.max_bits,
+            dampen=self.dampen,
+        )
+
+
+def _spec(n_bits, symmetric, range_method, grad_scale, *, per_channel=False) -> QuantizerSpec:
+    if n_bits is None:
+        return FLOAT
+    return QuantizerSpec(
+        n_bits=n_bits,
+        symmetric=symmetric,
+        per_channel=per_channel,
+        range_method=range_method,
+        grad_scale=grad_scale,
+    )
+
+
+def check_rules(rules: Iterable[QuantRule]) -> tuple[QuantRule, ...]:
+    """``rules`` as a tuple; raises if an entry is not a :class:`QuantRule`."""
+    if isinstance(rules, QuantRule):
+        raise ValueError(
+            "rules must be a sequence of QuantRule, got a single QuantRule; wrap it in a list."
+        )
+    rules = tuple(rules)
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, QuantRule):
+            raise ValueError(f"rules[{i}] must be a QuantRule, got {type(rule).__name__}.")
+    return rules
+
+
+def find_rule(
+    rules: Sequence[QuantRule], path: str, *, depthwise: bool = False
+) -> QuantRule | None:
+    """The first rule of ``rules`` that matches the site at ``path``; None if none does."""
+    for rule in rules:
+        if rule.matches(path, depthwise=depthwise):
+            return rule
+    return None
+
+
+def layer_site_quant(rules: Sequence[QuantRule], path: str, *, depthwise: bool) -> LayerQuant:
+    """What the rules do to the conv/dense layer at ``path``: its kernel and input quantizers
+    (``output`` is always float for a layer; see the module docstring)."""
+    rule = find_rule(rules, path, depthwise=depthwise)
+    if rule is None:
+        return LayerQuant()
+    return dataclasses.replace(rule.layer_quant(), output=FLOAT)
+
+
+def hook_site_quant(rules: Sequence[QuantRule], path: str) -> QuantizerSpec:
+    """The quantizer the rules put at the activation hook at ``path`` (FLOAT when none)."""
+    rule = find_rule(rules, path)
+    return FLOAT if rule is None else rule.layer_quant().output
+
+
+def paper_rules(
+    setup: str = "LSQ_paper",
+    n_bits: int = 4,
+    n_bits_act: int | None = None,
+    *,
+    first_conv: str,
+    classifier: str,
+    head_output: str | None = None,
+    logits: str | None = None,
+    per_channel: bool = False,
+    weight_range_method: str = "mse",
+    act_range_method: str = "mse",
+    weight_symmetric: bool = True,
+    act_symmetric: bool = True,
+    grad_scale: bool = False,
+    max_bits: int = 4,
+) -> tuple[QuantRule, ...]:
+    """The paper's quant ``setup`` (SPEC §4, one of ``setups.SETUPS``) as an ordered rule list.
+
+    Args:
+      setup: ``LSQ_paper`` (inputs of weight layers quantized; fully expressed by layers),
+        or an output-quantizing setup (``all``, ``FP_logits``, ``LSQ``, ``fc4``, ``fc4_dw8``),
+        whose activations are quantized at the model's :class:`ActQuant` hooks: one after each
+        conv's BN and activation, one after each residual add, one after pooling and, for
+        quantized logits, one after the classifier. ``float`` gives no rules.
+      n_bits, n_bits_act: weight and activation bit widths of the inner layers
+        (``n_bits_act=None``: ``n_bits``).
+      first_conv: regex of the stem conv's path (image input stays float; weights at 8 bits
+        in every setup but ``all``/``FP_logits``).
+      classifier: regex of the last dense layer's path.
+      head_output: regex of the hooks whose values feed the global pooling (after the last
+        conv, after the last residual add) and of the hook after pooling; the ``LSQ`` setup
+        quantizes them at 8 bits and needs it.
+      logits: regex of the hook after the classifier, when the model has one; the setups
+        with float logits (``LSQ``, ``FP_logits``) keep it float.
+      per_channel ... max_bits: as the fields of :class:`QuantRule` (and of ``QuantSetup``).
+
+    Returns:
+      Rules ordered classifier, first conv, hooks named above, depth-wise convs, then
+      every other site (``.*``). Put your own rules in front to override any of them.
+    """
+    quant_setup = QuantSetup(
+        name=setup,
+        n_bits=n_bits,
+        n_bits_act=n_bits_act,
+        per_channel=per_channel,
+        weight_range_method=weight_range_method,
+        act_range_method=act_range_method,
+        weight_symmetric=weight_symmetric,
+        act_symmetric=act_symmetric,
+        grad_scale=grad_scale,
+        max_bits=max_bits,
+    )
+    if setup == "float":
+        return ()
+    if setup == "LSQ" and head_output is None:
+        raise ValueError(
+            "setup 'LSQ' quantizes the activations that feed the pooling at 8 bits; pass "
+            "head_output=<regex of the ActQuant hooks there>."
+        )
+    common = dict(
+        per_channel=per_channel,
+        weight_symmetric=weight_symmetric,
+        act_symmetric=act_symmetric,
+        weight_range_method=weight_range_method,
+        act_range_method=act_range_method,
+        grad_scale=grad_scale,
+        max_bits=max_bits,
+    )
+
+    def rule(pattern: str, role: str, **kwargs) -> QuantRule:
+        site = quant_setup.layer_quant("", role)
+        return QuantRule(
+            pattern,
+            weight_bits=site.weight.n_bits,
+            act_bits=site.input.n_bits,
+            output_bits=site.output.n_bits,
+            **kwargs,
+            **common,
+        )
+
+    def hook(pattern: str, role: str) -> QuantRule:
+        bits = quant_setup.layer_quant("", role).output.n_bits
+        return QuantRule(pattern, weight_bits=None, act_bits=None, output_bits=bits, **common)
+
+    rules = [rule(classifier, "classifier"), rule(first_conv, "first_conv")]
+    if logits is not None:
+        rules.append(hook(logits, "classifier"))
+    if head_output is not None:
+        rules.append(hook(head_output, "head"))
+    rules.append(rule(".*", "depthwise", depthwise=True))
+    # The inner convs and every remaining hook (conv outputs, residual adds): the `conv` and
+    # `residual` roles have the same output bits in every setup (tests/nn/test_rules.py).
+    rules.append(rule(".*", "conv"))
+    return tuple(rules)
+
+
+__all__ = [
+    "SETUPS",
+    "QuantRule",
+    "check_rules",
+    "find_rule",
+    "hook_site_quant",
+    "layer_site_quant",
+    "paper_rules",
+]
