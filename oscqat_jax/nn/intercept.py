@@ -43,12 +43,12 @@ import jax
 import jax.numpy as jnp
 
 from oscqat_jax import oscillation
+from oscqat_jax.nn.api import CALIBRATION_COLLECTIONS
 from oscqat_jax.nn.collect import dampening_total
 from oscqat_jax.nn.config import LayerQuant, QuantContext
 from oscqat_jax.nn.quantizer import (
     DAMPENING,
     OSCILLATION,
-    QUANT_STATS,
     quantize_activation,
     quantize_weight,
 )
@@ -59,9 +59,6 @@ LAYER_TYPES = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
 
 APPLY_MODES = {"eval": "eval", "train": "train", "float": "float_eval"}
 """``QuantizedModel.apply`` modes and the :class:`QuantContext` mode each one runs."""
-
-CALIBRATE_COLLECTIONS = ("params", QUANT_STATS, OSCILLATION)
-"""Collections a calibration pass writes (scales, range estimators, restarted tracking)."""
 
 
 class ActQuant(nn.Module):
@@ -250,7 +247,7 @@ class QuantizedModel:
                 self.model.apply,
                 variables,
                 *args,
-                mutable=list(CALIBRATE_COLLECTIONS),
+                mutable=list(CALIBRATION_COLLECTIONS),
                 **kwargs,
             )[1]
 
