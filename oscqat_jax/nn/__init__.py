@@ -11,7 +11,10 @@ The public names, importable as ``from oscqat_jax.nn import ...``:
   :func:`strip_dampening`, :func:`calibrate`, :func:`calibration_step`;
 - rules for any Flax model: :class:`QuantRule`, :func:`paper_rules`
   (:mod:`~oscqat_jax.nn.rules`), :func:`quantize_model`, :class:`QuantizedModel`, :class:`QuantAux`, :class:`ActQuant` (Linen,
-  :mod:`~oscqat_jax.nn.intercept`) and :func:`quantize_nnx` (:mod:`~oscqat_jax.nn.nnx_quant`).
+  :mod:`~oscqat_jax.nn.intercept`) and :func:`quantize_nnx`, :func:`calibrate_nnx`, :func:`set_mode`, :func:`set_schedule`,
+  :func:`dampening_loss`, :func:`plan_nnx` and the variable types :class:`Oscillation` and
+  :class:`QuantStats` (NNX, :mod:`~oscqat_jax.nn.nnx_quant`; its activation hook stays
+  ``nnx_quant.ActQuant``, since ``ActQuant`` here is the Linen one).
   These load on first use, so importing this package does not import ``flax.nnx`` or the
   interceptor, and those modules may import this package's submodules freely.
 """
@@ -42,6 +45,13 @@ _LAZY = {
     "QuantAux": "oscqat_jax.nn.intercept",
     "ActQuant": "oscqat_jax.nn.intercept",
     "quantize_nnx": "oscqat_jax.nn.nnx_quant",
+    "calibrate_nnx": "oscqat_jax.nn.nnx_quant",
+    "set_mode": "oscqat_jax.nn.nnx_quant",
+    "set_schedule": "oscqat_jax.nn.nnx_quant",
+    "dampening_loss": "oscqat_jax.nn.nnx_quant",
+    "plan_nnx": "oscqat_jax.nn.nnx_quant",
+    "Oscillation": "oscqat_jax.nn.nnx_quant",
+    "QuantStats": "oscqat_jax.nn.nnx_quant",
 }
 """Public names defined in modules loaded on first access (see the module docstring)."""
 
@@ -68,18 +78,25 @@ __all__ = [
     "QuantConvBN",
     "QuantDense",
     "QuantRule",
+    "Oscillation",
     "QuantAux",
     "QuantSetup",
+    "QuantStats",
     "QuantizedModel",
     "QuantizerSpec",
     "calibrate",
+    "calibrate_nnx",
     "calibration_step",
     "check_scales",
+    "dampening_loss",
     "min_scale",
     "param_labels",
     "paper_rules",
+    "plan_nnx",
     "quant_optimizer",
     "quantize_model",
     "quantize_nnx",
+    "set_mode",
+    "set_schedule",
     "strip_dampening",
 ]

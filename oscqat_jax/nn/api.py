@@ -60,6 +60,13 @@ estimators and signedness in ``quant_stats``, and the restarted ``oscillation`` 
 
 
 def _leaf_name(path) -> str:
+    # An nnx.State leaf ends in its Variable's ``value`` attribute: name it by the key above.
+    if (
+        len(path) > 1
+        and isinstance(path[-1], jax.tree_util.GetAttrKey)
+        and path[-1].name == "value"
+    ):
+        path = path[:-1]
     key = path[-1]
     return str(getattr(key, "key", getattr(key, "name", key)))
 

@@ -154,7 +154,7 @@ def _estimate_range(
     return ranges.mse_range_result(state)
 
 
-def _scale_and_zero_point(x_min, x_max, spec: QuantizerSpec, signed) -> tuple:
+def scale_and_zero_point(x_min, x_max, spec: QuantizerSpec, signed) -> tuple:
     """Initial ``(scale, zero_point or None)`` of a quantizer covering ``[x_min, x_max]`` (float32)."""
     if spec.symmetric:
         scale = quant.symmetric_scale(x_min, x_max, n_bits=spec.n_bits, signed=signed)
@@ -197,7 +197,7 @@ def quantize_activation(
             module, name, x, spec, channel_axis=None, signed=None if spec.symmetric else False
         )
         grid_signed = (x_min < 0) if spec.symmetric else False
-        scale, zero_point = _scale_and_zero_point(x_min, x_max, spec, grid_signed)
+        scale, zero_point = scale_and_zero_point(x_min, x_max, spec, grid_signed)
         signed.value = jnp.asarray(grid_signed, jnp.bool_)
         module.put_variable("params", f"{name}_scale", scale)
         if zero_point is not None:
@@ -276,7 +276,7 @@ def _weight_params(
     def initial(index: int):
         def init(_key):
             x_min, x_max = ranges.current_minmax(w, channel_axis=channel_axis)
-            return jnp.reshape(_scale_and_zero_point(x_min, x_max, spec, True)[index], shape)
+            return jnp.reshape(scale_and_zero_point(x_min, x_max, spec, True)[index], shape)
 
         return init
 
@@ -295,7 +295,7 @@ def _calibrate_weight(
     x_min, x_max = _estimate_range(
         module, "weight", w, spec, channel_axis=channel_axis, signed=True
     )
-    scale, zero_point = _scale_and_zero_point(x_min, x_max, spec, True)
+    scale, zero_point = scale_and_zero_point(x_min, x_max, spec, True)
     module.put_variable("params", "weight_scale", scale)
     if zero_point is not None:
         module.put_variable("params", "weight_zero_point", zero_point)
