@@ -6,12 +6,17 @@ the model from the file's manifest and variables whose quantized kernels are deq
 the stored integers, so the usual eval forward
 ``model.apply(variables, x, QuantContext.create("eval"))`` runs on the exported integers.
 
-File layout (format version 1), ``.safetensors`` or ``.npz`` (compressed) by suffix; keys
+File layout (format version 3), ``.safetensors`` or ``.npz`` (compressed) by suffix; keys
 follow the model's variable tree, ``<layer>`` being a ``/``-joined module path:
 
-- ``params/<layer>/kernel_int``: every quantized layer's kernel as integers, int8 (int16
-  above 8 bits), HWIO ``(kh, kw, in // groups, out)`` or ``(in, out)``; frozen weights hold
-  their frozen integer. With ``fold_bn`` these are the integers of the BN-folded kernel.
+- ``params/<layer>/kernel_packed``: the kernel of a quantized layer of at most 4 bits as
+  integers packed two per byte (:func:`oscqat_jax.export_manifest.pack_nibbles`: uint8
+  ``(ceil(size / 2),)``, the C-order kernel in 4-bit two's complement, low nibble first);
+  the manifest's ``kernel_shape`` gives its shape back.
+- ``params/<layer>/kernel_int``: the kernel of a wider quantized layer as integers, int8
+  (int16 above 8 bits). Kernels are HWIO ``(kh, kw, in // groups, out)`` or ``(in, out)``;
+  frozen weights hold their frozen integer. With ``fold_bn`` these are the integers of the
+  BN-folded kernel.
 - ``params/<layer>/weight_scale``: float32, ``()`` or ``(1, ..., 1, out)`` per channel;
   ``params/<layer>/weight_zero_point``: int32 of the same shape (asymmetric weights only).
 - ``params/<site>/<q>_scale`` and ``<q>_zero_point`` (``q`` = ``input``, ``output`` or
@@ -37,6 +42,10 @@ format name and version, the model (registry name, ``num_classes`` and the other
 - ``sha256``: the digest of the rest of the manifest and every tensor
   (:mod:`oscqat_jax.export_manifest`), which the loader verifies before it checks each
   tensor's shape and each kernel's bit width against the model the manifest describes.
+  The digest is of the tensors as stored (packed), so a changed nibble is noticed too.
+
+:func:`load_export` also reads version 2, the same layout with every kernel as
+``kernel_int``; other versions are refused with one sentence naming the version.
 """
 
 from __future__ import annotations
@@ -64,10 +73,12 @@ from oscqat_jax.nn.quantizer import OSCILLATION, QUANT_STATS, split_quantizer_pa
 from oscqat_jax.nn.setups import QuantSetup
 
 FORMAT = "oscqat_jax.export"
-FORMAT_VERSION = 2  # 2: the manifest holds the sha256 of the file's content
+FORMAT_VERSION = 3  # 2: the manifest holds the sha256 of the file's content; 3: packed kernels
+READ_VERSIONS = (2, 3)  # version 2 is version 3 without packing
 MANIFEST_KEY = "oscqat_jax_export"
 SUFFIXES = (".safetensors", ".npz")
 KERNEL_INT = export_manifest.KERNEL_INT
+KERNEL_PACKED = export_manifest.KERNEL_PACKED
 _RESIDUAL_ROLES = ("residual", "head_residual")
 
 
@@ -161,11 +172,13 @@ def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         arrays, manifest = weight_files.read(path, metadata_key=MANIFEST_KEY)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: its manifest is not valid JSON ({err}).") from None
-    export_manifest.check_manifest(path, manifest, arrays, name=FORMAT, version=FORMAT_VERSION)
+    export_manifest.check_manifest(path, manifest, arrays, name=FORMAT, versions=READ_VERSIONS)
+    arrays, packed_layers = export_manifest.unpacked_kernels(path, arrays, manifest)
     model = _manifest_model(path, manifest)
     shapes, setup_bits = _model_tensors(model, manifest)
     export_manifest.check_tensors(path, arrays, shapes)
     export_manifest.check_bits(path, manifest["weights"], setup_bits, arrays)
+    export_manifest.check_packing(path, manifest, packed_layers)
     params, collections = {}, {"batch_stats": {}, QUANT_STATS: {}}
     for key, value in arrays.items():
         collection, rest = key.split("/", 1)
@@ -254,7 +267,10 @@ def _weight_arrays(
     """The integers, scales and zero points of the quantized kernels, and their manifest."""
     arrays, entries = {}, {}
     for layer, qw in weights.items():
-        arrays[f"params/{layer}/{KERNEL_INT}"] = qw.int_weight
+        if export_manifest.is_packed(qw.n_bits, FORMAT_VERSION):
+            arrays[f"params/{layer}/{KERNEL_PACKED}"] = export_manifest.pack_nibbles(qw.int_weight)
+        else:
+            arrays[f"params/{layer}/{KERNEL_INT}"] = qw.int_weight
         arrays[f"params/{layer}/weight_scale"] = qw.scale
         if qw.zero_point is not None:
             arrays[f"params/{layer}/weight_zero_point"] = qw.zero_point

@@ -10,6 +10,9 @@ and what the loader checks before it trusts a file.
 - :func:`check_tensors` and :func:`check_bits`: every tensor has the shape of the model's
   variable it becomes (none missing, none extra), and each quantized kernel the bit width the
   model's quant setup gives it; :func:`checked_int`: a kernel's integers lie on its grid.
+- :func:`pack_nibbles` and :func:`unpack_nibbles`: kernels of at most :data:`PACKED_MAX_BITS`
+  bits stored two per byte (format version 3), and :func:`unpacked_kernels`, which turns a
+  file's packed kernels back into integers before the checks above.
 
 Each check raises a ValueError of one sentence that starts with the file's path.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +33,11 @@ from oscqat_jax import quant
 
 DIGEST_KEY = "sha256"
 KERNEL_INT = "kernel_int"
+KERNEL_PACKED = "kernel_packed"
+PACKED_MAX_BITS = 4
+"""Kernels of at most this many bits are stored packed, two 4-bit two's-complement values per
+byte (format version 3 and later); wider ones as int8 (int16 above 8 bits)."""
+PACKED_SINCE = 3
 # The keys the loader reads: top level, under "model", and in each "weights" entry.
 REQUIRED = ("model", "quant_setup", "input_shape", "weights", "activations", DIGEST_KEY)
 MODEL_KEYS = ("name", "num_classes", "options")
@@ -77,17 +86,23 @@ def digest(arrays: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
 
 
 def check_manifest(
-    path: pathlib.Path, manifest: Any, arrays: Mapping[str, Any], *, name: str, version: int
+    path: pathlib.Path,
+    manifest: Any,
+    arrays: Mapping[str, Any],
+    *,
+    name: str,
+    versions: tuple[int, ...],
 ) -> None:
-    """``manifest`` is a ``name`` manifest of ``version`` with every key the loader reads, and
-    its digest is that of ``arrays`` and itself."""
+    """``manifest`` is a ``name`` manifest of one of ``versions`` with every key the loader
+    reads, and its digest is that of ``arrays`` and itself."""
     if not isinstance(manifest, dict) or manifest.get("format") != name:
         raise ValueError(f"{path} is not an oscqat_jax export (it has no {name} manifest).")
     found = manifest.get("format_version")
-    if found != version:
+    if isinstance(found, bool) or found not in versions:
+        readable = " or ".join(str(v) for v in versions)
         raise ValueError(
             f"{path} is an export of format version {found}, but this code reads version "
-            f"{version}; export the model again with this version."
+            f"{readable}; export the model again with this version."
         )
     missing = [k for k in REQUIRED if k not in manifest]
     if not missing and isinstance(manifest["model"], dict):
@@ -161,3 +176,100 @@ def checked_int(path: pathlib.Path, layer: str, w_int: np.ndarray, n_bits: int) 
             f"({n_bits} bits), got dtype {w_int.dtype}."
         )
     return w_int.astype(np.float32)
+
+
+def is_packed(n_bits: int, version: int) -> bool:
+    """Whether a kernel of ``n_bits`` is stored packed in an export of format ``version``."""
+    return version >= PACKED_SINCE and n_bits <= PACKED_MAX_BITS
+
+
+def pack_nibbles(w_int: np.ndarray) -> np.ndarray:
+    """Signed integers in [-8, 7] packed two per byte.
+
+    Args:
+      w_int: integers of any shape and integer dtype (a kernel of at most 4 bits).
+
+    Returns:
+      uint8 of shape ``(ceil(w_int.size / 2),)``: element ``i`` of the C-order flattened
+      ``w_int`` as a 4-bit two's-complement nibble, in the low half of byte ``i // 2`` for
+      even ``i`` and the high half for odd ``i``; an odd count leaves the last high half 0.
+    """
+    flat = np.asarray(w_int).reshape(-1)
+    if not np.issubdtype(flat.dtype, np.integer) or (
+        flat.size and (flat.min() < -8 or flat.max() > 7)
+    ):
+        raise ValueError(
+            f"Only integers in [-8, 7] pack into 4 bits, got dtype {flat.dtype}"
+            + (f" and values in [{flat.min()}, {flat.max()}]." if flat.size else ".")
+        )
+    nibbles = (flat.astype(np.int8) & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_nibbles(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`: int8 of ``shape`` (raises if ``packed`` is not
+    uint8 of ``(ceil(prod(shape) / 2),)``)."""
+    size = math.prod(shape)
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.shape != ((size + 1) // 2,):
+        raise ValueError(
+            f"{size} packed 4-bit values need uint8 of shape ({(size + 1) // 2},), got "
+            f"{packed.dtype} of shape {packed.shape}."
+        )
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1)[:size]
+    # Sign extension of a 4-bit two's-complement value: 0..7 stay, 8..15 become -8..-1.
+    return ((nibbles ^ 8).astype(np.int8) - np.int8(8)).reshape(shape)
+
+
+def unpacked_kernels(
+    path: pathlib.Path, arrays: Mapping[str, np.ndarray], manifest: Mapping[str, Any]
+) -> tuple[dict[str, np.ndarray], set[str]]:
+    """``arrays`` with each packed kernel (``params/<layer>/kernel_packed``) of a layer the
+    manifest lists replaced by its integers (``params/<layer>/kernel_int``, int8 of the
+    manifest's ``kernel_shape``), and the set of those layers.
+
+    Call it after :func:`check_manifest` (the digest covers the packed bytes as stored), and
+    :func:`check_packing` once the bit widths are checked.
+    """
+    arrays, packed_layers = dict(arrays), set()
+    version = manifest["format_version"]
+    for layer, entry in sorted(manifest["weights"].items()):
+        key = f"params/{layer}/{KERNEL_PACKED}"
+        if key not in arrays:
+            if is_packed(entry["n_bits"], version) and f"params/{layer}/{KERNEL_INT}" not in arrays:
+                raise ValueError(
+                    f"{path} lacks the tensor {key}, the packed {entry['n_bits']}-bit kernel "
+                    f"its manifest lists; {_AGAIN}."
+                )
+            continue
+        shape = tuple(int(d) for d in entry["kernel_shape"])
+        packed = arrays.pop(key)
+        expected = ((math.prod(shape) + 1) // 2,)
+        if packed.dtype != np.uint8 or tuple(packed.shape) != expected:
+            raise ValueError(
+                f"{path}: {key} is {packed.dtype} of shape {tuple(packed.shape)}, but the kernel "
+                f"{shape} of its manifest packs into uint8 of shape {expected}; {_AGAIN}."
+            )
+        arrays[f"params/{layer}/{KERNEL_INT}"] = unpack_nibbles(packed, shape)
+        packed_layers.add(layer)
+    return arrays, packed_layers
+
+
+def check_packing(path: pathlib.Path, manifest: Mapping[str, Any], packed_layers: set[str]):
+    """The kernels stored packed are exactly those the format version packs."""
+    version = manifest["format_version"]
+    for layer, entry in sorted(manifest["weights"].items()):
+        n_bits, packed = entry["n_bits"], layer in packed_layers
+        if packed != is_packed(n_bits, version):
+            raise ValueError(
+                f"{path}: the {n_bits}-bit kernel of {layer} is stored "
+                f"{'packed' if packed else 'unpacked'}, but format version {version} packs "
+                + (
+                    f"the kernels of at most {PACKED_MAX_BITS} bits"
+                    if version >= PACKED_SINCE
+                    else "no kernel"
+                )
+                + f"; {_AGAIN}."
+            )
