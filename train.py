@@ -4,6 +4,7 @@
     python train.py --config=configs/<recipe>.py --workdir=DIR [--config.quant.n_bits=3 ...]
     python train.py --config=... --workdir=DIR --mode=evaluate [--checkpoint=DIR/checkpoints/STEP]
     python train.py --config=... --workdir=DIR --mode=export [--output=model.safetensors]
+    python train.py --config=... --workdir=DIR --mode=export --format=onnx [--output=model.onnx]
 
 Re-running a command with the same workdir resumes it from its newest checkpoint. A bad flag,
 config field or value, or a missing file stops the program with one sentence on stderr and
@@ -35,8 +36,18 @@ flags.DEFINE_string(
     "evaluate/export: a checkpoints directory (its newest step) or one step in it; default: "
     "the workdir's newest.",
 )
+flags.DEFINE_enum(
+    "format",
+    "native",
+    ["native", "onnx"],
+    "export: native (.safetensors or .npz, by the suffix of --output) or onnx (a QDQ .onnx "
+    "graph for ONNX Runtime; needs pip install 'oscqat_jax[deploy]').",
+)
 flags.DEFINE_string(
-    "output", "", "export: the file to write, .safetensors or .npz (default: WORKDIR/model.npz)."
+    "output",
+    "",
+    "export: the file to write, .safetensors or .npz (native) or .onnx (default: "
+    "WORKDIR/model.npz or WORKDIR/model.onnx).",
 )
 flags.DEFINE_string(
     "compilation_cache",
@@ -162,8 +173,10 @@ def _run():
     if flags.FLAGS.mode == "evaluate":
         trainer.evaluate_checkpoint(config, workdir, flags.FLAGS.checkpoint)
     elif flags.FLAGS.mode == "export":
-        output = flags.FLAGS.output or os.path.join(workdir, "model.npz")
-        trainer.export_checkpoint(config, workdir, output, flags.FLAGS.checkpoint)
+        export_format = flags.FLAGS.format
+        default = "model.onnx" if export_format == "onnx" else "model.npz"
+        output = flags.FLAGS.output or os.path.join(workdir, default)
+        trainer.export_checkpoint(config, workdir, output, flags.FLAGS.checkpoint, export_format)
     else:
         trainer.train_and_evaluate(config, workdir)
 

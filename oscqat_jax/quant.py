@@ -30,17 +30,22 @@ from oscqat_jax._checks import (
     as_float_array,
     check_broadcasts_to,
     check_n_bits,
+    check_static_bool,
     is_concrete,
 )
 
 SCALE_EPS = 1e-8
 """Smallest scale the quantizer uses; smaller (or negative) learned scales are raised to it."""
 
+TO_INT_SCOPE = "oscqat_to_int"
+DEQUANTIZE_SCOPE = "oscqat_dequantize"
+"""Names of the ``jax.named_scope`` around :func:`to_int_with` and :func:`dequantize_with`."""
+
 
 def int_range(n_bits: int, signed: bool) -> tuple[int, int]:
     """The integer grid ``(int_min, int_max)``: signed ``[-2^(b-1), 2^(b-1)-1]``, unsigned ``[0, 2^b-1]``."""
     n_bits = check_n_bits(n_bits)
-    if signed:
+    if check_static_bool(signed, "signed"):
         return -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
     return 0, 2**n_bits - 1
 
@@ -156,17 +161,21 @@ def quant_params(
 
 def to_int_with(x: jax.Array, p: QuantParams) -> jax.Array:
     """Integer grid values of ``x`` (as floats) for prepared parameters ``p``."""
-    v = round_ste(x / p.scale)
-    if p.zero_point is not None:
-        v = v + p.zero_point
-    return clip_ste(v, p.int_min, p.int_max)
+    # The scope only names the operations (no numeric effect); the ONNX export finds the
+    # quantizers by it (oscqat_jax.deploy).
+    with jax.named_scope(TO_INT_SCOPE):
+        v = round_ste(x / p.scale)
+        if p.zero_point is not None:
+            v = v + p.zero_point
+        return clip_ste(v, p.int_min, p.int_max)
 
 
 def dequantize_with(x_int: jax.Array, p: QuantParams) -> jax.Array:
     """``scale * (x_int - zero_point)`` for prepared parameters ``p``."""
-    if p.zero_point is not None:
-        x_int = x_int - p.zero_point
-    return p.scale * x_int
+    with jax.named_scope(DEQUANTIZE_SCOPE):
+        if p.zero_point is not None:
+            x_int = x_int - p.zero_point
+        return p.scale * x_int
 
 
 def to_int(

@@ -2,9 +2,10 @@
 QAT, evaluation), evaluate a checkpoint, export a checkpoint's integer model.
 
 ``train_and_evaluate(config, workdir)`` runs a whole experiment and returns its summary;
-``evaluate_checkpoint(config, workdir)`` evaluates the newest checkpoint. Re-running the same
-command in the same workdir resumes from the newest complete checkpoint (the float model of
-the warm-up phase is cached there too). The work itself lives in :mod:`.build` (config to
+``evaluate_checkpoint(config, workdir)`` evaluates the newest checkpoint and
+``export_checkpoint(config, workdir, output)`` writes its integer model (native or ONNX).
+Re-running the same command in the same workdir resumes from the newest complete checkpoint
+(the float model of the warm-up phase is cached there too). The work itself lives in :mod:`.build` (config to
 objects), :mod:`.context` (opening a run), :mod:`.phases`, :mod:`.loop`, :mod:`.evaluation`
 and :mod:`.reports`.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import jax
 import ml_collections
 
 from oscqat_jax.training import build, evaluation, metrics, phases, reports
 from oscqat_jax.training import step as step_lib
-from oscqat_jax.training.context import close_run, open_run
+from oscqat_jax.training.context import Context, close_run, open_run
 from oscqat_jax.training.evaluation import Evaluator
 
 
@@ -91,42 +93,102 @@ def evaluate_checkpoint(
     return result
 
 
+EXPORT_FORMATS = ("native", "onnx")
+"""``native``: the integer export of :mod:`oscqat_jax.export` (``.safetensors``/``.npz``);
+``onnx``: a QDQ ONNX graph (:mod:`oscqat_jax.deploy`, needs the ``deploy`` extra)."""
+
+
 def export_checkpoint(
-    config: ml_collections.ConfigDict, workdir: str, output: str, checkpoint_path: str = ""
-) -> dict:
-    """Writes the integer model of a QAT checkpoint to ``output`` (``.safetensors`` or
-    ``.npz``, see :mod:`oscqat_jax.export`); returns its manifest.
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    output: str,
+    checkpoint_path: str = "",
+    export_format: str = "native",
+):
+    """Writes the integer model of a QAT checkpoint to ``output``.
 
-    The BN statistics exported are the re-estimated ones when ``eval.bn_reestimate`` is set
-    (as the final evaluation of training uses them), else the checkpoint's running ones.
+    Args:
+      export_format: ``native`` writes ``.safetensors`` or ``.npz`` (by the suffix, see
+        :mod:`oscqat_jax.export`); ``onnx`` writes a ``.onnx`` file in QDQ form
+        (:func:`oscqat_jax.deploy.export_model_onnx`, batch dimension dynamic, NHWC input).
+
+    Returns:
+      The export's manifest (``native``) or the ``onnx.ModelProto`` written (``onnx``); None
+      on processes other than the first.
     """
-    from oscqat_jax import export
-
-    export.check_suffix(output)  # before any work
+    write = _exporter(output, export_format)  # before any work
     ctx = open_run(config, workdir, write_metrics=False)
     try:
-        model, state = phases.restore_qat_state(ctx, checkpoint_path)
-        variables = state.variables
-        if config.eval.bn_reestimate:
-            variables = dict(
-                variables, batch_stats=Evaluator.create(ctx, model).reestimate_bn(variables)
-            )
+        model, step, variables = restore_for_export(ctx, checkpoint_path)
     finally:
         close_run(ctx)
-    manifest = None
-    if jax.process_index() == 0:
-        manifest = export.export_model(
-            output,
-            jax.device_get(variables),
-            model_name=config.model.name,
-            num_classes=ctx.source.num_classes,
-            quant_setup=build.quant_setup(config),
-            input_shape=ctx.source.image_shape,
-            **build.model_options(config),
+    if jax.process_index() != 0:
+        return None
+    result, what = write(model, jax.device_get(variables), ctx)
+    size = os.path.getsize(output)
+    print(f"Exported step {step} to {output} ({size / 2**20:.2f} MiB, {what}).")
+    return result
+
+
+def restore_for_export(ctx: Context, checkpoint_path: str = "") -> tuple[Any, int, dict]:
+    """``(model, step, variables)`` of the checkpoint that an export writes and a deployment
+    check compares against: the BN statistics are the re-estimated ones when
+    ``eval.bn_reestimate`` is set (as the final evaluation of training uses them), else the
+    checkpoint's running ones."""
+    model, state = phases.restore_qat_state(ctx, checkpoint_path)
+    variables = state.variables
+    if ctx.config.eval.bn_reestimate:
+        variables = dict(
+            variables, batch_stats=Evaluator.create(ctx, model).reestimate_bn(variables)
         )
-        size = os.path.getsize(output)
-        print(
-            f"Exported step {int(state.step)} to {output} ({size / 2**20:.2f} MiB, "
-            f"{len(manifest['weights'])} quantized layers)."
+    return model, int(state.step), variables
+
+
+def _exporter(output: str, export_format: str):
+    """``write(model, variables, ctx) -> (result, description)`` for ``export_format``,
+    after checking the output's suffix and (for ONNX) that the exporter is installed."""
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(
+            f"The export format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}."
         )
-    return manifest
+    suffix = os.path.splitext(output)[1].lower()
+    if export_format == "native":
+        from oscqat_jax import export
+
+        if suffix == ".onnx":
+            raise ValueError(
+                f"Export file {output} has the suffix '.onnx' of the onnx format; pass "
+                "--format=onnx (export_format='onnx'), or write .safetensors or .npz."
+            )
+        export.check_suffix(output)
+
+        def write_native(model, variables, ctx):
+            manifest = export.export_model(
+                output,
+                variables,
+                model_name=ctx.config.model.name,
+                num_classes=ctx.source.num_classes,
+                quant_setup=build.quant_setup(ctx.config),
+                input_shape=ctx.source.image_shape,
+                **build.model_options(ctx.config),
+            )
+            return manifest, f"{len(manifest['weights'])} quantized layers"
+
+        return write_native
+    if suffix != ".onnx":
+        raise ValueError(f"ONNX export file {output} must end in .onnx, not {suffix!r}.")
+    try:
+        from oscqat_jax.deploy import onnx_export
+    except ImportError as err:
+        raise RuntimeError(
+            f"The onnx format needs the {err.name} package: pip install 'oscqat_jax[deploy]' "
+            "(onnx and onnxruntime)."
+        ) from None
+
+    def write_onnx(model, variables, ctx):
+        proto = onnx_export.export_model_onnx(
+            model, variables, output, input_shape=ctx.source.image_shape
+        )
+        return proto, f"ONNX opset {proto.opset_import[0].version}, {len(proto.graph.node)} nodes"
+
+    return write_onnx

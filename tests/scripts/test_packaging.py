@@ -47,6 +47,8 @@ DISTRIBUTION_OF = {
 
 README_SCRIPTS = (
     "benchmarks/train_step.py",
+    "benchmarks/export_size.py",
+    "benchmarks/onnx_latency.py",
     "benchmarks/torch_reference.py",
     "benchmarks/input_pipeline.py",
     "demos/toy_regression.py",

@@ -1,0 +1,20 @@
+"""Deployment of trained quantized models: ONNX export (QuantizeLinear/DequantizeLinear form
+with integer weights at their bit width) and running it in ONNX Runtime.
+
+``export_onnx``, ``export_model_onnx``, ``run_onnx`` and ``inference_session`` (from :mod:`.onnx_export`) are loaded
+on first use, so importing this package does not need ``onnx``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {"export_onnx", "export_model_onnx", "inference_session", "run_onnx"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module("oscqat_jax.deploy.onnx_export"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

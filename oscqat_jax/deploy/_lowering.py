@@ -1,0 +1,483 @@
+"""Lowering of a traced eval-mode forward (a jaxpr) to ONNX nodes; see :mod:`.onnx_export`.
+
+Every jaxpr variable is bound to one of four kinds of value:
+
+- :class:`Const`: a numpy array known at export (the closed-over variables and everything
+  computed from them alone: weight quantization, frozen integers, BN multipliers). It may
+  carry the integer grid it lies on (``bounds``) and, for a dequantized weight, its integers
+  and scale (``weight``).
+- :class:`Tensor`: a float (or bool) ONNX tensor computed at run time.
+- :class:`QInt`: the integer output of an activation quantizer, an ONNX integer tensor from
+  QuantizeLinear, with the scale and zero point its DequantizeLinear needs.
+- :class:`Affine`: a convolution or matmul with a constant kernel, times a per-output-channel
+  multiplier plus an offset, emitted only when something reads it; the BN, bias and constant
+  arithmetic following the layer accumulate into the multiplier and offset until then.
+
+The forward is traced twice, at batch sizes N and N + 1, and the two jaxprs are walked
+together: a dimension that differs between them follows the batch and is exported dynamic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.extend.core import Literal
+from onnx import TensorProto
+
+from oscqat_jax import quant
+from oscqat_jax.deploy._graph import Graph, int_type_for
+from oscqat_jax.deploy._rules import RULES
+from oscqat_jax.deploy._values import (
+    Affine,
+    Const,
+    QInt,
+    Tensor,
+    WeightQuant,
+    dyn_of,
+    is_const,
+    unbatched,
+)
+
+_INLINED = (
+    "pjit",
+    "jit",
+    "closed_call",
+    "core_call",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "remat",
+)
+
+
+class Lowering:
+    """Walks a pair of jaxprs (batch N and N + 1) and appends the ONNX nodes to ``graph``."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self._materialized: dict[int, tuple] = {}
+
+    # ---- values ---------------------------------------------------------------------------
+
+    def name(self, v) -> str:
+        """The ONNX name of ``v`` as a float (or bool) tensor, emitting what it needs."""
+        key = id(v)
+        if key in self._materialized:
+            return self._materialized[key][1]
+        if isinstance(v, QInt):
+            name = self.graph.node("Cast", [v.name], to=TensorProto.FLOAT, hint="int_as_float")
+        elif isinstance(v, Tensor):
+            return v.name
+        elif isinstance(v, Const):
+            name = self.graph.constant(unbatched(v), "const")
+        elif isinstance(v, Affine):
+            name = self._emit_affine(v)
+        else:  # pragma: no cover - every value is one of the four kinds
+            raise TypeError(type(v))
+        # The value is kept alive with its name, so its id is never reused by another value.
+        self._materialized[key] = (v, name)
+        return name
+
+    def tensor(self, name: str, outvar_a, outvar_b) -> Tensor:
+        return Tensor(name, tuple(outvar_a.aval.shape), dyn_of(outvar_a, outvar_b))
+
+    # ---- the walk -------------------------------------------------------------------------
+
+    def run(self, jaxpr_a, jaxpr_b, consts: Sequence, args: Sequence) -> list:
+        """Lowers ``jaxpr_a`` (its twin ``jaxpr_b`` gives the batch dimensions) applied to
+        values ``args`` with constants ``consts``; returns its output values."""
+        env: dict = {}
+        for var, value in zip(jaxpr_a.constvars, consts, strict=True):
+            env[var] = value
+        for var, value in zip(jaxpr_a.invars, args, strict=True):
+            env[var] = value
+        eqns = list(zip(jaxpr_a.eqns, jaxpr_b.eqns, strict=True))
+        i = 0
+        while i < len(eqns):
+            scope = _scope(eqns[i][0])
+            if scope is None:
+                self._eqn(*eqns[i], env)
+                i += 1
+                continue
+            j = i + 1
+            while (
+                j < len(eqns) and _scope(eqns[j][0]) == scope and eqns[j][0].primitive.name != "div"
+            ):
+                j += 1
+            later = [e for e, _ in eqns[j:]]
+            self._quantizer(scope, eqns[i:j], env, later, jaxpr_a.outvars)
+            i = j
+        return [self.read(env, v) for v in jaxpr_a.outvars]
+
+    def read(self, env, var):
+        if isinstance(var, Literal):
+            return Const(np.asarray(var.val, dtype=var.aval.dtype))
+        return env[var]
+
+    def _eqn(self, ea, eb, env) -> None:
+        prim = ea.primitive.name
+        invals = [self.read(env, v) for v in ea.invars]
+        if prim in _INLINED:
+            outs = self._inline(ea, eb, invals)
+        elif all(is_const(v) for v in invals):
+            outs = self._fold(ea, eb, invals)
+        else:
+            rule = RULES.get(prim)
+            if rule is None:
+                raise NotImplementedError(
+                    f"The ONNX export has no lowering for the JAX primitive {prim!r} "
+                    f"(equation: {ea}); supported primitives are {', '.join(sorted(RULES))}, "
+                    "plus any primitive whose inputs are all constants."
+                )
+            outs = rule(self, ea, eb, invals)
+            if not isinstance(outs, list):
+                outs = [outs]
+        for var, value in zip(ea.outvars, outs, strict=True):
+            env[var] = value
+
+    def _inline(self, ea, eb, invals) -> list:
+        key = "jaxpr" if "jaxpr" in ea.params else "call_jaxpr"
+        closed_a, closed_b = ea.params[key], eb.params[key]
+        jaxpr_a = getattr(closed_a, "jaxpr", closed_a)
+        jaxpr_b = getattr(closed_b, "jaxpr", closed_b)
+        consts = [Const(np.asarray(c)) for c in getattr(closed_a, "consts", ())]
+        return self.run(jaxpr_a, jaxpr_b, consts, invals)
+
+    def _fold(self, ea, eb, invals: list[Const]) -> list[Const]:
+        """Evaluates an equation of constants (numpy for exact IEEE operations, else JAX)."""
+        values = [c.value for c in invals]
+        fast = _NUMPY.get(ea.primitive.name)
+        outs = None if fast is None else fast(values, ea.params)
+        if outs is not None:
+            outs = [outs]
+        else:
+            with jax.default_device(jax.devices("cpu")[0]):
+                result = ea.primitive.bind(*values, **ea.params)
+            outs = result if ea.primitive.multiple_results else [result]
+        consts = []
+        for var_a, var_b, out in zip(ea.outvars, eb.outvars, outs, strict=True):
+            out = np.asarray(out, dtype=var_a.aval.dtype).reshape(var_a.aval.shape)
+            consts.append(Const(out, dyn_of(var_a, var_b)))
+        if ea.primitive.name in ("select_n", "convert_element_type", "reshape", "copy"):
+            # Frozen integers replace some of a quantizer's integers: the grid carries over.
+            grids = {c.bounds for c in invals if c.bounds is not None}
+            if len(grids) == 1:
+                lo, hi = grids.pop()
+                if np.all((consts[0].value >= lo) & (consts[0].value <= hi)):
+                    consts[0].bounds = (lo, hi)
+        return consts
+
+    # ---- quantizers -------------------------------------------------------------------------
+
+    def _quantizer(self, scope: str, group, env, later, outvars) -> None:
+        eqns = [ea for ea, _ in group]
+        inner = {v for e in eqns for v in e.outvars}
+        out = eqns[-1].outvars[0]
+        leaked = [
+            v
+            for e in later
+            for v in e.invars
+            if not isinstance(v, Literal) and v in inner and v is not out
+        ]
+        leaked += [v for v in outvars if not isinstance(v, Literal) and v in inner and v is not out]
+        if leaked:
+            raise ValueError(
+                f"A {scope} scope exposes intermediate values; the ONNX export expects "
+                "oscqat_jax.quant.to_int_with / dequantize_with to return their only result."
+            )
+        outside = [v for e in eqns for v in e.invars if isinstance(v, Literal) or v not in inner]
+        if all(is_const(self.read(env, v)) for v in outside):
+            for ea, eb in group:
+                self._eqn(ea, eb, env)
+            self._annotate(scope, eqns, env)
+            return
+        if scope == quant.TO_INT_SCOPE:
+            env[out] = self._quantize_activation(eqns, env, group[-1][1].outvars[0])
+        else:
+            env[out] = self._dequantize_activation(eqns, env, group)
+
+    def _grid_parts(self, eqns, env) -> dict:
+        """Scale, zero point and grid bounds of a ``to_int_with`` scope, read off its equations."""
+        by_prim: dict = {}
+        for e in eqns:
+            by_prim.setdefault(e.primitive.name, []).append(e)
+        try:
+            (div,) = by_prim["div"]
+            (ge,) = by_prim["ge"]
+            (le,) = by_prim["le"]
+        except (KeyError, ValueError):
+            raise ValueError(
+                "The ONNX export did not recognise a quantizer: the to_int_with scope should "
+                f"hold one div, ge and le, found {[e.primitive.name for e in eqns]}."
+            ) from None
+        adds = by_prim.get("add", [])
+        return dict(
+            x=self.read(env, div.invars[0]),
+            scale=self.read(env, div.invars[1]),
+            zero_point=self.read(env, adds[0].invars[1]) if adds else None,
+            lo=self.read(env, ge.invars[1]),
+            hi=self.read(env, le.invars[1]),
+        )
+
+    def _annotate(self, scope: str, eqns, env) -> None:
+        """Records the grid of a folded ``to_int_with`` or the integers of a folded
+        ``dequantize_with`` on the constant it produced."""
+        out = env[eqns[-1].outvars[0]]
+        if scope == quant.TO_INT_SCOPE:
+            parts = self._grid_parts(eqns, env)
+            lo, hi = parts["lo"].value, parts["hi"].value
+            if lo.size == 1 and hi.size == 1:
+                out.bounds = (float(lo.reshape(())), float(hi.reshape(())))
+            return
+        sub = [e for e in eqns if e.primitive.name == "sub"]
+        mul = [e for e in eqns if e.primitive.name == "mul"]
+        if len(mul) != 1 or len(sub) > 1:
+            return
+        scale = self.read(env, mul[0].invars[0])
+        ints = self.read(env, sub[0].invars[0] if sub else mul[0].invars[1])
+        zero_point = self.read(env, sub[0].invars[1]).value if sub else None
+        values = ints.value
+        bounds = ints.bounds or (float(values.min(initial=0)), float(values.max(initial=0)))
+        out.weight = WeightQuant(values, scale.value, zero_point, bounds)
+
+    def _quantize_activation(self, eqns, env, out_b) -> QInt:
+        """Max and Min (when the grid is narrower than its integer type), then QuantizeLinear."""
+        parts = self._grid_parts(eqns, env)
+        x = parts["x"]
+        for key in ("scale", "zero_point", "lo", "hi"):
+            if parts[key] is not None and not is_const(parts[key]):
+                raise ValueError(
+                    f"An activation quantizer's {key} is computed at run time; the ONNX export "
+                    "needs quantizer parameters that are constants of the exported model."
+                )
+        lo, hi = (float(np.asarray(parts[k].value).reshape(())) for k in ("lo", "hi"))
+        scale = parts["scale"].value.astype(np.float32)
+        zp = np.zeros((), np.float32) if parts["zero_point"] is None else parts["zero_point"].value
+        scale_1d, zp_1d, axis = _per_axis(scale, zp, len(eqns[-1].outvars[0].aval.shape))
+        type_name, _, dtype, t_min, t_max = int_type_for(lo, hi)
+        x_name = self.name(x)
+        if (lo, hi) != (t_min, t_max):
+            # Clipping x to the grid's end points (s * (bound - zp), computed as the
+            # dequantization computes them) rounds to exactly those bounds.
+            low = (np.float32(lo) - zp.astype(np.float32)) * scale
+            high = (np.float32(hi) - zp.astype(np.float32)) * scale
+            # Max and Min rather than Clip: ONNX Runtime 1.32's Clip+QuantizeLinear fusion
+            # rejects int4/uint4 zero points and fails to load the model.
+            x_name = self.graph.node("Max", [x_name, self.graph.constant(_low_high(low, axis))])
+            x_name = self.graph.node("Min", [x_name, self.graph.constant(_low_high(high, axis))])
+        scale_name = self.graph.constant(scale_1d, "act_scale")
+        zp_name = self.graph.integers(zp_1d, dtype, "act_zero_point")
+        attrs = {} if axis is None else {"axis": axis}
+        q = self.graph.node(
+            "QuantizeLinear", [x_name, scale_name, zp_name], hint=f"q_{type_name}", **attrs
+        )
+        shape = tuple(eqns[-1].outvars[0].aval.shape)
+        return QInt(
+            q,
+            shape,
+            dyn_of(eqns[-1].outvars[0], out_b),
+            scale=scale,
+            zero_point=zp,
+            int_dtype=dtype,
+        )
+
+    def _dequantize_activation(self, eqns, env, group):
+        """DequantizeLinear of a quantizer's integers; plain arithmetic for anything else."""
+        sub = [e for e in eqns if e.primitive.name == "sub"]
+        mul = [e for e in eqns if e.primitive.name == "mul"]
+        if len(mul) == 1 and len(sub) <= 1:
+            ints = self.read(env, sub[0].invars[0] if sub else mul[0].invars[1])
+            scale = self.read(env, mul[0].invars[0])
+            zp = self.read(env, sub[0].invars[1]) if sub else None
+            zp_value = np.zeros((), np.float32) if zp is None else getattr(zp, "value", None)
+            if (
+                isinstance(ints, QInt)
+                and is_const(scale)
+                and zp_value is not None
+                and np.array_equal(scale.value, ints.scale)
+                and np.array_equal(zp_value, ints.zero_point)
+            ):
+                scale_1d, zp_1d, axis = _per_axis(ints.scale, ints.zero_point, len(ints.shape))
+                attrs = {} if axis is None else {"axis": axis}
+                name = self.graph.node(
+                    "DequantizeLinear",
+                    [
+                        ints.name,
+                        self.graph.constant(scale_1d, "act_scale"),
+                        self.graph.integers(zp_1d, ints.int_dtype, "act_zero_point"),
+                    ],
+                    hint="dq",
+                    **attrs,
+                )
+                return self.tensor(name, eqns[-1].outvars[0], group[-1][1].outvars[0])
+        for ea, eb in group:
+            self._eqn(ea, eb, env)
+        return env[eqns[-1].outvars[0]]
+
+    # ---- layers with constant kernels --------------------------------------------------------
+
+    def _emit_affine(self, a: Affine) -> str:
+        g = self.graph
+        kernel_name, post_mul = self._kernel(a)
+        inputs = [a.x, kernel_name]
+        bias = None if a.add is None else a.add.astype(np.float32)
+        if a.kind == "conv":
+            if bias is not None and post_mul is None:
+                inputs.append(g.constant(bias, "bias"))
+                bias = None
+            y = g.node("Conv", inputs, hint="conv", **a.attrs)
+            channel_shape = (-1, 1, 1)
+        else:
+            y = g.node("MatMul", inputs, hint="matmul")
+            channel_shape = (-1,)
+        if post_mul is not None:
+            y = g.node("Mul", [y, g.constant(post_mul.reshape(channel_shape), "bn_mul")])
+        if bias is not None:
+            y = g.node("Add", [y, g.constant(bias.reshape(channel_shape), "bias")])
+        if a.out_perm is not None and a.out_perm != tuple(range(len(a.out_perm))):
+            y = g.node("Transpose", [y], perm=list(a.out_perm))
+        return y
+
+    def _kernel(self, a: Affine) -> tuple[str, np.ndarray | None]:
+        """The kernel input of the layer (integers + DequantizeLinear when it was quantized) with
+        the positive part of the multiplier folded in; returns it and the multiplier left over
+        (None when every channel's multiplier was positive)."""
+        g = self.graph
+        out_axis = 0 if a.kind == "conv" else 1
+        channels = a.kernel.value.shape[a.kernel_perm[out_axis]]
+        mul = a.mul
+        wq = a.kernel.weight
+        if wq is None:
+            kernel = np.transpose(a.kernel.value, a.kernel_perm).astype(np.float64)
+            if mul is not None:
+                shape = [1] * kernel.ndim
+                shape[out_axis] = channels
+                kernel = kernel * mul.reshape(shape)
+            return g.constant(kernel.astype(np.float32), "kernel"), None
+        ints = np.transpose(wq.ints, a.kernel_perm)
+        scale = _channel_vector(wq.scale, a.kernel_perm, out_axis, "weight scale")
+        zp = wq.zero_point
+        zp = (
+            np.zeros((), np.float32)
+            if zp is None
+            else _channel_vector(zp, a.kernel_perm, out_axis, "weight zero point")
+        )
+        post_mul = None
+        if mul is not None and not np.all(mul == 1):
+            positive = mul > 0
+            scale = np.broadcast_to(scale, (channels,)) * np.where(positive, mul, 1.0)
+            if not positive.all():
+                post_mul = np.where(positive, 1.0, mul).astype(np.float32)
+        if scale.size > 1:
+            zp = np.broadcast_to(zp, scale.shape)
+        _, _, dtype, _, _ = int_type_for(*wq.bounds)
+        attrs = {"axis": out_axis} if scale.size > 1 else {}
+        name = g.node(
+            "DequantizeLinear",
+            [
+                g.integers(ints, dtype, "weight_int"),
+                g.constant(np.asarray(scale, np.float32), "weight_scale"),
+                g.integers(np.asarray(zp), dtype, "weight_zero_point"),
+            ],
+            hint="weight",
+            **attrs,
+        )
+        return name, post_mul
+
+
+def _scope(eqn) -> str | None:
+    stack = str(eqn.source_info.name_stack)
+    for scope in (quant.TO_INT_SCOPE, quant.DEQUANTIZE_SCOPE):
+        if scope in stack:
+            return scope
+    return None
+
+
+def _per_axis(scale, zp, rank: int) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """A quantizer's scale and zero point as ONNX wants them: scalars, or 1-D along one axis."""
+    scale = np.asarray(scale, np.float32)
+    zp = np.asarray(zp)
+    if scale.size == 1 and zp.size == 1:
+        return scale.reshape(()), zp.reshape(()), None
+    full = np.broadcast_shapes(scale.shape, zp.shape)
+    axes = [i for i, n in enumerate(full) if n > 1]
+    if len(axes) != 1:
+        raise ValueError(
+            f"A quantizer scale of shape {scale.shape} varies along more than one axis."
+        )
+    axis = axes[0] + rank - len(full)
+    return np.broadcast_to(scale, full).reshape(-1), np.broadcast_to(zp, full).reshape(-1), axis
+
+
+def _low_high(bound: np.ndarray, axis: int | None) -> np.ndarray:
+    """A grid end point for Max/Min against the activation: scalar, or along ``axis``."""
+    bound = np.asarray(bound, np.float32)
+    return bound.reshape(()) if axis is None else bound
+
+
+def _channel_vector(values, perm, out_axis: int, what: str) -> np.ndarray:
+    """A per-tensor (scalar) or per-output-channel (1-D) view of ``values`` for a kernel in the
+    ``perm`` layout."""
+    values = np.asarray(values)
+    if values.size == 1:
+        return values.reshape(())
+    values = np.transpose(values.reshape(values.shape), perm)
+    if any(n != 1 for i, n in enumerate(values.shape) if i != out_axis):
+        raise ValueError(
+            f"The {what} of shape {values.shape} varies along an axis other than the output "
+            "channels; the ONNX export supports per-tensor and per-output-channel weights."
+        )
+    return values.reshape(-1)
+
+
+# ---- numpy evaluation of exact operations on constants ---------------------------------------
+
+
+def _np_binary(fn):
+    return lambda v, p: fn(v[0], v[1])
+
+
+_NUMPY: dict[str, Callable] = {
+    "add": _np_binary(np.add),
+    "sub": _np_binary(np.subtract),
+    "mul": _np_binary(np.multiply),
+    "div": _np_binary(np.divide),
+    "max": _np_binary(np.maximum),
+    "min": _np_binary(np.minimum),
+    "ge": _np_binary(np.greater_equal),
+    "gt": _np_binary(np.greater),
+    "le": _np_binary(np.less_equal),
+    "lt": _np_binary(np.less),
+    "eq": _np_binary(np.equal),
+    "ne": _np_binary(np.not_equal),
+    "and": _np_binary(np.logical_and),
+    "or": _np_binary(np.logical_or),
+    "not": lambda v, p: np.logical_not(v[0]),
+    "neg": lambda v, p: np.negative(v[0]),
+    "abs": lambda v, p: np.abs(v[0]),
+    "stop_gradient": lambda v, p: v[0],
+    "copy": lambda v, p: v[0],
+    "convert_element_type": lambda v, p: v[0].astype(p["new_dtype"]),
+    "select_n": lambda v, p: np.choose(v[0].astype(np.int32), v[1:]),
+    "reshape": lambda v, p: v[0].reshape(p["new_sizes"]),
+    "squeeze": lambda v, p: np.squeeze(v[0], axis=tuple(p["dimensions"])),
+    "transpose": lambda v, p: np.transpose(v[0], p["permutation"]),
+    "broadcast_in_dim": lambda v, p: _np_broadcast(v[0], p["shape"], p["broadcast_dimensions"]),
+}
+
+
+def _np_broadcast(x, shape, dims):
+    expanded = np.ones(len(shape), dtype=int)
+    for operand_axis, out_axis in enumerate(dims):
+        expanded[out_axis] = x.shape[operand_axis]
+    return np.broadcast_to(x.reshape(expanded), shape).copy()
+
+
+def _np_round(values, params):
+    if params["rounding_method"] != jax.lax.RoundingMethod.TO_NEAREST_EVEN:
+        return None  # evaluated by JAX instead
+    return np.round(values[0])
+
+
+_NUMPY["round"] = _np_round

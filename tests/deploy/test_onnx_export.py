@@ -1,0 +1,345 @@
+"""Tests of oscqat_jax.deploy.onnx_export: every architecture and paper setup exported to ONNX
+and run by ONNX Runtime against the JAX fake-quantized model in eval mode.
+
+Models are small (width 0.25, 10 classes; ResNets have no width multiplier), randomly
+initialised on the host, calibrated by a jitted ``calibrate`` step on two batches of 8 images,
+then about a third of one tracked layer's weights are frozen one step away from their current
+integers; the logits are compared on the second batch.
+
+Tolerance. The exported graph computes the same integers and scales as the JAX forward; what
+differs is the floating-point summation order of convolutions and matmuls (XLA against
+MLAS) and the BN folding, each a few float32 ulps. Measured differences are 0 to ~5e-6 on
+logits of magnitude 1-10, so the comparison allows ``1e-4 * max(1, max |logits|)`` plus, when
+the logits themselves are quantized, one step of their grid (a rounding of a logit that lies
+an ulp from a rounding threshold may go either way). A changed weight integer moves logits by
+at least ``weight scale * |input|`` (~1e-3 here), far above the float allowance: the negative
+control checks that.
+
+Rounding ties. Where a quantized tensor is re-quantized without an affine layer in between,
+``x / s`` can be exactly a half-integer, and then the last ulp decides: XLA divides by a
+broadcast scale as a multiplication by its reciprocal (off by an ulp), ONNX Runtime and
+numpy divide exactly, so such ties go different ways. Two such places are systematic and
+avoided here. (1) Pooled features averaged over an even number M of positions and
+re-quantized on their own grid (output-quantizing setups): the inputs give an odd M (1x1 at
+32x32 for the stride-32 networks, 7x7 at 28x28 for the stride-4 tiny MobileNetV2). (2) A
+residual sum of quantized tensors whose range came from the current batch's min-max: the
+scale is then ``max / int_max``, and a sum equal to half that maximum lands on ``1.5`` steps.
+Activation ranges here are MSE or running min-max over two batches, as in training.
+EfficientNet-lite1..4 differ from lite0 only in
+width, depth and resolution (the same module code, ``models/efficientnet_lite.py``), so they
+lower to the same ONNX operators; lite0 stands for all of them.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+from testkit import TEST_BLOCKS
+
+from oscqat_jax import quant
+from oscqat_jax.deploy import export_model_onnx, export_onnx, run_onnx
+from oscqat_jax.models import create_model, quant_plan
+from oscqat_jax.nn.config import QuantContext
+from oscqat_jax.nn.setups import SETUPS, QuantSetup
+from oscqat_jax.training import step as step_lib
+
+EVAL = QuantContext.create("eval")
+NUM_CLASSES = 10
+SMALL = dict(
+    width_multiplier=0.25, depthwise_impl="lax"
+)  # one op per depth-wise conv: faster compiles
+TINY_V2 = dict(width_multiplier=0.25, block_setting=TEST_BLOCKS, depthwise_impl="lax")
+IMAGE = (32, 32, 3)
+# Cheap calibration (the MSE search compiles slowly): weights by their min-max (the reference
+# CLI's default), activations by running min-max over the two batches.
+MINMAX = dict(weight_range_method="current_minmax", act_range_method="running_minmax")
+TINY_V2_IMAGE = (28, 28, 3)
+
+
+def host_variables(model, input_shape, seed=0):
+    """Random kernels (He normal), BN parameters and statistics (BN multipliers of both signs
+    and zero), zero quantizer state; filled on the host from ``jax.eval_shape``."""
+    x = jax.ShapeDtypeStruct((1, *input_shape), np.float32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x, EVAL)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        collection, name = path[0].key, path[-1].key
+        if collection not in ("params", "batch_stats") or leaf.dtype != np.float32:
+            return np.zeros(leaf.shape, leaf.dtype)
+        if name == "kernel":
+            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return (rng.normal(size=leaf.shape) * std).astype(np.float32)
+        if name == "var" or name.endswith("_scale"):
+            return rng.uniform(0.5, 1.5, size=leaf.shape).astype(np.float32)
+        if name == "scale" and collection == "params":  # BN gamma: mostly positive, some not
+            gamma = rng.uniform(0.5, 1.5, size=leaf.shape)
+            gamma[rng.random(leaf.shape) < 0.1] *= -1
+            gamma[rng.random(leaf.shape) < 0.05] = 0
+            return gamma.astype(np.float32)
+        return (rng.normal(size=leaf.shape) * 0.1).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def at(tree, path):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+def prepared(model, input_shape, seed=0):
+    """``(variables, images, frozen layer, quant plan)``: calibrated on two batches (``images``
+    is the second), with ~30 % of the first tracked conv's weights frozen at their current
+    integer +- 1."""
+    plan = quant_plan(model, (1, *input_shape))
+    variables = host_variables(model, input_shape, seed)
+    rng = np.random.default_rng(seed + 1)
+    calibrate = jax.jit(step_lib.make_calibrate_step(model), compiler_options=step_lib.FAST_COMPILE)
+    for batch in range(2):
+        images = rng.normal(size=(8, *input_shape)).astype(np.float32)
+        variables = calibrate(variables, images, jax.random.key(seed + batch))
+    variables = jax.device_get(variables)
+    layer = next(p for p, (role, lq) in plan.items() if lq.track_oscillations and role == "conv")
+    params, spec = at(variables["params"], layer), plan[layer][1]
+    w_int = np.asarray(
+        quant.to_int(
+            params["kernel"], params["weight_scale"], n_bits=spec.weight.n_bits, signed=True
+        )
+    )
+    _, int_max = quant.int_range(spec.weight.n_bits, True)
+    state = at(variables["oscillation"], layer)
+    state["frozen"] = rng.random(w_int.shape) < 0.3
+    state["frozen_int"] = np.where(w_int < int_max, w_int + 1, w_int - 1).astype(np.float32)
+    return variables, images, layer, plan
+
+
+_forward = jax.jit(
+    lambda model, variables, x: model.apply(variables, x, EVAL),
+    static_argnums=0,
+    compiler_options=step_lib.FAST_COMPILE,
+)
+
+
+def logits_step(plan, variables) -> float:
+    """One step of the logits' grid when the setup quantizes them, else 0."""
+    path = next(p for p, (role, _) in plan.items() if role == "classifier")
+    if not plan[path][1].output.enabled:
+        return 0.0
+    return float(at(variables["params"], path)["output_scale"])
+
+
+def tolerance(reference: np.ndarray, step: float) -> float:
+    """See the module docstring."""
+    return 1e-4 * max(1.0, float(np.abs(reference).max())) + step
+
+
+def weight_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The integer initializers that a DequantizeLinear reads as its data: the weights."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return {
+        n.input[0]: inits[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    }
+
+
+def export_and_compare(model, variables, images, input_shape, plan):
+    """Exports at batch 1, runs the batch of ``images`` in ONNX Runtime; returns
+    ``(proto, onnx logits, jax logits, tolerance)`` after checking logits and top-1."""
+    proto = export_model_onnx(model, variables, input_shape=input_shape)
+    expected = np.asarray(_forward(model, variables, images))
+    got = run_onnx(proto, images)
+    tol = tolerance(expected, logits_step(plan, variables))
+    assert got.shape == expected.shape == (len(images), NUM_CLASSES)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tol)
+    np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+    return proto, got, expected, tol
+
+
+ARCHITECTURES = {
+    # name: (create_model options, input, setup); together they cover per-tensor and
+    # per-channel weights, W4A4 and W3A3, MSE and min-max calibration and folded BN.
+    "mobilenet_v2": (TINY_V2, TINY_V2_IMAGE, QuantSetup(n_bits=4)),
+    "mobilenet_v3_small": (
+        SMALL,
+        IMAGE,
+        QuantSetup(name="all", n_bits=3, per_channel=True, **MINMAX),
+    ),
+    "mobilenet_v3_large": (
+        SMALL,
+        IMAGE,
+        QuantSetup(n_bits=3, **MINMAX),
+    ),
+    "efficientnet_lite0": (
+        dict(SMALL, fold_bn=True),
+        IMAGE,
+        QuantSetup(name="fc4", n_bits=4, **MINMAX),
+    ),
+    "resnet18": (
+        {},
+        IMAGE,
+        QuantSetup(name="LSQ", n_bits=3, per_channel=True, **MINMAX),
+    ),
+    "resnet50": (
+        {},
+        IMAGE,
+        # MSE weight ranges: with min-max ones, one activation of layer2_2/conv2 (of 8 images)
+        # lies within an ulp of a rounding threshold and flips, which this random network
+        # (logits ~1e3) amplifies into different logits for that image.
+        QuantSetup(name="FP_logits", n_bits=4, act_range_method="running_minmax"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_architecture_runs_in_onnx_runtime_with_the_jax_logits(name):
+    options, input_shape, setup = ARCHITECTURES[name]
+    model = create_model(name, num_classes=NUM_CLASSES, quant_setup=setup, **options)
+    variables, images, _, plan = prepared(model, input_shape)
+    _, got, expected, tol = export_and_compare(model, variables, images, input_shape, plan)
+    print(
+        f"{name}: max |logit difference| {np.abs(got - expected).max():.3g} (tolerance {tol:.3g})"
+    )
+
+
+def test_the_remaining_paper_setup_exports():
+    # The architectures above cover LSQ_paper, all, fc4, LSQ and FP_logits; this is fc4_dw8.
+    setups = {setup.name for _, _, setup in ARCHITECTURES.values()} | {"fc4_dw8"}
+    assert setups == set(SETUPS) - {"float"}
+    model = create_model(
+        "mobilenet_v2",
+        num_classes=NUM_CLASSES,
+        quant_setup=QuantSetup(name="fc4_dw8", n_bits=3, **MINMAX),
+        **TINY_V2,
+    )
+    variables, images, _, plan = prepared(model, TINY_V2_IMAGE, seed=1)
+    export_and_compare(model, variables, images, TINY_V2_IMAGE, plan)
+
+
+@pytest.fixture(scope="module")
+def w3a3():
+    """A W3A3 tiny MobileNetV2 (LSQ_paper, MSE ranges), exported, with its reference logits."""
+    model = create_model(
+        "mobilenet_v2", num_classes=NUM_CLASSES, quant_setup=QuantSetup(n_bits=3), **TINY_V2
+    )
+    variables, images, layer, plan = prepared(model, TINY_V2_IMAGE, seed=2)
+    proto, _, expected, tol = export_and_compare(model, variables, images, TINY_V2_IMAGE, plan)
+    return plan, variables, images, layer, proto, expected, tol
+
+
+def test_weights_are_stored_as_integers_at_their_bit_width(w3a3):
+    plan, _, _, _, proto, _, _ = w3a3
+    onnx.checker.check_model(proto, full_check=True)
+    bits = sorted(lq.weight.n_bits for _, lq in plan.values() if lq.weight.enabled)
+    weights = weight_initializers(proto)
+    types = sorted(t.data_type for t in weights.values())
+    # LSQ_paper at 3 bits: the first conv and the classifier at 8 bits, every other layer at 3.
+    assert bits.count(8) == 2 and set(bits) == {3, 8}
+    expected = sorted(TensorProto.INT4 if b <= 4 else TensorProto.INT8 for b in bits)
+    assert types == expected
+    for tensor in weights.values():
+        ints = numpy_helper.to_array(tensor).astype(np.int64)
+        if tensor.data_type == TensorProto.INT4:
+            assert ints.min() >= -4 and ints.max() <= 3  # the 3-bit grid inside int4
+    # No kernel is also stored in float: every float initializer is a scalar or a vector
+    # (scales, biases, BN multipliers, clip bounds).
+    floats = [t for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT]
+    assert floats and all(sum(d > 1 for d in t.dims) <= 1 for t in floats)
+
+
+def test_frozen_weights_are_exported_at_their_frozen_integers(w3a3):
+    _, variables, _, layer, proto, _, _ = w3a3
+    params, state = at(variables["params"], layer), at(variables["oscillation"], layer)
+    current = np.asarray(
+        quant.to_int(params["kernel"], params["weight_scale"], n_bits=3, signed=True)
+    )
+    frozen = np.where(state["frozen"], state["frozen_int"], current)
+    assert state["frozen"].any() and not np.array_equal(frozen, current)
+
+    def oihw(a):
+        return np.transpose(a, (3, 2, 0, 1))
+
+    stored = [
+        numpy_helper.to_array(t).astype(np.float32) for t in weight_initializers(proto).values()
+    ]
+    assert any(s.shape == oihw(frozen).shape and np.array_equal(s, oihw(frozen)) for s in stored)
+    assert not any(
+        s.shape == oihw(current).shape and np.array_equal(s, oihw(current)) for s in stored
+    )
+
+
+def test_one_weight_integer_changed_by_one_step_breaks_the_comparison(w3a3, tmp_path):
+    _, _, images, _, proto, expected, tol = w3a3
+    matmul = next(n for n in proto.graph.node if n.op_type == "MatMul")
+    weight_dq = next(n for n in proto.graph.node if n.output[0] == matmul.input[1])
+    # The classifier's input (as ONNX Runtime computes it) picks the weight with the largest
+    # input, so the changed integer must show in the logits.
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(matmul.input[0]))
+    path = tmp_path / "probe.onnx"
+    onnx.save(probe, path)
+    from oscqat_jax.deploy.onnx_export import inference_session
+
+    session = inference_session(path)
+    features = session.run([matmul.input[0]], {"images": images})[0]
+    row = int(np.abs(features).max(axis=0).argmax())
+    tensor = next(t for t in proto.graph.initializer if t.name == weight_dq.input[0])
+    ints = numpy_helper.to_array(tensor).copy()
+    ints[row, 0] = ints[row, 0] + 1 if ints[row, 0] < 127 else ints[row, 0] - 1
+    tensor.CopyFrom(numpy_helper.from_array(ints, tensor.name))
+
+    got = run_onnx(proto, images)
+    assert np.abs(got - expected).max() > 10 * tol
+
+
+def test_bn_multipliers_of_any_sign_fold_into_the_conv():
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
+    mul = np.array([1.5, -0.7, 0.0, 0.3, 2.0, -1.0], np.float32)
+    mean = rng.normal(size=6).astype(np.float32)
+    beta = rng.normal(size=6).astype(np.float32)
+    images = rng.normal(size=(3, 9, 9, 4)).astype(np.float32)
+
+    def fn(x):
+        p = quant.quant_params(0.2, x_shape=kernel.shape, n_bits=4, signed=True)
+        w = quant.dequantize_with(quant.to_int_with(kernel, p), p)
+        y = jax.lax.conv_general_dilated(
+            x, w, (2, 2), ((1, 0), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return ((y - mean) * mul + beta).reshape(x.shape[0], -1)
+
+    proto = export_onnx(fn, images[:1])
+    np.testing.assert_allclose(run_onnx(proto, images), jax.jit(fn)(images), rtol=0, atol=1e-5)
+    weight_dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear")
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    scale = inits[weight_dq.input[1]]
+    # The positive multipliers moved into the (now per-channel) scale; the others stay a Mul.
+    np.testing.assert_allclose(scale, 0.2 * np.where(mul > 0, mul, 1.0), rtol=1e-6)
+    assert any(n.op_type == "Mul" for n in proto.graph.node)
+
+
+def test_a_primitive_without_lowering_is_named():
+    def fn(x):
+        return jax.lax.cumsum(x, axis=1)
+
+    with pytest.raises(NotImplementedError, match="cumsum"):
+        export_onnx(fn, np.zeros((1, 4, 4, 3), np.float32))
+
+
+def test_the_file_is_written_and_runs(tmp_path):
+    def fn(x):
+        p = quant.quant_params(0.25, x_shape=x.shape, n_bits=3, signed=False)
+        return quant.dequantize_with(quant.to_int_with(jax.nn.relu(x), p), p).mean(axis=(1, 2))
+
+    images = 4 * np.random.default_rng(0).normal(size=(5, 4, 4, 2)).astype(np.float32)
+    path = tmp_path / "act.onnx"
+    export_onnx(fn, images[:2], path)
+    got = run_onnx(path, images)
+    # Clipped at the 3-bit grid's top (7 steps), although uint4 reaches 15.
+    np.testing.assert_allclose(got, jax.jit(fn)(images), rtol=0, atol=1e-6)
+    assert got.max() <= 7 * 0.25
