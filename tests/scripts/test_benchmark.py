@@ -12,7 +12,7 @@ TINY_BLOCKS = TEST_BLOCKS
 def test_benchmark_times_each_variant_with_one_compilation(capsys):
     bench = load_script("benchmarks/train_step.py", "train_step_benchmark")
     argv = [
-        "--variants=fp,freeze+dampen",
+        "--variants=fp,freeze+dampen,rules",
         "--batch=4",
         "--resolution=16",
         "--num_classes=10",
@@ -25,7 +25,7 @@ def test_benchmark_times_each_variant_with_one_compilation(capsys):
 
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
     assert printed == records
-    assert [r["variant"] for r in records] == ["fp", "freeze+dampen"]
+    assert [r["variant"] for r in records] == ["fp", "freeze+dampen", "rules"]
     for r in records:
         assert r["compiles"] == 1
         assert r["steps"] == 3
@@ -35,9 +35,14 @@ def test_benchmark_times_each_variant_with_one_compilation(capsys):
         assert r["lower_s"] > 0 and r["compile_s"] > 0
         assert r["peak_memory_bytes"] > 0 and r["peak_memory_source"]
         assert r["xla_temp_bytes"] > 0
-    fp, freeze_dampen = records
+    fp, freeze_dampen, rules = records
     assert fp["round_ops"] == 0
     assert freeze_dampen["round_ops"] > 0 and freeze_dampen["conv_ops"] == fp["conv_ops"]
+    # The plain model quantized by rules rounds as often and carries a state of the same
+    # size as the package's model (the depth-wise convs may differ: the package slices on CPU).
+    assert rules["round_ops"] == freeze_dampen["round_ops"]
+    assert rules["xla_argument_bytes"] == freeze_dampen["xla_argument_bytes"]
+    assert np.isfinite(rules["final_loss"])
 
 
 def test_variants_map_to_the_trainers_step_settings():
@@ -59,6 +64,7 @@ def test_variants_map_to_the_trainers_step_settings():
     assert settings("freeze") == (True, False, 0.1, None)
     assert settings("dampen") == (False, True, 0.0, 0.01)
     assert settings("freeze+dampen") == (True, True, 0.1, 0.01)
+    assert settings("rules") == settings("freeze+dampen")
 
 
 def test_a_step_that_recompiles_is_reported(monkeypatch):
