@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from oscqat_jax import oscillation
+from oscqat_jax.nn import depthwise
 from oscqat_jax.nn.api import CALIBRATION_COLLECTIONS
 from oscqat_jax.nn.collect import dampening_total
 from oscqat_jax.nn.config import LayerQuant, QuantContext
@@ -142,8 +143,42 @@ def _quantized_kernel(module: nn.Module, quant: LayerQuant, ctx: QuantContext, p
         )
 
 
+@contextlib.contextmanager
+def _depthwise_fast_path(module: nn.Module, impl: str):
+    """Within the block, a depth-wise ``nn.Conv`` convolves with the package's depth-wise
+    implementation ``impl`` (:mod:`oscqat_jax.nn.depthwise`: shifted slices on CPU, where
+    XLA's grouped convolution is slow) instead of ``lax.conv_general_dilated``; dilated
+    convs fall back to the latter. Only the summation order differs between the two."""
+    if depthwise.resolve_impl(impl) == "lax" or type(module) is not nn.Conv:
+        yield
+        return
+    original = module.conv_general_dilated
+
+    def conv(lhs, rhs, window_strides, padding, *args, **kwargs):
+        dilated = any(
+            d is not None and any(int(v) != 1 for v in d)
+            for d in (kwargs.get("lhs_dilation"), kwargs.get("rhs_dilation"))
+        )
+        if dilated or args or lhs.ndim != 4 or rhs.shape[2] != 1:
+            return (original or jax.lax.conv_general_dilated)(
+                lhs, rhs, window_strides, padding, *args, **kwargs
+            )
+        return depthwise.depthwise_conv(
+            lhs, rhs, strides=tuple(window_strides), padding=padding, impl=impl
+        )
+
+    object.__setattr__(module, "conv_general_dilated", conv)
+    try:
+        yield
+    finally:
+        object.__setattr__(module, "conv_general_dilated", original)
+
+
 def _interceptor(
-    rules: tuple[QuantRule, ...], ctx: QuantContext, record: dict[str, LayerQuant] | None
+    rules: tuple[QuantRule, ...],
+    ctx: QuantContext,
+    record: dict[str, LayerQuant] | None,
+    depthwise_impl: str = "auto",
 ) -> Callable:
     """A ``flax.linen.intercept_methods`` interceptor applying ``rules`` in context ``ctx``;
     it writes each quantized site's :class:`LayerQuant` into ``record`` when given."""
@@ -187,7 +222,11 @@ def _interceptor(
             kwargs["inputs"] = x
         if not quant.weight.enabled:
             return next_fun(*args, **kwargs)
-        with _quantized_kernel(module, quant, ctx, path):
+        # Float mode runs the user's model untouched, its convolutions included.
+        fast = None
+        if ctx.quantize and _depthwise(module, x):
+            fast = _depthwise_fast_path(module, depthwise_impl)
+        with _quantized_kernel(module, quant, ctx, path), fast or contextlib.nullcontext():
             return next_fun(*args, **kwargs)
 
     return intercept
@@ -213,9 +252,10 @@ class QuantizedModel:
 
     model: nn.Module
     rules: tuple[QuantRule, ...]
+    depthwise_impl: str = "auto"  # quantized depth-wise convs: see oscqat_jax.nn.depthwise
 
     def _run(self, ctx: QuantContext, fn: Callable, *args, record=None, **kwargs):
-        with nn.intercept_methods(_interceptor(self.rules, ctx, record)):
+        with nn.intercept_methods(_interceptor(self.rules, ctx, record, self.depthwise_impl)):
             return fn(*args, **kwargs)
 
     def init(self, rngs, *args, **kwargs) -> dict[str, Any]:
@@ -324,12 +364,16 @@ class QuantizedModel:
         return record
 
 
-def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedModel:
+def quantize_model(
+    model: nn.Module, rules: Sequence[QuantRule], *, depthwise_impl: str = "auto"
+) -> QuantizedModel:
     """``model`` (any ``flax.linen.Module``, unchanged) with quantizers placed by ``rules``.
 
     The first rule matching a site's ``/``-joined module path decides how it is quantized;
     sites no rule matches stay float. See the module docstring for the sites and
-    :func:`oscqat_jax.nn.rules.paper_rules` for the paper's setups.
+    :func:`oscqat_jax.nn.rules.paper_rules` for the paper's setups. ``depthwise_impl``
+    (``auto``, ``shifted`` or ``lax``) is how quantized depth-wise ``nn.Conv`` layers
+    convolve, as the package's own layers' option: ``auto`` takes shifted slices on CPU.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(
@@ -338,7 +382,8 @@ def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedMod
         )
     if model.scope is not None:
         raise ValueError("quantize_model needs an unbound module (the model, not a bound copy).")
-    return QuantizedModel(model, check_rules(rules))
+    depthwise.resolve_impl(depthwise_impl)  # one sentence for a bad value
+    return QuantizedModel(model, check_rules(rules), depthwise_impl)
 
 
 __all__ = [

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from oscqat_jax import dampening, quant
+from oscqat_jax.nn import depthwise
 from oscqat_jax.nn.intercept import ActQuant, QuantAux, quantize_model
 from oscqat_jax.nn.rules import QuantRule
 
@@ -113,20 +114,20 @@ def test_eval_matches_the_functional_core_layer_by_layer(net):
     )
     p = variables["params"]
     fq = lambda x, s, bits=4: quant.fake_quant(x, s, None, n_bits=bits, signed=True)  # noqa: E731
-    conv = lambda x, k, groups=1: jax.lax.conv_general_dilated(  # noqa: E731
-        x,
-        k,
-        (1, 1),
-        ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
+    conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     y = conv(fq(X, 0.25), fq(p["conv"]["kernel"], p["conv"]["weight_scale"]))
     y = nn.BatchNorm(use_running_average=True).apply(
         {"params": p["bn"], "batch_stats": variables["batch_stats"]["bn"]}, y
     )
     y = jax.nn.relu(y)
-    y = conv(fq(y, 0.1), fq(p["dw"]["kernel"], 0.15), groups=6) + p["dw"]["bias"]
+    # The quantized depth-wise conv takes the package's depth-wise path (shifted slices on
+    # CPU); the same function here keeps the summation order, so the 6-bit logits agree.
+    y_dw = depthwise.depthwise_conv(
+        fq(y, 0.1), fq(p["dw"]["kernel"], 0.15), padding=((1, 1), (1, 1))
+    )
+    y = y_dw + p["dw"]["bias"]
     y = jnp.mean(y, axis=(1, 2))
     y = fq(y, 0.05) @ fq(p["fc"]["kernel"], p["fc"]["weight_scale"]) + p["fc"]["bias"]
     want = fq(y, 0.02, bits=6)

@@ -1,6 +1,7 @@
 """The rules path is the package's method (issue 13, point 4): MobileNetV2 written here with
 plain ``flax.linen`` layers only, quantized by ``paper_rules("LSQ_paper")``, against the
-package's own ``MobileNetV2`` (``depthwise_impl="lax"``) with the same weights.
+package's own ``MobileNetV2`` with the same weights, both taking the depth-wise fast path
+(``depthwise_impl="shifted"``, the CPU default) so that the rules path's use of it is checked too.
 
 Both are calibrated on the same batches (the scales must come out the same), then give the
 same fake-quantized logits in eval mode and run the same few QAT steps (SGD on kernels and
@@ -126,12 +127,12 @@ class MobileNetV2(nn.Module):
 
 
 RULES = paper_rules("LSQ_paper", 4, first_conv="features_0", classifier="classifier")
-PLAIN = quantize_model(MobileNetV2(CLASSES, WIDTH, BLOCKS), RULES)
+PLAIN = quantize_model(MobileNetV2(CLASSES, WIDTH, BLOCKS), RULES, depthwise_impl="shifted")
 PACKAGE = PackageMobileNetV2(
     num_classes=CLASSES,
     width_multiplier=WIDTH,
     quant_setup=QuantSetup("LSQ_paper", 4),
-    depthwise_impl="lax",
+    depthwise_impl="shifted",
     block_setting=BLOCKS,
 )
 
@@ -305,7 +306,9 @@ def test_eval_logits_match_and_a_missing_depthwise_rule_breaks_them(calibrated):
     assert diff <= RTOL
     # Negative control: the same rules behind one that keeps depth-wise convs float.
     float_depthwise = quantize_model(
-        PLAIN.model, (QuantRule(".*", weight_bits=None, act_bits=None, depthwise=True), *RULES)
+        PLAIN.model,
+        (QuantRule(".*", weight_bits=None, act_bits=None, depthwise=True), *RULES),
+        depthwise_impl="shifted",
     )
     assert max_rel_diff(jax.jit(float_depthwise.apply)(plain, images[0]), want) > 1e-3
 
