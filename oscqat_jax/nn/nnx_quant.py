@@ -81,19 +81,21 @@ from flax import nnx
 
 from oscqat_jax import dampening, oscillation, quant, ranges
 from oscqat_jax.nn.config import LayerQuant, QuantizerSpec
-from oscqat_jax.nn.quantizer import scale_and_zero_point
+
+# NNX kernels keep the output channels last too: ``(*kernel_size, in // groups, out)``, ``(in, out)``.
+from oscqat_jax.nn.quantizer import (
+    MSE_FIELDS,
+    WEIGHT_CHANNEL_AXIS,
+    mse_range_init,
+    scale_and_zero_point,
+)
 from oscqat_jax.nn.rules import QuantRule, check_rules, hook_site_quant, layer_site_quant
 
 NNX_MODES = ("float", "calibrate", "train", "eval")
 """Modes of a quantized NNX layer (see the module docstring)."""
 
-WEIGHT_CHANNEL_AXIS = -1
-"""Output-channel axis of NNX kernels: ``(*kernel_size, in // groups, out)`` and ``(in, out)``."""
-
 QUANTIZABLE_TYPES = (nnx.Conv, nnx.Linear)
 """The NNX layer types :func:`quantize_nnx` replaces (subclasses included)."""
-
-_MSE_FIELDS = ("lower", "upper", "loss", "one_sided", "num_batches")
 
 
 class Oscillation(nnx.Variable):
@@ -116,18 +118,6 @@ class Dampening(nnx.Variable):
 # --- pure helpers: quantizer parameters and range estimation ----------------------------------
 
 
-def _mse_init(x, spec: QuantizerSpec, *, channel_axis, signed) -> ranges.MSERangeState:
-    return ranges.mse_range_init(
-        x,
-        n_bits=spec.n_bits,
-        symmetric=spec.symmetric,
-        signed=signed,
-        channel_axis=channel_axis,
-        num_candidates=spec.num_candidates,
-        range_margin=spec.range_margin,
-    )
-
-
 def _empty_range(spec: QuantizerSpec, shape: tuple, *, channel_axis, signed) -> dict | None:
     """Zeroed range accumulator for a tensor of ``shape`` (``num_batches == 0`` marks it empty);
     None for ``current_minmax``, which keeps no state."""
@@ -142,10 +132,10 @@ def _empty_range(spec: QuantizerSpec, shape: tuple, *, channel_axis, signed) -> 
         zeros = jnp.zeros(keep, jnp.float32)
         return {"min": zeros, "max": zeros, "num_batches": jnp.zeros((), jnp.int32)}
     abstract = jax.eval_shape(
-        lambda x: _mse_init(x, spec, channel_axis=channel_axis, signed=signed),
+        lambda x: mse_range_init(x, spec, channel_axis=channel_axis, signed=signed),
         jax.ShapeDtypeStruct(shape, jnp.float32),
     )
-    return {f: jnp.zeros(a.shape, a.dtype) for f in _MSE_FIELDS for a in [getattr(abstract, f)]}
+    return {f: jnp.zeros(a.shape, a.dtype) for f in MSE_FIELDS for a in [getattr(abstract, f)]}
 
 
 def _estimate_range(x, stored: dict | None, spec: QuantizerSpec, *, channel_axis, signed):
@@ -167,12 +157,12 @@ def _estimate_range(x, stored: dict | None, spec: QuantizerSpec, *, channel_axis
         )
         new = {"min": x_min, "max": x_max, "num_batches": stored["num_batches"] + 1}
         return (x_min, x_max), new
-    fresh = _mse_init(x, spec, channel_axis=channel_axis, signed=signed)
+    fresh = mse_range_init(x, spec, channel_axis=channel_axis, signed=signed)
     state = jax.tree.map(
         lambda new, old: jnp.where(first, new, old),
         fresh,
         ranges.MSERangeState(
-            **{f: stored[f] for f in _MSE_FIELDS},
+            **{f: stored[f] for f in MSE_FIELDS},
             n_bits=fresh.n_bits,
             symmetric=fresh.symmetric,
             signed=fresh.signed,
@@ -181,7 +171,7 @@ def _estimate_range(x, stored: dict | None, spec: QuantizerSpec, *, channel_axis
         ),
     )
     state = ranges.mse_range_accumulate(state, x)
-    return ranges.mse_range_result(state), {f: getattr(state, f) for f in _MSE_FIELDS}
+    return ranges.mse_range_result(state), {f: getattr(state, f) for f in MSE_FIELDS}
 
 
 def _int_and_params(x, scale, zero_point, spec: QuantizerSpec, signed):

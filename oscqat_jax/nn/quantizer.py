@@ -50,7 +50,7 @@ WEIGHT_CHANNEL_AXIS = -1
 QUANTIZER_PARAM_KINDS = ("scale", "zero_point")
 """A quantizer ``<q>`` names its parameters ``<q>_scale`` and ``<q>_zero_point``."""
 
-_MSE_FIELDS = ("lower", "upper", "loss", "one_sided", "num_batches")
+MSE_FIELDS = ("lower", "upper", "loss", "one_sided", "num_batches")
 
 
 def split_quantizer_param(name: str) -> tuple[str, str] | None:
@@ -108,6 +108,22 @@ def _require_mutable(module: nn.Module, collections: tuple[str, ...], why: str) 
         )
 
 
+def mse_range_init(
+    x: jax.Array, spec: QuantizerSpec, *, channel_axis: int | None, signed
+) -> ranges.MSERangeState:
+    """The MSE range search of ``spec`` started on ``x`` (its first calibration batch fixes
+    the candidate grid, SPEC §3); shared by the Linen layers and the NNX path."""
+    return ranges.mse_range_init(
+        x,
+        n_bits=spec.n_bits,
+        symmetric=spec.symmetric,
+        signed=signed,
+        channel_axis=channel_axis,
+        num_candidates=spec.num_candidates,
+        range_margin=spec.range_margin,
+    )
+
+
 def _estimate_range(
     module: nn.Module,
     name: str,
@@ -131,18 +147,10 @@ def _estimate_range(
         return x_min, x_max
     if stored is None:
         # The first calibration batch fixes the candidate grid (SPEC §3).
-        state = ranges.mse_range_init(
-            x,
-            n_bits=spec.n_bits,
-            symmetric=spec.symmetric,
-            signed=signed,
-            channel_axis=channel_axis,
-            num_candidates=spec.num_candidates,
-            range_margin=spec.range_margin,
-        )
+        state = mse_range_init(x, spec, channel_axis=channel_axis, signed=signed)
     else:
         state = ranges.MSERangeState(
-            **{f: stored[f] for f in _MSE_FIELDS},
+            **{f: stored[f] for f in MSE_FIELDS},
             n_bits=spec.n_bits,
             symmetric=spec.symmetric,
             signed=signed,
@@ -150,7 +158,7 @@ def _estimate_range(
             ndim=x.ndim,
         )
     state = ranges.mse_range_accumulate(state, x)
-    module.put_variable(QUANT_STATS, key, {f: getattr(state, f) for f in _MSE_FIELDS})
+    module.put_variable(QUANT_STATS, key, {f: getattr(state, f) for f in MSE_FIELDS})
     return ranges.mse_range_result(state)
 
 
