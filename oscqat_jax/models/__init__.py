@@ -60,7 +60,7 @@ def create_model(
 
     ``quant_setup`` may be a :class:`QuantSetup` or a setup name (defaults for the rest);
     ``kwargs`` are further attributes of the model class (e.g. ``dropout_rate``,
-    ``bn_momentum``). ResNets have no width multiplier.
+    ``bn_momentum``).
     """
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; valid models are {', '.join(MODELS)}.")
@@ -72,15 +72,17 @@ def create_model(
         raise ValueError(f"width_multiplier must be positive, got {width_multiplier!r}.")
     factory = MODELS[name]
     fields = {f.name for f in dataclasses.fields(_model_class(factory))} - {"parent", "name"}
-    options = dict(num_classes=num_classes, quant_setup=quant_setup, fold_bn=fold_bn, dtype=dtype)
-    if "width_multiplier" in fields:
-        options["width_multiplier"] = width_multiplier
-    elif width_multiplier != 1.0:
-        raise ValueError(f"{name} has no width multiplier; pass width_multiplier=1.0.")
+    options = dict(
+        num_classes=num_classes,
+        quant_setup=quant_setup,
+        width_multiplier=width_multiplier,
+        fold_bn=fold_bn,
+        dtype=dtype,
+    )
     fixed = set(factory.keywords) if isinstance(factory, functools.partial) else set()
     unknown = sorted(set(kwargs) - (fields - fixed - set(options)))
     if unknown:
-        valid = sorted(fields - fixed - set(options) - {"width_multiplier"})
+        valid = sorted(fields - fixed - set(options))
         raise ValueError(
             f"{name} has no option {', '.join(unknown)}; its options are {', '.join(valid)}."
         )

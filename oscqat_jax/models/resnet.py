@@ -42,6 +42,11 @@ STAGE_CHANNELS = (64, 128, 256, 512)
 STEM_CHANNELS = 64
 
 
+def scaled_channels(channels: int, width_multiplier: float) -> int:
+    """``channels * width_multiplier`` rounded, at least 1 (torchvision's widths at 1.0)."""
+    return max(1, int(channels * width_multiplier + 0.5))
+
+
 class ResidualBlock(nn.Module):
     """Basic block (two 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x expansion), ReLU after the add.
 
@@ -91,6 +96,9 @@ class ResNet(nn.Module):
     Attributes:
       depth: 18 or 50.
       num_classes: output classes.
+      width_multiplier: scales every stage's and the stem's channels (1.0 is torchvision's
+        network, the only width its weights load into; narrower networks of the same
+        structure make cheaper tests).
       quant_setup: assigns every layer its quantizers.
       fold_bn: fold BN into the quantized conv weights.
       dropout_rate: dropout before ``fc`` in training modes (torchvision has none).
@@ -101,6 +109,7 @@ class ResNet(nn.Module):
 
     depth: int = 18
     num_classes: int = 1000
+    width_multiplier: float = 1.0
     quant_setup: QuantSetup = QuantSetup()
     fold_bn: bool = False
     dropout_rate: float = 0.0
@@ -120,14 +129,20 @@ class ResNet(nn.Module):
             self.dtype,
         )
         x = cfg.conv_bn_act(
-            self, "conv1", "first_conv", STEM_CHANNELS, 7, strides=2, activation=jax.nn.relu
+            self,
+            "conv1",
+            "first_conv",
+            scaled_channels(STEM_CHANNELS, self.width_multiplier),
+            7,
+            strides=2,
+            activation=jax.nn.relu,
         )(x, ctx)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         depths = DEPTHS[self.depth]
         for i, (blocks, planes) in enumerate(zip(depths, STAGE_CHANNELS, strict=True), start=1):
             for j in range(blocks):
                 block = ResidualBlock(
-                    planes=planes,
+                    planes=scaled_channels(planes, self.width_multiplier),
                     strides=2 if j == 0 and i > 1 else 1,
                     bottleneck=self.depth == 50,
                     last=i == len(depths) and j == blocks - 1,
