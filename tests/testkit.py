@@ -1,5 +1,6 @@
 """Helpers shared by the test folders: the repository root, loading a script of the
-repository as a module, the tiny config of ``configs/tiny.py``, and comparing trees."""
+repository as a module, the tiny config of ``configs/tiny.py``, the suite's one trained digits
+run, and comparing trees."""
 
 from __future__ import annotations
 
@@ -37,6 +38,34 @@ def tiny_config(**overrides):
         group, field = key.split("__")
         c[group][field] = value
     return c
+
+
+# The one trained run of the suite: configs/tiny.py on the real digits (16x16, one channel;
+# 1437 training images, 22 steps per epoch; 360 validation images in three batches of 120), two
+# float epochs and one QAT epoch, so its accuracy is far above chance. It is trained once per
+# test session by ``python train.py`` (tests/conftest.py's ``digits_run``) and read by the tests
+# that need a trained checkpoint: the end-to-end run, the exports and the export check.
+DIGITS_RUN = {
+    "data.name": "digits",
+    "data.image_size": 16,
+    "data.batch_size": 64,
+    "data.eval_batch_size": 120,
+    "float_train.epochs": 2,
+    "train.epochs": 1,
+    "train.log_every": 11,
+    "train.checkpoint_every": 1000,
+    "eval.bn_batches": 4,
+}
+DIGITS_RUN_FLAGS = [
+    f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
+    *(f"--config.{k}={v}" for k, v in DIGITS_RUN.items()),
+]
+DIGITS_IMAGE_SHAPE = (16, 16, 1)
+
+
+def digits_run_config():
+    """The config of :data:`DIGITS_RUN` (what ``train.py`` with :data:`DIGITS_RUN_FLAGS` runs)."""
+    return tiny_config(**{k.replace(".", "__"): v for k, v in DIGITS_RUN.items()})
 
 
 def restore_final(workdir, config):

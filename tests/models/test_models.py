@@ -131,13 +131,21 @@ FAMILIES = [
         dict(width_multiplier=0.25, dropout_rate=0.2),
         (*STATE, "dampening"),
     ),
-    ("mobilenet_v3_small", "LSQ", dict(width_multiplier=0.25), STATE),
-    ("efficientnet_lite0", "fc4_dw8", dict(width_multiplier=0.25), STATE),
+    pytest.param(
+        "mobilenet_v3_small", "LSQ", dict(width_multiplier=0.25), STATE, marks=pytest.mark.slow
+    ),
+    pytest.param(
+        "efficientnet_lite0", "fc4_dw8", dict(width_multiplier=0.25), STATE, marks=pytest.mark.slow
+    ),
     ("resnet18", "all", dict(), STATE),
 ]
 
 
-@pytest.mark.parametrize("name, setup, options, mutable", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize(
+    "name, setup, options, mutable",
+    FAMILIES,
+    ids=["mobilenet_v2", "mobilenet_v3_small", "efficientnet_lite0", "resnet18"],
+)
 def test_qat_step_and_eval(name, setup, options, mutable):
     if name != "resnet18":
         options = dict(options, depthwise_impl="lax")  # compiles twice as fast as slices
@@ -237,6 +245,20 @@ def test_pooling_is_requantized_on_the_tied_grid(setup, tied):
         np.testing.assert_array_equal(pooled, mean)
 
 
+def test_a_narrow_resnet_scales_every_stage_and_keeps_the_structure():
+    full = abstract_variables(ResNet(depth=50, num_classes=10))["params"]
+    narrow = abstract_variables(ResNet(depth=50, num_classes=10, width_multiplier=0.25))["params"]
+    full_paths = jax.tree_util.tree_leaves_with_path(full)
+    narrow_leaves = jax.tree_util.tree_leaves(narrow)
+    assert len(full_paths) == len(narrow_leaves)  # the same layers
+    assert narrow["conv1"]["kernel"].shape == (7, 7, 3, 16)
+    # Bottleneck widths 64 -> 16 (and its 4x expansion 256 -> 64), the last stage 512 -> 128.
+    assert narrow["layer1_0"]["conv3"]["kernel"].shape == (1, 1, 16, 64)
+    assert narrow["layer4_2"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
+    assert narrow["fc"]["kernel"].shape == (512, 10)
+    assert count(narrow) < count(full) / 10
+
+
 def test_resnet_rejects_bad_depth():
     with pytest.raises(ValueError, match="depth must be 18 or 50, got 34."):
         abstract_variables(ResNet(depth=34))
@@ -249,7 +271,7 @@ def test_resnet_rejects_bad_depth():
             dict(name="mobilenet_v4"),
             "Unknown model 'mobilenet_v4'; valid models are mobilenet_v2, ",
         ),
-        (dict(name="resnet18", width_multiplier=0.5), "resnet18 has no width multiplier"),
+        (dict(name="resnet18", width_multiplier=0.0), "width_multiplier must be positive"),
         (
             dict(name="mobilenet_v2", drop_rate=0.1),
             "mobilenet_v2 has no option drop_rate; its options are ",

@@ -95,6 +95,10 @@ class SmallResNet(nn.Module):
 RULES = paper_rules("LSQ_paper", n_bits=4, first_conv="conv_init", classifier="head")
 
 
+# Every test reads the trained runs of the module's fixtures (float plus two QAT runs).
+pytestmark = pytest.mark.slow
+
+
 # ----------------------------------------------------------------------------- the user's loop
 
 

@@ -9,6 +9,7 @@ from testkit import TEST_BLOCKS, load_script
 TINY_BLOCKS = TEST_BLOCKS
 
 
+@pytest.mark.slow
 def test_benchmark_times_each_variant_with_one_compilation(capsys):
     bench = load_script("benchmarks/train_step.py", "train_step_benchmark")
     argv = [

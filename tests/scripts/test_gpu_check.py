@@ -29,6 +29,7 @@ def dry_run(tmp_path_factory):
     return data, (out / check.MARKDOWN_FILE).read_text(encoding="utf-8"), done.stdout
 
 
+@pytest.mark.slow
 def test_dry_run_measures_every_part(dry_run):
     data, _, stdout = dry_run
     assert data["meta"]["dry_run"] and data["meta"]["total_s"] > 0

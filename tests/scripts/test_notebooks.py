@@ -40,6 +40,7 @@ def test_notebook_is_committed_as_documented(path):
     assert 'if "google.colab" in sys.modules:' in code[0].source and "REPO = " in code[0].source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     # The kernel inherits this environment: CPU only, and temporary folders (the digits

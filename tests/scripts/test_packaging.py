@@ -255,6 +255,7 @@ def test_clone_runner_needs_the_scripts_own_path_set_up(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", README_SCRIPTS)
 def test_readme_script_runs_from_a_clone(clone, script):
     if "torch" in script and importlib.util.find_spec("torch") is None:

@@ -30,6 +30,7 @@ def table_rows(text: str, first_header: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_quick_study_writes_the_table_and_figures(quick):
     workdir, out, results = quick
     text = open(out, encoding="utf-8").read()

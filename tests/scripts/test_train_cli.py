@@ -1,11 +1,14 @@
-"""``python train.py``: a bad flag, config field or value, or a missing file stops it with one
-sentence on stderr, exit status 1, no traceback and no workdir; ``--debug`` shows the traceback.
+"""``python train.py``: the whole program end to end on the digits (the suite's shared run);
+a bad flag, config field or value, or a missing file stops it with one sentence on stderr, exit
+status 1, no traceback and no workdir; ``--debug`` shows the traceback.
 
-Every command here fails before anything is compiled (validation comes first), so each costs
-one interpreter start and the imports.
+Every failing command here fails before anything is compiled (validation comes first), so each
+costs one interpreter start and the imports.
 """
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -111,3 +114,28 @@ def test_valid_flags_pass_the_parser(args, tmp_path):
     result = _train(*args, "--only_check_args", workdir=tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert "Error" not in result.stderr and not os.path.exists(tmp_path / "run")
+
+
+def test_train_py_runs_the_whole_program_end_to_end(digits_run):
+    """The suite's digits run, trained by ``python train.py``: every phase ran and reported."""
+    out, workdir = digits_run.stdout, digits_run.workdir
+    table = dict(
+        re.findall(
+            r"^(float accuracy \(top-1\)|QAT accuracy \w+ BN re-estimation)\s*\|\s*([\d.]+) %",
+            out,
+            re.M,
+        )
+    )
+    assert set(table) == {
+        "float accuracy (top-1)",
+        "QAT accuracy before BN re-estimation",
+        "QAT accuracy after BN re-estimation",
+    }, out
+    assert all(float(value) > 50.0 for value in table.values()), table  # chance is 10 %
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    qat = [r for r in rows if "qat/loss" in r]
+    # One QAT epoch of 22 steps logged every 11: two rows, steps 11 and 22.
+    assert [r["step"] for r in qat] == [11, 22], [r.get("step") for r in qat]
+    assert any("eval/top1_post_bn" in r for r in rows)
+    assert (workdir / "checkpoints" / "22").is_dir()
+    assert (workdir / "accuracy.png").stat().st_size > 0

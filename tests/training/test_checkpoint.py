@@ -522,7 +522,7 @@ print("UNREACHABLE", flush=True)
 """
 
 
-@pytest.mark.parametrize("mode", ["ours", "orbax_default"])
+@pytest.mark.parametrize("mode", ["ours", pytest.param("orbax_default", marks=pytest.mark.slow)])
 def test_a_process_whose_save_fails_ends_promptly(tmp_path, mode):
     process = subprocess.Popen(
         [sys.executable, "-c", EXIT_SCRIPT, str(tmp_path), mode],

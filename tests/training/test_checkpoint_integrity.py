@@ -157,6 +157,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("injection", ["mkdir", "rename"])
 def test_a_checkpoint_directory_that_stops_taking_writes_ends_the_run(
     uninterrupted, tmp_path, injection

@@ -84,6 +84,7 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_sigkilled_runs_resume_to_the_uninterrupted_result(uninterrupted, tmp_path):
     rng = random.Random(20261128)
     cache = jax.config.jax_compilation_cache_dir or str(tmp_path / "xla_cache")

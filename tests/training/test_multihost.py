@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
 
 WORKER = textwrap.dedent(
@@ -89,6 +90,7 @@ def _step_losses(workdir) -> list[tuple[int, float]]:
     return [(r["step"], r["qat/loss"]) for r in rows if "qat/loss" in r]
 
 
+@pytest.mark.slow
 def test_two_processes_end_in_the_state_of_one_process(tmp_path):
     single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
     coordinator = f"localhost:{_free_port()}"

@@ -27,14 +27,24 @@ RECIPES = [
 # differ only in the freezing threshold, an argument of the step. Each distinct program is
 # traced; the cheapest to compile (weight-only ResNet-18, tracked) runs for real, and the
 # training tests run every mode for real on a small MobileNetV2.
+_SLOW = pytest.mark.slow
 TRACED = [
     ("mobilenet_v2", "w4_freeze"),
-    ("mobilenet_v2", "w3_damp"),
-    ("efficientnet_lite0", "w4_damp"),
-    ("efficientnet_lite0", "w3_freeze"),
-    ("mobilenet_v3_small", "w4_damp"),
-    ("mobilenet_v3_small", "w3_freeze"),
+    pytest.param("mobilenet_v2", "w3_damp", marks=_SLOW),
+    pytest.param("efficientnet_lite0", "w4_damp", marks=_SLOW),
+    pytest.param("efficientnet_lite0", "w3_freeze", marks=_SLOW),
+    pytest.param("mobilenet_v3_small", "w4_damp", marks=_SLOW),
+    pytest.param("mobilenet_v3_small", "w3_freeze", marks=_SLOW),
     ("bn_study", "mobilenet_v2"),
+]
+TRACED_IDS = [
+    "mobilenet_v2:w4_freeze",
+    "mobilenet_v2:w3_damp",
+    "efficientnet_lite0:w4_damp",
+    "efficientnet_lite0:w3_freeze",
+    "mobilenet_v3_small:w4_damp",
+    "mobilenet_v3_small:w3_freeze",
+    "bn_study:mobilenet_v2",
 ]
 EXECUTED = ("bn_study", "resnet18")
 
@@ -167,7 +177,7 @@ def test_annealed_schedules_follow_the_paper_cosine_at_every_milestone(
     assert values[t0] != values[t0 - 1]  # just after the anneal start it has moved
 
 
-@pytest.mark.parametrize("name, arg", TRACED, ids=[f"{n}:{a}" for n, a in TRACED])
+@pytest.mark.parametrize("name, arg", TRACED, ids=TRACED_IDS)
 def test_recipe_step_traces(name, arg):
     """The whole step traced abstractly: every shape and collection checked, nothing compiled."""
     config, dataset, model, float_model, opt, _, step_fn, hparams = build(name, arg)
@@ -185,6 +195,7 @@ def test_recipe_step_traces(name, arg):
     assert bool(state.oscillation) == config.quant.quantize_activations or name == "bn_study"
 
 
+@pytest.mark.slow
 def test_a_recipe_runs_a_real_step():
     name, arg = EXECUTED
     config, dataset, model, float_model, opt, _, step_fn, hparams = build(name, arg)

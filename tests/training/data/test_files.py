@@ -253,6 +253,7 @@ def test_tfrecord_epochs_permute_all_records_in_blocks_of_shards(tfds_dirs):
     assert not np.array_equal(split.epoch_order(SEED, 0, 1), split.epoch_order(SEED, 1, 1))
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_batches_of_the_main_process(folder, tfds_dirs):
     for kind, workers in (("folder", 2), ("array_record", 1), ("tfrecord", 3)):
         batches = [
@@ -358,7 +359,14 @@ def train_config(**data_fields):
     return c
 
 
-@pytest.mark.parametrize("kind", ["folder", "array_record", "tfrecord"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("folder", marks=pytest.mark.slow),
+        "array_record",
+        pytest.param("tfrecord", marks=pytest.mark.slow),
+    ],
+)
 def test_the_trainer_trains_and_evaluates_on_each_source(kind, folder, tfds_dirs, tmp_path):
     from oscqat_jax.training import trainer
 
