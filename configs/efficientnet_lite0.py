@@ -1,4 +1,4 @@
-"""EfficientNet-lite0 on ImageNet: the paper's W4A4 and W3A3 recipes (SPEC §9).
+"""EfficientNet-lite0 on ImageNet: the paper's W4A4 and W3A3 recipes (docs/method.md §9).
 
     python train.py --config=configs/efficientnet_lite0.py:w4_lsq --workdir=DIR \
         --config.model.pretrained=efficientnet_lite0.pth

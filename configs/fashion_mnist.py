@@ -67,7 +67,8 @@ def get_config(arg: str = ""):
     elif method == "damp":
         c.osc_damp.weight, c.osc_damp.weight_final = DAMPENING_WEIGHT
 
-    # The paper's learning rates (0.01 at 3 bits, 0.0033 at 4) and weight decays (SPEC §9).
+    # The paper's learning rates (0.01 at 3 bits, 0.0033 at 4) and weight decays
+    # (docs/method.md §9).
     c.optimizer.lr = lr
     c.optimizer.lr_final = LR_FLOOR_FRACTION * lr
     c.optimizer.weight_decay = weight_decay[method]

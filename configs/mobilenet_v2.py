@@ -1,4 +1,4 @@
-"""MobileNetV2 on ImageNet: the paper's W4A4 and W3A3 recipes (SPEC §9).
+"""MobileNetV2 on ImageNet: the paper's W4A4 and W3A3 recipes (docs/method.md §9).
 
     python train.py --config=configs/mobilenet_v2.py:w4_lsq --workdir=DIR \
         --config.model.pretrained=mobilenet_v2.pth

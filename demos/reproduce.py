@@ -20,7 +20,7 @@ Compiled programs are shared through the persistent XLA cache in ``<workdir>/xla
 runs that differ only in schedules (lsq and freeze) or seeds compile nothing new.
 
 The trainer evaluates each QAT run once, at its end, before and after BN re-estimation
-(SPEC §8), and logs how far the running BN statistics were from the re-estimated ones and
+(docs/method.md §8), and logs how far the running BN statistics were from the re-estimated ones and
 which weights still oscillate; this script collects those records (``training.reports``)
 into each run's ``result.json`` and compares the runs. ``--quick`` runs a tiny version on
 scikit-learn's digits (W3A3, LSQ vs freezing, one seed, a few hundred steps), for the tests.

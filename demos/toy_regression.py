@@ -1,4 +1,4 @@
-"""The paper's 1-D toy regression (SPEC §1): a latent weight that cannot settle, and two cures.
+"""The paper's 1-D toy regression (docs/method.md §1): a weight that cannot settle, and two cures.
 
     python demos/toy_regression.py --out=/tmp/toy
 
@@ -71,7 +71,7 @@ class Setting:
 
 
 REFERENCE = Setting()
-"""The reference animation's settings (SPEC §1)."""
+"""The reference animation's settings (docs/method.md §1)."""
 SWEEP_LEARNING_RATES = (0.01, 0.05, 0.14)
 SWEEP_STEPS = 20_000
 REMEDY_STEPS = 200

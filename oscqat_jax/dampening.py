@@ -1,4 +1,4 @@
-"""Oscillation dampening (SPEC §7): a regulariser pulling latent weights to their bin centres.
+"""Oscillation dampening (docs/method.md §7): a regulariser pulling weights to their bin centres.
 
 For one weight ``w`` with scale ``s`` (and zero point)::
 

@@ -1,4 +1,4 @@
-"""Oscillation tracking (SPEC §5) and iterative weight freezing (SPEC §6) in the integer domain.
+"""Oscillation tracking and iterative weight freezing in the integer domain (docs/method.md §5-6).
 
 The state of one weight tensor is an :class:`OscillationState`, a pytree of arrays shaped
 like the weight (plus one scalar flag). :func:`update` is called once per *training* step
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from oscqat_jax._checks import as_float_array
 
 EMA_MOMENTUM = 0.001
-"""The paper's momentum of the oscillation-frequency and integer EMAs (SPEC §5, §6)."""
+"""The paper's momentum of the oscillation-frequency and integer EMAs (docs/method.md §5, §6)."""
 OSC_LEVEL = 0.005
 """The ``ema_osc`` above which summaries count a weight as oscillating."""
 
@@ -103,9 +103,10 @@ def update(
       use_ema: freeze to the rounded EMA of the integer value (True, the recipes) or to the
         current integer value (False).
 
-    As SPEC §6 and the reference, the freeze test ``ema_osc > f_th`` applies to every weight:
-    while an already-frozen weight's frequency stays above the threshold, its frozen value is
-    re-set to ``round(ema_int)`` (with the recipes' slow momentum this almost never changes it).
+    As docs/method.md §6 and the reference, the freeze test ``ema_osc > f_th`` applies to
+    every weight: while an already-frozen weight's frequency stays above the threshold, its
+    frozen value is re-set to ``round(ema_int)`` (with the recipes' slow momentum this almost
+    never changes it).
 
     Returns:
       ``(w_int_used, new_state)``: the integers the forward pass uses (frozen entries

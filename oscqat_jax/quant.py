@@ -1,4 +1,4 @@
-"""LSQ-style uniform fake quantization with straight-through gradients (SPEC §2).
+"""LSQ-style uniform fake quantization with straight-through gradients (docs/method.md §2).
 
 Every function here is pure JAX: it composes with ``jax.jit``, ``jax.grad`` and ``jax.vmap``
 and holds no state. Scales and zero points broadcast against the input, so a scalar gives

@@ -1,4 +1,4 @@
-"""Range estimators for initialising quantizer scales (SPEC §3).
+"""Range estimators for initialising quantizer scales (docs/method.md §3).
 
 Each estimator gives ``(x_min, x_max)``. Per tensor (``channel_axis=None``) they are scalars;
 per channel they keep the input's rank with size 1 on every axis but ``channel_axis``, so

@@ -81,7 +81,7 @@ def freeze_threshold_schedule(
     total_steps: int | None = None,
     anneal_start: float = 0.25,
 ) -> optax.Schedule:
-    """The freezing threshold ``f_th(t)`` of SPEC §6.
+    """The freezing threshold ``f_th(t)`` of docs/method.md §6.
 
     Without ``threshold_final`` the threshold is ``threshold`` from the first step; with it,
     0 (no freezing) until ``anneal_start * total_steps``, then cosine to ``threshold_final``.
@@ -101,7 +101,7 @@ def dampening_weight_schedule(
     total_steps: int | None = None,
     anneal_start: float = 0.25,
 ) -> optax.Schedule:
-    """The dampening weight ``lambda(t)`` of SPEC §7.
+    """The dampening weight ``lambda(t)`` of docs/method.md §7.
 
     Without ``weight_final`` it is ``weight`` throughout; with it, ``weight`` until
     ``anneal_start * total_steps`` (0 in the recipes), then cosine to ``weight_final``.

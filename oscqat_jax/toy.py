@@ -1,4 +1,4 @@
-"""The paper's 1-D toy regression (SPEC §1), solved with the functional core.
+"""The paper's 1-D toy regression (docs/method.md §1), solved with the functional core.
 
 ``min_w  E[x^2] / 2 * (q(w) - w_star)^2`` by plain gradient descent with the STE, where
 ``q`` is the project's fake quantizer with a fixed scale. The optimum ``w_star`` lies

@@ -1,10 +1,11 @@
 """Pretrained PyTorch weights -> this package's ``params`` and ``batch_stats``.
 
-QAT starts from a pretrained float network (SPEC §9). This module reads a PyTorch state dict
-and places every tensor in the variables of one of our models:
+QAT starts from a pretrained float network (docs/method.md §9). This module reads a PyTorch
+state dict and places every tensor in the variables of one of our models:
 
-- conv weights OIHW ``(O, I, kh, kw)`` -> HWIO ``(kh, kw, I, O)`` (depth-wise: ``(C, 1, kh,
-  kw)`` -> ``(kh, kw, 1, C)``); linear weights ``(out, in)`` -> ``(in, out)``; biases as they are;
+- conv weights OIHW ``(O, I, kh, kw)`` -> HWIO ``(kh, kw, I, O)`` (depth-wise:
+  ``(C, 1, kh, kw)`` -> ``(kh, kw, 1, C)``); linear weights ``(out, in)`` -> ``(in, out)``;
+  biases as they are;
 - BatchNorm ``weight``/``bias`` -> ``params .../bn/{scale, bias}``, ``running_mean``/
   ``running_var`` -> ``batch_stats .../bn/{mean, var}``; ``num_batches_tracked`` is ignored;
 - quantizer parameters (``weight_scale``, ``input_scale``, ...) have no PyTorch counterpart

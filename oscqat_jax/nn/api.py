@@ -213,7 +213,7 @@ def calibrate(
     key: jax.Array | None = None,
     **apply_kwargs,
 ) -> dict:
-    """Initialises the quantizers' ranges of a package model (SPEC §3) on ``batches``.
+    """Initialises the quantizers' ranges of a package model (docs/method.md §3) on ``batches``.
 
     Args:
       model: a module of the package's layers called as ``model(*inputs, ctx)``.

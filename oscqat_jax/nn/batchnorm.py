@@ -10,7 +10,7 @@ the biased batch variance in both.
 Modes: batch statistics in ``train``/``float_train`` (running statistics updated when
 ``batch_stats`` is mutable) and ``bn_stats``; running statistics otherwise. In ``bn_stats``
 the batch's mean and unbiased variance are sown into the ``bn_batch_stats`` collection
-(``mean``, ``var``) and ``batch_stats`` is left alone (SPEC §8); see
+(``mean``, ``var``) and ``batch_stats`` is left alone (docs/method.md §8); see
 ``collect.reestimated_batch_stats``.
 """
 

@@ -3,7 +3,8 @@
 - :func:`dampening_total`: the summed dampening terms sown in a ``train`` call.
 - :func:`quantized_weights`: every quantized kernel as integers, scale and zero point.
 - :func:`oscillation_states` / :func:`oscillation_summary`: tracking state per layer.
-- :func:`reestimated_batch_stats`: BN running statistics from ``bn_stats`` passes (SPEC §8).
+- :func:`reestimated_batch_stats`: BN running statistics from ``bn_stats`` passes
+  (docs/method.md §8).
 
 Paths are module paths joined by ``/``, e.g. ``"block_3/depthwise"``.
 """
@@ -220,7 +221,7 @@ def bn_mismatch(running: Mapping, reestimated: Mapping, epsilon: float = 1e-5) -
 
 def reestimated_batch_stats(bn_batch_stats: Sequence[Mapping]) -> dict:
     """Running statistics from ``bn_stats`` passes: per BN layer, the average of the sown
-    per-batch means and of the per-batch unbiased variances (SPEC §8).
+    per-batch means and of the per-batch unbiased variances (docs/method.md §8).
 
     Args:
       bn_batch_stats: the ``bn_batch_stats`` collection of each pass (one per batch).

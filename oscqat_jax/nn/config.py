@@ -25,16 +25,16 @@ MODES = ("float_train", "float_eval", "calibrate", "train", "eval", "bn_stats")
 
 - ``float_train`` / ``float_eval``: quantizers off (plain float network); BN uses batch
   statistics (updating ``batch_stats``) or running statistics respectively.
-- ``calibrate``: range initialisation (SPEC §3): BN uses running statistics, each quantizer
-  updates its range estimator in the ``quant_stats`` collection and sets its scale from it
-  before quantizing, so downstream quantizers see the already-quantized network.
+- ``calibrate``: range initialisation (docs/method.md §3): BN uses running statistics, each
+  quantizer updates its range estimator in the ``quant_stats`` collection and sets its scale
+  from it before quantizing, so downstream quantizers see the already-quantized network.
 - ``train``: QAT. BN uses batch statistics (updating ``batch_stats``); oscillation tracking
   and freezing advance (the ``oscillation`` collection must be mutable) and dampened layers
   sow their term into ``dampening`` (which must be mutable and must not be passed in), unless
   the context turns them off (``track_oscillations=False`` / ``dampen=False``).
 - ``eval``: quantized inference with running BN statistics; nothing advances.
-- ``bn_stats``: BN re-estimation pass (SPEC §8): quantized like ``eval``, but each BN layer
-  normalises with batch statistics and records them; tracking does not advance.
+- ``bn_stats``: BN re-estimation pass (docs/method.md §8): quantized like ``eval``, but each
+  BN layer normalises with batch statistics and records them; tracking does not advance.
 """
 
 
@@ -101,7 +101,7 @@ class QuantContext:
     silently dropping the term or the tracking; set them False to train without it.
     """
 
-    freeze_threshold: jax.Array  # f_th of SPEC §6; freezing is active only while > 0
+    freeze_threshold: jax.Array  # f_th of docs/method.md §6; freezing is active only while > 0
     osc_momentum: jax.Array  # EMA momentum of tracking and freezing
     mode: str = dataclasses.field(default="eval", metadata=dict(static=True))
     use_ema_freeze: bool = dataclasses.field(default=True, metadata=dict(static=True))

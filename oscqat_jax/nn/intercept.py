@@ -76,10 +76,10 @@ class QuantAux(NamedTuple):
     """The side results of a ``train`` call.
 
     ``dampening`` is the float32 scalar sum of the dampening terms of every dampened kernel
-    (SPEC §7, ``kernel_mean`` aggregation per layer); add ``weight * dampening`` to the loss.
-    ``updates`` holds the collections the call changed: ``oscillation`` and those named in
-    ``mutable`` (e.g. ``batch_stats``); merge it into the variables for the next step. The
-    sown ``dampening`` collection is never returned, so it cannot be fed back.
+    (docs/method.md §7, ``kernel_mean`` aggregation per layer); add ``weight * dampening`` to
+    the loss. ``updates`` holds the collections the call changed: ``oscillation`` and those
+    named in ``mutable`` (e.g. ``batch_stats``); merge it into the variables for the next
+    step. The sown ``dampening`` collection is never returned, so it cannot be fed back.
     """
 
     dampening: jax.Array
@@ -269,7 +269,7 @@ class QuantizedModel:
     def calibrate(
         self, variables: Mapping[str, Any], batches: Iterable[Any], **kwargs
     ) -> dict[str, Any]:
-        """Sets every quantizer's range from data (SPEC §3) and returns the full variables.
+        """Sets every quantizer's range from data (docs/method.md §3); returns the full variables.
 
         ``batches`` yields the model's positional input: an array, or a tuple of arguments.
         ``kwargs`` go to the model on every batch; pass those of inference (e.g.
@@ -321,7 +321,7 @@ class QuantizedModel:
           *args, **kwargs: the model's own arguments (e.g. images, ``train=True``).
           mode: ``eval`` -> output; ``train`` -> ``(output, QuantAux)``; ``float`` -> the
             output of the unquantized model.
-          freeze_threshold: f_th of SPEC §6 (freezing active while > 0); float or float32
+          freeze_threshold: f_th of docs/method.md §6 (freezing active while > 0); float or float32
             array, may be traced (changing it does not recompile).
           osc_momentum: EMA momentum of tracking and freezing; may be traced.
           mutable: the model's own collections to update, e.g. ``["batch_stats"]``. In

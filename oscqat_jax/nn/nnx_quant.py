@@ -142,7 +142,7 @@ def _estimate_range(x, stored: dict | None, spec: QuantizerSpec, *, channel_axis
     """Updates the accumulator ``stored`` with ``x``; returns ``((x_min, x_max), new_stored)``.
 
     An empty accumulator (``num_batches == 0``) starts from ``x``, as the first calibration
-    batch fixes the MSE candidate grid (SPEC §3).
+    batch fixes the MSE candidate grid (docs/method.md §3).
     """
     if spec.range_method == "current_minmax":
         return ranges.current_minmax(x, channel_axis=channel_axis), None
@@ -581,7 +581,7 @@ def set_mode(model: nnx.Module, mode: str, *, freeze_threshold=None, osc_momentu
 
 def dampening_loss(model: nnx.Module) -> jax.Array:
     """Sum over dampened kernels of their dampening terms from the last forward pass
-    (float32 scalar, ``kernel_mean`` aggregation per kernel, SPEC §7).
+    (float32 scalar, ``kernel_mean`` aggregation per kernel, docs/method.md §7).
 
     Call it inside the loss function after the forward pass, so its gradient reaches the
     weights; it is 0 when that pass was not in ``"train"`` mode. Each pass overwrites the
@@ -600,7 +600,7 @@ def _calibration_pass(model: nnx.Module, args: tuple, call_kwargs: tuple) -> Non
 
 
 def calibrate_nnx(model: nnx.Module, batches: Iterable[Any], **call_kwargs) -> nnx.Module:
-    """Sets every quantizer's range from data (SPEC §3), as the Linen ``calibrate`` mode.
+    """Sets every quantizer's range from data (docs/method.md §3), as the Linen ``calibrate`` mode.
 
     Puts the model in ``eval()`` (BatchNorm uses running statistics, as in Linen) and the
     quantizers in ``"calibrate"``; runs ``model(*batch, **call_kwargs)`` under ``nnx.jit``

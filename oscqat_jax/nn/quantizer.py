@@ -11,7 +11,7 @@ Variables of a quantizer named ``<q>`` (``weight``, ``input``, ``output`` or ``r
 - ``params/<q>_scale``: float32, shape ``()`` per tensor or ``(1, ..., 1, C_out)`` per
   channel (weights only); ``params/<q>_zero_point`` (same shape) for asymmetric quantizers.
 - ``quant_stats/<q>_signed`` (activations only): bool scalar, the grid's signedness, learnt
-  from the data at calibration (SPEC §2); asymmetric activations keep the reference's
+  from the data at calibration (docs/method.md §2); asymmetric activations keep the reference's
   unsigned grid, so theirs stays False.
 - ``quant_stats/<q>_range`` (created by the first ``calibrate`` call, updated by later ones):
   the range estimator's accumulator, a dict of arrays (``min``/``max`` for running min-max;
@@ -112,7 +112,7 @@ def mse_range_init(
     x: jax.Array, spec: QuantizerSpec, *, channel_axis: int | None, signed
 ) -> ranges.MSERangeState:
     """The MSE range search of ``spec`` started on ``x`` (its first calibration batch fixes
-    the candidate grid, SPEC §3); shared by the Linen layers and the NNX path."""
+    the candidate grid, docs/method.md §3); shared by the Linen layers and the NNX path."""
     return ranges.mse_range_init(
         x,
         n_bits=spec.n_bits,
@@ -146,7 +146,7 @@ def _estimate_range(
         module.put_variable(QUANT_STATS, key, {"min": x_min, "max": x_max})
         return x_min, x_max
     if stored is None:
-        # The first calibration batch fixes the candidate grid (SPEC §3).
+        # The first calibration batch fixes the candidate grid (docs/method.md §3).
         state = mse_range_init(x, spec, channel_axis=channel_axis, signed=signed)
     else:
         state = ranges.MSERangeState(
@@ -363,8 +363,8 @@ def quantize_weight(
       w: float32 kernel, output channels on the last axis.
       spec: the weight quantizer; disabled returns ``w`` unchanged.
       ctx: the call's mode and dynamic settings.
-      track: whether this weight is tracked and frozen (SPEC §5-6).
-      dampen: whether this weight sows its dampening term (SPEC §7) in train mode (when
+      track: whether this weight is tracked and frozen (docs/method.md §5-6).
+      dampen: whether this weight sows its dampening term (docs/method.md §7) in train mode (when
         ``ctx.dampen``; the ``dampening`` collection must then be mutable and empty).
 
     Returns:

@@ -17,8 +17,8 @@ Layers ignore ``output_bits``: in a plain Flax model a conv's own output still g
 BatchNorm, the activation or a residual add before anything reads it, so the place where the
 paper quantizes an "output" is never a conv call and only a hook can mark it.
 
-:func:`paper_rules` writes the paper's setups (SPEC §4) as rule lists, built from the same
-table as :meth:`oscqat_jax.nn.setups.QuantSetup.layer_quant`, so the two cannot disagree.
+:func:`paper_rules` writes the paper's setups (docs/method.md §4) as rule lists, built from the
+same table as :meth:`oscqat_jax.nn.setups.QuantSetup.layer_quant`, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -199,7 +199,8 @@ def paper_rules(
     grad_scale: bool = False,
     max_bits: int = 4,
 ) -> tuple[QuantRule, ...]:
-    """The paper's quant ``setup`` (SPEC §4, one of ``setups.SETUPS``) as an ordered rule list.
+    """The paper's quant ``setup`` (docs/method.md §4; one of ``setups.SETUPS``) as an ordered
+    rule list.
 
     Args:
       setup: ``LSQ_paper`` (inputs of weight layers quantized; fully expressed by layers),

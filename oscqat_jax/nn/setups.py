@@ -1,4 +1,4 @@
-"""Quant setups: which tensors of a model are quantized, and at how many bits (SPEC §4).
+"""Quant setups: which tensors of a model are quantized, and at how many bits (docs/method.md §4).
 
 A model never decides this itself. Each quantized site asks its :class:`QuantSetup` with
 :meth:`QuantSetup.layer_quant`, passing its module path (the ``/``-joined Flax path, as in the

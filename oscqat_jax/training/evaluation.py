@@ -1,4 +1,4 @@
-"""Evaluation of a quantized model before and after BatchNorm re-estimation (SPEC §8).
+"""Evaluation of a quantized model before and after BatchNorm re-estimation (docs/method.md §8).
 
 :class:`Evaluator` compiles the evaluation and BN-statistics passes of one model once.
 :meth:`Evaluator.epoch_record` is what QAT runs at the end of an evaluated epoch: top-1/top-5
@@ -38,7 +38,8 @@ def evaluate(ctx: Context, eval_fn: Callable, variables: dict) -> dict[str, floa
 
 
 def reestimate_bn(ctx: Context, bn_fn: Callable, variables: dict) -> dict:
-    """BatchNorm statistics re-estimated on ``eval.bn_batches`` training batches (SPEC §8)."""
+    """BatchNorm statistics re-estimated on ``eval.bn_batches`` training batches
+    (docs/method.md §8)."""
     batches = ctx.train_batches(0, stream="bn_batches")
     per_batch = [
         bn_fn(variables, ctx.sharded.put_batch(next(batches)[0]))

@@ -1,4 +1,4 @@
-"""Optimizers of the training program (SPEC §9).
+"""Optimizers of the training program (docs/method.md §9).
 
 Model parameters (kernels, biases, BatchNorm scale and bias) get SGD with momentum and
 PyTorch-style coupled weight decay (``g + wd * w`` before the momentum) under a cosine

@@ -89,7 +89,7 @@ def _move_float_cache_aside(ctx: Context, cache, err: Exception) -> checkpoint.C
 
 def calibrate(ctx: Context, model, variables: dict) -> dict:
     """Quantizer variables added to (float) ``variables`` and their ranges initialised on
-    ``quant.num_est_batches`` training batches (SPEC §3)."""
+    ``quant.num_est_batches`` training batches (docs/method.md §3)."""
     fn = jax.jit(step_lib.make_calibrate_step(model), compiler_options=ctx.sharded.compiler_options)
     key = jax.random.PRNGKey(ctx.seed("calibration_init"))
     batches = ctx.train_batches(0, stream="calibration_batches")

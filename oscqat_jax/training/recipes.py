@@ -1,9 +1,9 @@
-"""The paper's ImageNet recipes (SPEC §9), shared by the recipe files in ``configs/``.
+"""The paper's ImageNet recipes (docs/method.md §9), shared by the recipe files in ``configs/``.
 
 A recipe is a model, a bit width (weights and activations alike) and a method: plain LSQ,
-LSQ with oscillation dampening, or LSQ with iterative freezing. Values come from SPEC §9 and
-the reference's training scripts; where the reference's EfficientNet "freeze" script runs
-dampening instead, the freezing recipe here really freezes.
+LSQ with oscillation dampening, or LSQ with iterative freezing. Values come from
+docs/method.md §9 and the reference's training scripts; where the reference's EfficientNet
+"freeze" script runs dampening instead, the freezing recipe here really freezes.
 """
 
 from __future__ import annotations

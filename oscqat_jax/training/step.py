@@ -112,9 +112,9 @@ def hparams_at(table: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class OscillationSettings:
-    """How the QAT step tracks, freezes and dampens oscillations (SPEC §5-7); static, so a
-    change compiles a new step. The freezing threshold and the dampening weight change every
-    step and are not here: they are rows of :meth:`Schedules.table`."""
+    """How the QAT step tracks, freezes and dampens oscillations (docs/method.md §5-7);
+    static, so a change compiles a new step. The freezing threshold and the dampening weight
+    change every step and are not here: they are rows of :meth:`Schedules.table`."""
 
     track: bool = True  # advance oscillation tracking/freezing
     momentum: float = oscillation.EMA_MOMENTUM  # EMA momentum of tracking and freezing
@@ -250,7 +250,8 @@ def make_bn_stats_step(model: nn.Module) -> Callable:
 
 
 def make_calibrate_step(model: nn.Module) -> Callable:
-    """``calibrate(variables, images, key) -> variables``: one range-initialisation batch (SPEC §3).
+    """``calibrate(variables, images, key) -> variables``: one range-initialisation batch
+    (docs/method.md §3).
 
     ``variables`` may be those of the float model: the quantizer variables it lacks are
     created on the first batch (``key`` seeds their initialisers) and then calibrated.

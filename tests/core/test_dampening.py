@@ -1,4 +1,4 @@
-"""Tests of oscqat_jax.dampening against the closed form of SPEC §7."""
+"""Tests of oscqat_jax.dampening against the closed form of docs/method.md §7."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Tests of oscqat_jax.oscillation on hand-written integer sequences (SPEC §5-6)."""
+"""Tests of oscqat_jax.oscillation on hand-written integer sequences (docs/method.md §5-6)."""
 
 import jax
 import jax.numpy as jnp
@@ -56,18 +56,19 @@ def test_freeze_takes_effect_one_call_later_with_the_ema_from_before_the_update(
 
 
 def test_frozen_value_follows_the_ema_while_the_frequency_stays_above_the_threshold():
-    # SPEC §6 / the reference: every weight with ema_osc > f_th gets frozen_int = round(ema_int),
-    # frozen or not. Above, step 3 updated ema_int to 0.24, and the switch to the frozen value
-    # at step 4 is itself a reversal (ema_osc 0.84 > 0.4), so frozen_int becomes round(0.24) = 0.
+    # docs/method.md §6 / the reference: every weight with ema_osc > f_th gets
+    # frozen_int = round(ema_int), frozen or not. Above, step 3 updated ema_int to 0.24, and the
+    # switch to the frozen value at step 4 is itself a reversal (ema_osc 0.84 > 0.4), so
+    # frozen_int becomes round(0.24) = 0.
     used, states = run([0, 0, 1, 0, 0, 0], momentum=0.6, thresholds=[0.4] * 5)
     assert float(states[3].frozen_int) == 0.0
     assert [float(u) for u in used[3:]] == [1.0, 0.0]
 
 
 def test_a_frequency_equal_to_the_threshold_does_not_freeze():
-    # SPEC §6 freezes when ema_osc > f_th, strictly. Momentum 0.5 keeps every EMA exact in
-    # float32: the reversal at step 3 gives ema_osc 0.5, the pause at step 4 halves it to
-    # 0.25, the reversal at step 5 gives 0.625.
+    # docs/method.md §6 freezes when ema_osc > f_th, strictly. Momentum 0.5 keeps every EMA
+    # exact in float32: the reversal at step 3 gives ema_osc 0.5, the pause at step 4 halves it
+    # to 0.25, the reversal at step 5 gives 0.625.
     _, states = run([0, 0, 1, 0, 0, 1], momentum=0.5, thresholds=[0.5] * 5)
     assert [bool(s.frozen) for s in states] == [False, False, False, False, True]
     assert [float(s.ema_osc) for s in states] == [0.0, 0.0, 0.5, 0.25, 0.625]

@@ -1,4 +1,4 @@
-"""Tests of oscqat_jax.quant: exact values, grid properties and the STE gradients of SPEC §2."""
+"""Tests of oscqat_jax.quant: exact values, the grid and the STE gradients of docs/method.md §2."""
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +157,7 @@ def test_outputs_lie_on_the_grid_and_in_range_errors_are_at_most_half_a_step(
     assert np.all(np.abs(x_q - x)[inside] <= s / 2 * (1 + 1e-5) + 1e-6)
 
 
-# ---------------------------------------------------------------- gradients (SPEC §2)
+# ---------------------------------------------------------------- gradients (docs/method.md §2)
 
 
 def _grads(x, scale, zero_point, cot, **grid):

@@ -1,4 +1,4 @@
-"""The toy regression of SPEC §1 solved with the core under jax.lax.scan."""
+"""The toy regression of docs/method.md §1 solved with the core under jax.lax.scan."""
 
 import numpy as np
 import pytest

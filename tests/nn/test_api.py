@@ -345,7 +345,7 @@ def test_traced_static_arguments_name_static_argnames():
 
 def test_one_default_ema_momentum():
     m = oscillation.EMA_MOMENTUM
-    assert m == 0.001  # the paper's value (SPEC §5)
+    assert m == 0.001  # the paper's value (docs/method.md §5)
     assert float(QuantContext.create().osc_momentum) == np.float32(m)
     create = inspect.signature(QuantContext.create).parameters["osc_momentum"].default
     assert create is m

@@ -17,7 +17,7 @@ SITES = {
     "classifier": "classifier",
 }
 
-# (weight, input, output) bits of each site per setup; None = float. From SPEC §4 and the
+# (weight, input, output) bits of each site per setup; None = float. From docs/method.md §4 and the
 # reference's setups (output quantizers everywhere except LSQ_paper, which quantizes inputs).
 EXPECTED = {
     "LSQ_paper": {

@@ -1,4 +1,4 @@
-"""The optimizer of the training program against hand-written NumPy updates (SPEC §9).
+"""The optimizer of the training program against hand-written NumPy updates (docs/method.md §9).
 
 Model parameters: SGD with momentum and PyTorch's coupled weight decay (``g + wd * w`` enters
 the momentum buffer), the rate applied to the final update; quantizer parameters

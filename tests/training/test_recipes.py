@@ -125,7 +125,7 @@ def test_every_recipe_builds_its_model_optimizer_and_schedules(name, arg):
 
 
 def paper_cosine(t: int, start: float, final: float, total: int, before: float) -> float:
-    """SPEC §6/§7 at the 1-based iteration ``t`` of ``total``: ``before`` until
+    """docs/method.md §6/§7 at the 1-based iteration ``t`` of ``total``: ``before`` until
     ``t0 = 0.25 * total``, then ``final + (start - final) * (1 + cos(pi (t - t0) / (T - t0))) / 2``."""
     t0 = 0.25 * total
     if t < t0:

@@ -92,8 +92,8 @@ def test_the_final_checkpoint_holds_the_re_estimated_bn_statistics(full_run, run
     assert step == 12 and len(running_bn_stats) == 2  # evaluated after epochs 1 and 2
     per_batch = _bn_batch_statistics(config, state)
     assert len(per_batch) == config.eval.bn_batches == 2
-    # SPEC §8 (the reference's BN momentum 1): the plain average of the per-batch means and
-    # of the per-batch unbiased variances, whatever the running statistics were.
+    # docs/method.md §8 (the reference's BN momentum 1): the plain average of the per-batch
+    # means and of the per-batch unbiased variances, whatever the running statistics were.
     want = {k: np.mean([b[k] for b in per_batch], axis=0) for k in per_batch[0]}
     stored = traverse_util.flatten_dict(state["batch_stats"], sep="/")
     running = traverse_util.flatten_dict(running_bn_stats[-1], sep="/")

@@ -1,7 +1,7 @@
 """Decoding and augmentation of encoded images: pure functions of the bytes (and a generator).
 
 Every file-based source decodes with the same Pillow code and the paper's augmentation
-(SPEC §9): training images get torchvision's
+(docs/method.md §9): training images get torchvision's
 ``RandomResizedCrop(image_size, scale=(min_crop_area, 1), ratio=(3/4, 4/3))`` (with its
 fallback to a centre crop after ten rejected draws) and a horizontal flip; evaluation images
 are resized (shorter side to ``round(image_size * eval_resize_ratio)``) and centre-cropped.
