@@ -107,6 +107,17 @@ def _flag_sentence(err: Exception, argv: list[str]) -> str:
     return _first_line(err)
 
 
+def _print_help(full: bool) -> None:
+    """Prints the usage, this file's docstring and the flags (every module's with ``full``),
+    then exits with status 0; absl's own --help prints the same but exits with status 1."""
+    print(
+        "usage: python train.py [--config=FILE[:ARG]] [--config.x.y=V ...] [--workdir=DIR] "
+        "[--mode=train|evaluate|export] [flags]"
+    )
+    app.usage(shorthelp=not full, writeto_stdout=True)
+    sys.exit(0)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """Defines ``--config`` and parses the command line: one sentence and exit status 1 on a
     bad flag, an unknown config field or a config file that cannot be loaded (``--debug``:
@@ -126,6 +137,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
             "--config.x.y=v.",
             lock_config=True,
         )
+        if any(re.fullmatch(r"-[h?]|--help(short|full)?", a) for a in argv[1:]):
+            _print_help(full="--helpfull" in argv)
         remaining = flags.FLAGS(argv)
         config = flags.FLAGS.config
         if not isinstance(config, ml_collections.ConfigDict):
