@@ -1,5 +1,6 @@
-"""File sizes of the integer export (``oscqat_jax.export``, 4-bit kernels packed two per byte)
-against the float32 parameters, per architecture.
+"""File sizes of the integer export (``oscqat_jax.export``, 4-bit kernels packed two per byte,
+BN folded into per-channel scales and biases) against the float32 parameters, per
+architecture.
 
     python benchmarks/export_size.py                      # the six architectures, LSQ_paper W4A4
     python benchmarks/export_size.py --models=resnet18 --setup=fc4 --n_bits=3
@@ -10,8 +11,10 @@ their min-max weight scales: the ``.safetensors`` size does not depend on the va
 min-max range methods need no calibration), and exported to ``.safetensors`` (uncompressed) and ``.npz``
 (deflated). Prints one JSON line per model, then a table: the float32 bytes of ``params``,
 each file's bytes and the ratio, and the bytes the quantized kernels take (``kernel_bytes``,
-4-bit packed and 8-bit) against the rest (float biases, BN parameters and statistics, scales,
-``other_bytes``) and the header and manifest (``header_bytes``).
+4-bit packed and 8-bit) against the rest (folded per-channel scales and biases, float layers,
+activation scales: ``other_bytes``) and the header and manifest (``header_bytes``).
+``kernel_ratio`` is the float32 bytes over the kernel bytes alone: the ratio no uncompressed
+layout of these integers can pass.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def measure(name: str, setup: QuantSetup, resolution: int, folder: str) -> dict:
                 sum(v.nbytes for k, v in arrays.items() if k not in kernels)
             )
             record["header_bytes"] = size - record["kernel_bytes"] - record["other_bytes"]
+            record["kernel_ratio"] = round(float_bytes / record["kernel_bytes"], 2)
             bits = [entry["n_bits"] for entry in manifest["weights"].values()]
             record["layers_4bit_or_less"] = sum(b <= 4 for b in bits)
             record["layers_wider"] = sum(b > 4 for b in bits)
@@ -139,14 +143,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             print(json.dumps(records[-1]), flush=True)
     header = (
         f"{'model':20s} {'params':>10s} {'float32 MB':>10s} {'.safetensors MB':>15s} "
-        f"{'ratio':>6s} {'.npz MB':>8s} {'ratio':>6s}"
+        f"{'ratio':>6s} {'.npz MB':>8s} {'ratio':>6s} {'kernels MB':>10s} {'ratio':>6s}"
     )
     print(header)
     for r in records:
         print(
             f"{r['model']:20s} {r['params']:>10d} {r['float32_bytes'] / 1e6:>10.2f} "
             f"{r['safetensors_bytes'] / 1e6:>15.2f} {r['safetensors_ratio']:>6.2f} "
-            f"{r['npz_bytes'] / 1e6:>8.2f} {r['npz_ratio']:>6.2f}"
+            f"{r['npz_bytes'] / 1e6:>8.2f} {r['npz_ratio']:>6.2f} "
+            f"{r['kernel_bytes'] / 1e6:>10.2f} {r['kernel_ratio']:>6.2f}"
         )
     return records
 

@@ -6,7 +6,7 @@ the model from the file's manifest and variables whose quantized kernels are deq
 the stored integers, so the usual eval forward
 ``model.apply(variables, x, QuantContext.create("eval"))`` runs on the exported integers.
 
-File layout (format version 3), ``.safetensors`` or ``.npz`` (compressed) by suffix; keys
+File layout (format version 4), ``.safetensors`` or ``.npz`` (compressed) by suffix; keys
 follow the model's variable tree, ``<layer>`` being a ``/``-joined module path:
 
 - ``params/<layer>/kernel_packed``: the kernel of a quantized layer of at most 4 bits as
@@ -19,11 +19,20 @@ follow the model's variable tree, ``<layer>`` being a ``/``-joined module path:
   BN-folded kernel.
 - ``params/<layer>/weight_scale``: float32, ``()`` or ``(1, ..., 1, out)`` per channel;
   ``params/<layer>/weight_zero_point``: int32 of the same shape (asymmetric weights only).
+- BatchNorm of a quantized conv is folded (version 4): with ``mul = gamma / sqrt(var + eps)``
+  per output channel, ``params/<layer>/weight_scale`` is float32 ``(out,)``, the weight scale
+  times ``mul`` (of either sign), and ``params/<layer>/folded_bias`` float32 ``(out,)`` is
+  ``beta + (bias - mean) * mul``; the layer computes ``conv(x, weight_scale * (kernel_int -
+  zero_point)) + folded_bias`` per channel, with the trained integers. A model built with
+  ``fold_bn`` already quantizes the folded kernel: its scale keeps the quantizer's shape and
+  only ``folded_bias`` replaces BN. The manifest marks such layers (``"bn": "scale"`` or
+  ``"bn": "kernel"``); the BN parameters, statistics and the conv's own bias are not stored.
 - ``params/<site>/<q>_scale`` and ``<q>_zero_point`` (``q`` = ``input``, ``output`` or
   ``residual``): activation quantizers, float32 scale and int32 zero point (asymmetric only);
   ``quant_stats/<site>/<q>_signed``: bool, the grid's signedness learnt at calibration.
-- every other ``params`` leaf as float32: float kernels, biases, BatchNorm ``bn/scale`` and
-  ``bn/bias``; ``batch_stats/<layer>/bn/{mean, var}``: the running statistics eval uses.
+- every other ``params`` leaf as float32: float kernels, biases, the BatchNorm ``bn/scale``
+  and ``bn/bias`` of float layers; ``batch_stats/<layer>/bn/{mean, var}``: their running
+  statistics.
 
 Scales and zero points are the effective ones the forward uses (``max(s, 1e-8)``; zero point
 ``clip(round(z), int_min, int_max)``), so ``scale * (kernel_int - zero_point)`` is the kernel
@@ -44,8 +53,9 @@ format name and version, the model (registry name, ``num_classes`` and the other
   tensor's shape and each kernel's bit width against the model the manifest describes.
   The digest is of the tensors as stored (packed), so a changed nibble is noticed too.
 
-:func:`load_export` also reads version 2, the same layout with every kernel as
-``kernel_int``; other versions are refused with one sentence naming the version.
+:func:`load_export` also reads version 3 (BN stored unfolded) and version 2 (version 3 with
+every kernel as ``kernel_int``); other versions are refused with one sentence naming the
+version.
 """
 
 from __future__ import annotations
@@ -56,7 +66,7 @@ import json
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -73,8 +83,11 @@ from oscqat_jax.nn.quantizer import OSCILLATION, QUANT_STATS, split_quantizer_pa
 from oscqat_jax.nn.setups import QuantSetup
 
 FORMAT = "oscqat_jax.export"
-FORMAT_VERSION = 3  # 2: the manifest holds the sha256 of the file's content; 3: packed kernels
-READ_VERSIONS = (2, 3)  # version 2 is version 3 without packing
+# 2: the manifest holds the sha256 of the file's content; 3: packed kernels; 4: BN folded.
+FORMAT_VERSION = 4
+READ_VERSIONS = (2, 3, 4)  # 3 is 4 with BN unfolded, 2 is 3 without packing
+FOLDED_SINCE = 4
+FOLDED_BIAS = "folded_bias"
 MANIFEST_KEY = "oscqat_jax_export"
 SUFFIXES = (".safetensors", ".npz")
 KERNEL_INT = export_manifest.KERNEL_INT
@@ -122,11 +135,15 @@ def export_model(
     image = np.zeros((1, *input_shape), np.float32)
     weights = collect.quantized_weights(model, variables, image, QuantContext.create("eval"))
     oscillation_state = traverse_util.flatten_dict(variables.get(OSCILLATION, {}), sep="/")
-    arrays, weight_entries = _weight_arrays(weights, plan, oscillation_state)
+    batch_stats = traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/")
+    folds = _bn_folds(model, weights, params, batch_stats)
+    arrays, weight_entries = _weight_arrays(weights, plan, oscillation_state, folds)
     float_arrays, activation_entries = _param_arrays(params, set(weights), plan, quant_stats)
-    arrays.update(float_arrays)
-    for key, value in traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/").items():
-        arrays[f"batch_stats/{key}"] = np.asarray(value, np.float32)
+    dropped = {key for layer in folds for key in _folded_keys(layer)}
+    arrays.update({k: v for k, v in float_arrays.items() if k not in dropped})
+    for key, value in batch_stats.items():
+        if f"batch_stats/{key}" not in dropped:
+            arrays[f"batch_stats/{key}"] = np.asarray(value, np.float32)
 
     manifest = {
         "format": FORMAT,
@@ -176,7 +193,7 @@ def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     arrays, packed_layers = export_manifest.unpacked_kernels(path, arrays, manifest)
     model = _manifest_model(path, manifest)
     shapes, setup_bits = _model_tensors(model, manifest)
-    export_manifest.check_tensors(path, arrays, shapes)
+    export_manifest.check_tensors(path, arrays, _stored_shapes(path, model, shapes, manifest))
     export_manifest.check_bits(path, manifest["weights"], setup_bits, arrays)
     export_manifest.check_packing(path, manifest, packed_layers)
     params, collections = {}, {"batch_stats": {}, QUANT_STATS: {}}
@@ -186,6 +203,7 @@ def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             params[rest] = np.asarray(value, np.float32)
         elif collection in collections:
             collections[collection][rest] = value
+    _unfold_bn(model, manifest["weights"], shapes, params, collections["batch_stats"])
     w_ints = {
         layer: export_manifest.checked_int(
             path, layer, arrays[f"params/{layer}/{KERNEL_INT}"], entry["n_bits"]
@@ -251,6 +269,155 @@ def _model_tensors(model: nn.Module, manifest: dict) -> tuple[dict[str, tuple], 
     return shapes, bits
 
 
+def _folded_keys(layer: str) -> tuple[str, ...]:
+    """The file keys a BN-folded layer does not store (its BN and its own bias)."""
+    return (
+        f"params/{layer}/bn/scale",
+        f"params/{layer}/bn/bias",
+        f"params/{layer}/bias",
+        f"batch_stats/{layer}/bn/mean",
+        f"batch_stats/{layer}/bn/var",
+    )
+
+
+class _Fold(NamedTuple):
+    """A quantized conv's BN as ``y * mul + offset`` (float32 ``(out,)`` each), and where the
+    export puts ``mul``: ``"scale"`` (the per-channel weight scale) or ``"kernel"`` (a
+    ``fold_bn`` model has quantized the folded kernel already)."""
+
+    mul: np.ndarray
+    offset: np.ndarray
+    into: str
+
+
+def _bn_folds(model, weights: Mapping, params: Mapping, batch_stats: Mapping) -> dict[str, _Fold]:
+    """``{layer: fold}`` for every quantized layer followed by its own BN (``<layer>/bn``),
+    computed as the eval forward computes them (:func:`oscqat_jax.nn.batchnorm.fold`)."""
+    layers = [layer for layer in weights if f"{layer}/bn/scale" in params]
+    if not layers:
+        return {}
+    inputs = {
+        layer: batchnorm.BNStatistics(
+            batch_stats[f"{layer}/bn/mean"],
+            batch_stats[f"{layer}/bn/var"],
+            params[f"{layer}/bn/scale"],
+            params[f"{layer}/bn/bias"],
+        )
+        for layer in layers
+    }
+    biases = {
+        layer: params.get(f"{layer}/bias", np.zeros(np.shape(inputs[layer].mean), np.float32))
+        for layer in layers
+    }
+    epsilon = model.bn_epsilon
+    folded = jax.jit(
+        lambda stats, biases: {
+            layer: batchnorm.fold(stats[layer], epsilon, biases[layer]) for layer in stats
+        }
+    )(inputs, biases)
+    into = "kernel" if getattr(model, "fold_bn", False) else "scale"
+    return {
+        layer: _Fold(np.asarray(mul, np.float32), np.asarray(offset, np.float32), into)
+        for layer, (mul, offset) in folded.items()
+    }
+
+
+def _stored_shapes(
+    path: pathlib.Path, model: nn.Module, shapes: Mapping[str, tuple], manifest: dict
+) -> dict:
+    """The tensors a file of the manifest's version holds for ``model`` (variable shapes
+    ``shapes``): those of the model, except that a BN-folded layer has ``weight_scale``
+    ``(out,)`` (``"bn": "scale"``) and ``folded_bias`` ``(out,)`` instead of its BN and bias."""
+    stored = dict(shapes)
+    expected = "kernel" if getattr(model, "fold_bn", False) else "scale"
+    for layer, entry in manifest["weights"].items():
+        into = entry.get("bn") if isinstance(entry, dict) else None
+        if into is None:
+            continue
+        bn_key = f"params/{layer}/bn/scale"
+        if manifest["format_version"] < FOLDED_SINCE or into != expected:
+            raise ValueError(
+                f"{path}: its manifest folds the BN of {layer} into the {into!r}, but a format "
+                f"version {manifest['format_version']} export of its model folds "
+                + (
+                    "none"
+                    if manifest["format_version"] < FOLDED_SINCE
+                    else f"into the {expected!r}"
+                )
+                + "; export the model again."
+            )
+        if bn_key not in shapes:
+            raise ValueError(
+                f"{path}: its manifest folds the BN of {layer}, which has no BN in the model of "
+                "its manifest; export the model again."
+            )
+        out = shapes[bn_key]
+        for key in _folded_keys(layer):
+            stored.pop(key, None)
+        stored[f"params/{layer}/{FOLDED_BIAS}"] = out
+        if into == "scale":
+            stored[f"params/{layer}/weight_scale"] = out
+    return stored
+
+
+def _one_plus_epsilon_is_one(epsilon: float) -> np.float32:
+    """The float32 ``v`` closest to ``1 - epsilon`` with ``v + epsilon == 1`` in float32, so a
+    BN with variance ``v`` multiplies by exactly ``gamma``."""
+    eps = np.float32(epsilon)
+    v = np.float32(1) - eps
+    for _ in range(8):
+        total = v + eps
+        if total == np.float32(1):
+            return v
+        v = np.nextafter(v, np.float32(0 if total > 1 else 2), dtype=np.float32)
+    raise ValueError(f"No float32 variance makes var + {epsilon} exactly 1.")
+
+
+def _unfold_bn(
+    model: nn.Module,
+    weight_entries: Mapping[str, dict],
+    shapes: Mapping[str, tuple],
+    params: dict,
+    batch_stats: dict,
+) -> None:
+    """Turns the folded layers of a (checked) file back into the model's variables, in place.
+
+    BN becomes ``y * gamma + beta`` (mean 0, a variance ``v`` with ``v + eps == 1`` exactly)
+    with ``beta = folded_bias``. ``"bn": "scale"``: the folded scale ``s`` is split into a
+    positive quantizer scale and ``gamma``: per channel ``|s|`` and ``sign(s)`` for a
+    per-channel quantizer, ``max |s|`` and ``s / max |s|`` for a per-tensor one, so the
+    quantizer rounds the kernel back to the stored integers and the layer computes the folded
+    product (to float rounding). ``"bn": "kernel"`` (``fold_bn``): ``gamma = 1``, so the model
+    multiplies the kernel by exactly 1 and quantizes it back to the stored integers.
+    """
+    var_one = _one_plus_epsilon_is_one(model.bn_epsilon)
+    for layer, entry in weight_entries.items():
+        into = entry.get("bn")
+        if into is None:
+            continue
+        offset = params.pop(f"{layer}/{FOLDED_BIAS}")
+        channels = offset.shape
+        gamma = np.ones(channels, np.float32)
+        if into == "scale":
+            folded = params[f"{layer}/weight_scale"].astype(np.float64)
+            scale_shape = shapes[f"params/{layer}/weight_scale"]
+            if int(np.prod(scale_shape)) > 1:
+                scale = np.where(folded != 0, np.abs(folded), 1.0)
+                gamma = np.sign(folded)
+            else:
+                peak = float(np.abs(folded).max(initial=0.0)) or 1.0
+                scale = np.asarray(peak)
+                gamma = folded / peak
+            params[f"{layer}/weight_scale"] = scale.astype(np.float32).reshape(scale_shape)
+            gamma = gamma.astype(np.float32)
+        params[f"{layer}/bn/scale"] = gamma
+        params[f"{layer}/bn/bias"] = offset
+        if f"params/{layer}/bias" in shapes:
+            params[f"{layer}/bias"] = np.zeros(channels, np.float32)
+        batch_stats[f"{layer}/bn/mean"] = np.zeros(channels, np.float32)
+        batch_stats[f"{layer}/bn/var"] = np.full(channels, var_one, np.float32)
+
+
 def _join(layer: str, name: str) -> str:
     return f"{layer}/{name}" if layer else name
 
@@ -262,9 +429,13 @@ def _split(key: str) -> tuple[str, str]:
 
 
 def _weight_arrays(
-    weights: Mapping[str, collect.QuantizedWeight], plan: Mapping, oscillation_state: Mapping
+    weights: Mapping[str, collect.QuantizedWeight],
+    plan: Mapping,
+    oscillation_state: Mapping,
+    folds: Mapping[str, _Fold],
 ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
-    """The integers, scales and zero points of the quantized kernels, and their manifest."""
+    """The integers, scales (with folded BN) and zero points of the quantized kernels, the
+    folded offsets, and their manifest."""
     arrays, entries = {}, {}
     for layer, qw in weights.items():
         if export_manifest.is_packed(qw.n_bits, FORMAT_VERSION):
@@ -272,6 +443,14 @@ def _weight_arrays(
         else:
             arrays[f"params/{layer}/{KERNEL_INT}"] = qw.int_weight
         arrays[f"params/{layer}/weight_scale"] = qw.scale
+        fold = folds.get(layer)
+        if fold is not None:
+            arrays[f"params/{layer}/{FOLDED_BIAS}"] = fold.offset
+            if fold.into == "scale":
+                scale = np.broadcast_to(
+                    np.asarray(qw.scale, np.float32).reshape(-1), fold.mul.shape
+                )
+                arrays[f"params/{layer}/weight_scale"] = (scale * fold.mul).astype(np.float32)
         if qw.zero_point is not None:
             arrays[f"params/{layer}/weight_zero_point"] = qw.zero_point
         role, layer_quant = plan[layer]
@@ -283,6 +462,8 @@ def _weight_arrays(
             "tracked": layer_quant.track_oscillations,
             "frozen": int(np.sum(oscillation_state.get(f"{layer}/frozen", 0))),
         }
+        if fold is not None:
+            entries[layer]["bn"] = fold.into
     return arrays, entries
 
 

@@ -99,7 +99,8 @@ def check_manifest(
         raise ValueError(f"{path} is not an oscqat_jax export (it has no {name} manifest).")
     found = manifest.get("format_version")
     if isinstance(found, bool) or found not in versions:
-        readable = " or ".join(str(v) for v in versions)
+        readable = ", ".join(str(v) for v in versions[:-1])
+        readable = f"{readable} or {versions[-1]}" if readable else str(versions[-1])
         raise ValueError(
             f"{path} is an export of format version {found}, but this code reads version "
             f"{readable}; export the model again with this version."
