@@ -4,11 +4,13 @@ A checkpoint directory holds one sub-directory per saved step, ``<step>/state`` 
 and ``<step>/metadata`` (JSON: the :class:`Fingerprint` of the run that wrote it). Orbax
 writes each step into a temporary directory and renames it when complete, so an interrupted
 save never counts as a checkpoint, and old steps are only deleted (``max_to_keep``) after the
-newer one is finalised. Just before that rename, the SHA-256 of every file of each item is
-written into the item as ``sha256sums.json``; a restore checks them first, so a flipped bit
-or a truncated file counts as damage (the step is moved aside and the previous one restored)
-instead of being read as a different state. Orbax itself has no content checksum to switch
-on: its zarr3 ``crc32c`` codec covers only the index of a shard, not the chunk data.
+newer one is finalised; the step named by :meth:`Checkpointer.keep` (the training loop's
+newest checkpoint judged good) is never deleted by that rotation. Just before that rename, the
+SHA-256 of every file of each item is written into the item as ``sha256sums.json``; a restore
+checks them first, so a flipped bit or a truncated file counts as damage (the step is moved
+aside and the previous one restored) instead of being read as a different state. Orbax itself
+has no content checksum to switch on: its zarr3 ``crc32c`` codec covers only the index of a
+shard, not the chunk data.
 
 Saves are asynchronous: :meth:`Checkpointer.save` returns once the arrays are copied to host
 memory and the step's directories exist (so the caller may donate or overwrite the arrays),
@@ -114,6 +116,7 @@ class Checkpointer:
             ) from err
         self.save_every_steps = save_every_steps
         self.max_to_keep = max_to_keep
+        self._kept = _KeepStep()
         self._pending: int | None = None  # the step being written in the background
         self._closed = False
         self._manager = self._open_manager()
@@ -122,7 +125,11 @@ class Checkpointer:
         return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=self.max_to_keep,
+                # The newest max_to_keep, and the step named by keep(): orbax asks the policy
+                # after each save is finalised, so a newer step never pushes that one out.
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                    [ocp.checkpoint_managers.LatestN(self.max_to_keep), self._kept]
+                ),
                 # Leftovers of saves that were interrupted (never finalised) are removed.
                 cleanup_tmp_directories=True,
                 # Created in the background, a directory that cannot be created leaves
@@ -217,6 +224,40 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         """The newest saved step (complete on disk, or being written), or ``None``."""
         return self._manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """The saved steps, oldest first (complete on disk, or being written)."""
+        return sorted(self._manager.all_steps())
+
+    def keep(self, step: int | None) -> None:
+        """Keeps ``step`` whatever ``max_to_keep`` says, until another step is named (``None``:
+        none). The training loop names its newest checkpoint judged good, so that saving newer
+        ones, which may turn out bad, never deletes it."""
+        self._kept.step = step
+
+    def move_aside(self, steps: list[int], tag: str) -> dict[int, str]:
+        """Renames the directories of ``steps`` to ``<step>.<tag>`` (``<step>.<tag>-2``, ... if
+        that exists) so that orbax no longer lists them; nothing is deleted. Call on every
+        process, with the same ``tag``, after :meth:`wait`; returns each step's new path, the
+        same on every process (the names are chosen between two barriers)."""
+        key = f"oscqat_jax_move_aside_{tag}_" + "_".join(map(str, steps))
+        ocp.multihost.sync_global_processes(key + "_before")
+        moved = {step: self._free_name(step, tag) for step in steps}
+        ocp.multihost.sync_global_processes(key + "_named")
+        if jax.process_index() == 0:
+            for step, aside in moved.items():
+                (epath.Path(self.directory) / str(step)).rename(aside)
+        ocp.multihost.sync_global_processes(key + "_moved")
+        self._manager.reload()
+        return {step: str(aside) for step, aside in moved.items()}
+
+    def _free_name(self, step: int, tag: str) -> epath.Path:
+        base = epath.Path(self.directory) / f"{step}.{tag}"
+        aside, n = base, 1
+        while aside.exists():
+            n += 1
+            aside = base.parent / f"{base.name}-{n}"
+        return aside
 
     def restore(self, target: State, step: int | None = None) -> State:
         """The saved state with ``target``'s structure, dtypes and shardings.
@@ -332,6 +373,17 @@ class Checkpointer:
             "oscqat_jax_checkpoint_move_aside_" + "_".join(map(str, unreadable))
         )
         self._manager.reload()
+
+
+class _KeepStep:
+    """An orbax preservation policy that keeps the one step named after construction."""
+
+    def __init__(self):
+        self.step: int | None = None
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context  # the step alone decides
+        return [info.step == self.step for info in checkpoints]
 
 
 # --------------------------------------------------------------------------- comparisons

@@ -111,8 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.osc_level = (
         oscillation.OSC_LEVEL
     )  # ema_osc above this counts as "oscillating" in the logs
-    # Stop when a step's loss exceeds this many times its recent level (the median of the last
-    # ten logged means), before that state is saved; 0: only a non-finite loss stops a run.
+    # Stop when the mean loss of a logging interval exceeds this many times the run's recent
+    # level (the median of its last ten logged means, read back when a run resumes); 0: only a
+    # non-finite loss stops a run.
     c.train.divergence_factor = 10.0
     c.train.stop_at_step = 0  # >0: checkpoint and stop this invocation at that QAT step
     c.train.fast_compile = False  # CPU: ~2x faster compiles, ~4x slower steps (smoke runs)

@@ -111,6 +111,19 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def logged_means(path: str | os.PathLike, key: str, *, up_to_step: int) -> list[float]:
+    """The values of ``key`` logged at steps up to ``up_to_step``, oldest step first.
+
+    A resumed run logs again the steps after its checkpoint; of a step logged more than once,
+    the newest record counts (as :func:`read_metrics` returns them, in file order).
+    """
+    by_step = {}
+    for row in read_metrics(path):
+        if key in row and row["step"] <= up_to_step:
+            by_step[row["step"]] = float(row[key])
+    return [by_step[step] for step in sorted(by_step)]
+
+
 def progress_bar(total: int, desc: str, initial: int = 0, *, enabled: bool = True) -> tqdm.tqdm:
     """A step progress bar with rate and ETA; show the loss with ``bar.set_postfix(loss=...)``.
 

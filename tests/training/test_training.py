@@ -178,16 +178,19 @@ def test_an_injected_nan_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     tmp_path, monkeypatch
 ):
     load = data.load_dataset
-    # The 0-based batch 4 is the 5th step; checkpoints are written after steps 2 and 4.
+    # The 0-based batch 4 is the 5th step; checkpoints are written after steps 2 and 4. Step
+    # 5's loss is the first computed from checkpoint 4's weights: a NaN there does not
+    # confirm them, so step 2 is the last good checkpoint and step 4 is moved aside.
     monkeypatch.setattr(data, "load_dataset", lambda c: _NaNAtStep(load(c), 4))
     config = tiny_config(train__checkpoint_every=2, train__log_every=1)
     workdir = str(tmp_path / "run")
     with pytest.raises(
-        FloatingPointError, match=r"at step 5; stopping \(the last good checkpoint \(step 4\)"
+        FloatingPointError, match=r"at step 5; stopping \(the last good checkpoint \(step 2\)"
     ):
         trainer.train_and_evaluate(config, workdir)
     step, state = restore_final(workdir, config)
-    assert step == 4
+    assert step == 2
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "4.diverged-at-5"))
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
 
 
