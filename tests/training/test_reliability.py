@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from testkit import ROOT, restore_final, tiny_config
+from testkit import restore_final, tiny_config
 
 from oscqat_jax.training import context, loop, trainer
 
@@ -173,6 +173,7 @@ def test_the_state_check_is_what_keeps_a_bad_state_out(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- float cache
 
 
+@pytest.mark.slow
 def test_a_damaged_float_cache_is_moved_aside_and_retrained(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     config = tiny_config(float_train__epochs=1, train__stop_at_step=1)
@@ -195,26 +196,13 @@ def test_a_damaged_float_cache_is_moved_aside_and_retrained(tmp_path, capsys):
     assert second["float"] == first["float"]  # retrained to the same model
 
 
-def test_the_progress_bar_starts_after_compilation():
-    script = (
-        "import sys; sys.path.insert(0, 'tests'); from testkit import tiny_config\n"
-        "from oscqat_jax.training import trainer\n"
-        "trainer.train_and_evaluate(tiny_config(train__epochs=1), sys.argv[1])\n"
-    )
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as workdir:
-        result = subprocess.run(
-            [sys.executable, "-c", script, workdir],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-    assert result.returncode == 0, result.stderr[-2000:]
-    out, err = result.stdout, result.stderr
-    assert "qat: compiling the train step" in out
-    # The bar appears only once the first step has run: its first state counts 1 step done.
-    bars = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("qat:")]
-    assert bars and "1/6" in bars[0], bars[:3]
+def test_the_progress_bar_starts_after_compilation(digits_run):
+    """The suite's ``train.py`` digits run: the bar appears only once the first step has run
+    (its first state counts 1 of the 22 QAT steps done), after the compile message."""
+    assert "qat: compiling the train step" in digits_run.stdout
+    bars = [
+        line
+        for line in digits_run.stderr.replace("\r", "\n").splitlines()
+        if line.startswith("qat:")
+    ]
+    assert bars and "1/22" in bars[0], bars[:3]

@@ -357,6 +357,7 @@ def _parts(flat_state: dict, part: str) -> dict:
     return {k: v for k, v in flat_state.items() if k.startswith(f".{part}")}
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device_on_the_same_global_batch(tmp_path):
     import pickle
 
@@ -407,6 +408,7 @@ def test_four_devices_match_one_device_on_the_same_global_batch(tmp_path):
     np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_pretrained_weights_are_the_starting_point(tmp_path):
     from flax import traverse_util
 
@@ -442,6 +444,7 @@ def test_pretrained_weights_are_the_starting_point(tmp_path):
         np.testing.assert_allclose(trained[key], value, rtol=1e-6, err_msg="/".join(key))
 
 
+@pytest.mark.slow
 def test_export_mode_writes_the_integer_model_of_the_checkpoint(full_run, tmp_path):
     from oscqat_jax import export
     from oscqat_jax.nn.config import QuantContext
