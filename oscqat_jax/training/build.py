@@ -167,6 +167,7 @@ LIMITS: dict[str, Limit] = {
     "distributed.num_processes": Limit(_int(1), "use 1 or more"),
     "distributed.process_id": Limit(_int(0), "use an int >= 0"),
     "distributed.auto": _BOOL,
+    "distributed.heartbeat_timeout_s": Limit(_int(1), "use a positive number of seconds"),
     "eval.every_epochs": _AT_LEAST_ONE,
     "eval.bn_reestimate": _BOOL,
     "eval.bn_batches": _AT_LEAST_ONE,

@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = 1
     c.distributed.process_id = 0
     c.distributed.auto = False  # jax.distributed.initialize() with the platform's settings
+    # A process that sends no heartbeat for this long counts as lost: the others end, each
+    # with one sentence naming it (training.peers); JAX's own timeout is set above it.
+    c.distributed.heartbeat_timeout_s = 60
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_epochs = 1  # evaluate after every this many epochs (and at the end)

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from oscqat_jax.training import build, data, metrics
+from oscqat_jax.training import build, data, metrics, peers
 from oscqat_jax.training import step as step_lib
 
 SEED_OFFSETS = {
@@ -79,21 +79,21 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
     Must run before anything touches a device. With a coordinator address every process
     passes it with the process count and its own id; with ``auto`` the platform (TPU pod,
-    SLURM, ...) supplies them. A single-host run does nothing.
+    SLURM, ...) supplies them. A single-host run does nothing. When a process of the run
+    dies, the others end within about ``distributed.heartbeat_timeout_s`` seconds with one
+    sentence naming it (:mod:`.peers`).
     """
     d = config.distributed
     if not (d.coordinator_address or d.auto):
         return
     if jax.distributed.is_initialized():
         return
-    if d.coordinator_address:
-        jax.distributed.initialize(
-            coordinator_address=d.coordinator_address,
-            num_processes=d.num_processes,
-            process_id=d.process_id,
-        )
-    else:
-        jax.distributed.initialize()
+    peers.initialize(
+        heartbeat_timeout_s=d.heartbeat_timeout_s,
+        coordinator_address=d.coordinator_address,
+        num_processes=d.num_processes,
+        process_id=d.process_id,
+    )
 
 
 def _check_batch_sizes(config, sharded: step_lib.Sharded) -> None:
@@ -192,6 +192,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, *, write_metrics: 
     """
     build.validate(config)
     initialize_distributed(config)
+    peers.note(workdir=workdir)
     source = data.load_dataset(config.data)
     lock = None
     try:

@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from oscqat_jax.nn import collect
-from oscqat_jax.training import checkpoint, metrics
+from oscqat_jax.training import checkpoint, metrics, peers
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.context import Context
 
@@ -237,6 +237,7 @@ def train_phase(
                 bar = metrics.progress_bar(total_steps, desc=prefix, initial=step + 1)
             pending.add(step + 1, step_metrics)
             done = step + 1
+            peers.note(phase=prefix, step=done)
             end_of_epoch = done % per_epoch == 0 or done == total_steps
             stopping = done == stop_at and done < total_steps
             save = ckpt is not None and (
@@ -273,9 +274,10 @@ def train_phase(
         if bar is not None:
             bar.close()
         return state, True
-    except BaseException:
+    except BaseException as err:
         if bar is not None:
             bar.close()
+        peers.await_verdict(err)  # a collective that failed because a process died
         # A checkpoint still being written (e.g. the last good one before a NaN) is
         # completed before the error reaches the user.
         if ckpt is not None:

@@ -91,6 +91,7 @@ BAD = {
     "distributed.num_processes": 0,
     "distributed.process_id": -1,
     "distributed.auto": 1,
+    "distributed.heartbeat_timeout_s": 0,
     "eval.every_epochs": 0,
     "eval.bn_reestimate": 0,
     "eval.bn_batches": 0,
