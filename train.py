@@ -4,7 +4,8 @@
     python train.py --config=configs/<recipe>.py --workdir=DIR [--config.quant.n_bits=3 ...]
     python train.py --config=... --workdir=DIR --mode=evaluate [--checkpoint=DIR/checkpoints/STEP]
     python train.py --config=... --workdir=DIR --mode=export [--output=model.safetensors]
-    python train.py --config=... --workdir=DIR --mode=export --format=onnx [--output=model.onnx]
+    python train.py --config=... --workdir=DIR --mode=export --format=onnx [--container=int8] \
+        [--output=model.onnx]
 
 Re-running a command with the same workdir resumes it from its newest checkpoint. A bad flag,
 config field or value, or a missing file stops the program with one sentence on stderr and
@@ -42,6 +43,13 @@ flags.DEFINE_enum(
     ["native", "onnx"],
     "export: native (.safetensors or .npz, by the suffix of --output) or onnx (a QDQ .onnx "
     "graph for ONNX Runtime; needs pip install 'oscqat_jax[deploy]').",
+)
+flags.DEFINE_enum(
+    "container",
+    "int4",
+    ["int4", "int8"],
+    "export --format=onnx: int4 (the portable QDQ graph, integers at their bit width) or int8 "
+    "(8-bit integers that ONNX Runtime's CPU integer kernels run, faster than float).",
 )
 flags.DEFINE_string(
     "output",
@@ -179,7 +187,8 @@ def _run():
 
     if flags.FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", flags.FLAGS.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # jax's own setting
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or os.path.join(_HERE, "workdir", "default")
@@ -189,7 +198,14 @@ def _run():
         export_format = flags.FLAGS.format
         default = "model.onnx" if export_format == "onnx" else "model.npz"
         output = flags.FLAGS.output or os.path.join(workdir, default)
-        trainer.export_checkpoint(config, workdir, output, flags.FLAGS.checkpoint, export_format)
+        trainer.export_checkpoint(
+            config,
+            workdir,
+            output,
+            flags.FLAGS.checkpoint,
+            export_format,
+            container=flags.FLAGS.container,
+        )
     else:
         trainer.train_and_evaluate(config, workdir)
 

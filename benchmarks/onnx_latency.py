@@ -1,19 +1,29 @@
-"""CPU latency per image of an exported W4A4 model in ONNX Runtime against the float model in
-JAX, on the same machine.
+"""CPU latency of the float model and of its W4A4 exports, in JAX and ONNX Runtime, on the same
+machine in one run.
 
-    python benchmarks/onnx_latency.py                       # MobileNetV2, 224x224, batch 1 and 32
-    python benchmarks/onnx_latency.py --model=resnet18 --batches=1,8 --runs=50
+    python benchmarks/onnx_latency.py                  # MobileNetV2 and ResNet-18, 224x224, batch 1 and 32
+    python benchmarks/onnx_latency.py --models=mobilenet_v2 --batches=1,8 --runs=50 --threads=1
 
-The quantized model (``LSQ_paper`` W4A4, 1000 classes) is initialised, its ranges calibrated
-on one batch of random images (min-max ranges: latency does not depend on the values), and
-exported with :func:`oscqat_jax.deploy.export_model_onnx` (QDQ graph, int4 weights). ONNX
-Runtime runs it on the CPU with its default graph optimisations (``--threads`` sets its
-intra-op threads; 0 keeps its default). The reference
-is the float model (``quant_setup="float"``, the same architecture and weights) applied in
-``float_eval`` mode, ``jax.jit``-compiled, each call ended by ``block_until_ready``. Each
-case times ``--runs`` calls after ``--warmup`` untimed ones and prints one JSON line: the
-median, min and max seconds per call, the median per image, the CPU count and the load
-average (the numbers of a shared machine are only as quiet as it); a table follows.
+Per model (1000 classes), four engines:
+
+- ``jax_float``: the float model (``quant_setup="float"``) in ``float_eval`` mode,
+  ``jax.jit``-compiled, each call ended by ``block_until_ready``;
+- ``ort_float``: the same float model exported to ONNX (:func:`oscqat_jax.deploy.export_onnx`
+  of its forward: float Conv/Gemm with BN folded in);
+- ``ort_int4_qdq``: the W4A4 model (``LSQ_paper``, ranges calibrated on one batch of random
+  images: latency does not depend on the values) exported with ``container="int4"``
+  (QuantizeLinear/DequantizeLinear around float operators, int4 weights);
+- ``ort_int8``: the same W4A4 model exported with ``container="int8"`` (the same integers in
+  8-bit types: QLinearConv, ConvInteger and MatMulInteger).
+
+ONNX Runtime runs on the CPU with the package's session settings
+(:func:`oscqat_jax.deploy.inference_session`, graph optimisations at their default, all) and
+``--threads`` intra-op threads (0: ONNX Runtime's default, one per physical core); XLA uses
+its own thread pool over every core. Each case times ``--runs`` calls after ``--warmup``
+untimed ones and prints one JSON line: the median, fastest and slowest seconds per call, the
+median and fastest per image, the CPU count and the 1-minute load average before and after
+the case (the numbers of a shared machine are only as quiet as it); a table follows, with
+each engine's median against ``jax_float`` and ``ort_float``.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from oscqat_jax.models import create_model  # noqa: E402
 from oscqat_jax.nn.config import QuantContext  # noqa: E402
 from oscqat_jax.nn.setups import QuantSetup  # noqa: E402
+
+ENGINES = ("jax_float", "ort_float", "ort_int4_qdq", "ort_int8")
 
 
 def timed(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
@@ -68,6 +80,37 @@ def quantized_variables(name: str, resolution: int, n_bits: int, seed: int = 0):
     return float_model, model, dict(float_variables), jax.device_get(variables)
 
 
+def onnx_models(name: str, resolution: int, n_bits: int, folder: str):
+    """``(float JAX forward, float variables, {engine: ONNX path}, export seconds)``."""
+    from oscqat_jax.deploy import export_model_onnx, export_onnx
+
+    float_model, model, float_variables, variables = quantized_variables(name, resolution, n_bits)
+    shape = (resolution, resolution, 3)
+    float_ctx = QuantContext.create("float_eval")
+    paths, export_s = {}, {}
+    started = time.perf_counter()
+    paths["ort_float"] = os.path.join(folder, f"{name}_float.onnx")
+    float_lax = float_model  # depth-wise convolutions as one grouped Conv each
+    if hasattr(float_model, "depthwise_impl"):
+        float_lax = float_model.clone(depthwise_impl="lax")
+    export_onnx(
+        lambda x: float_lax.apply(float_variables, x, float_ctx),
+        np.zeros((1, *shape), np.float32),
+        paths["ort_float"],
+    )
+    export_s["ort_float"] = time.perf_counter() - started
+    for engine, container in (("ort_int4_qdq", "int4"), ("ort_int8", "int8")):
+        started = time.perf_counter()
+        paths[engine] = os.path.join(folder, f"{name}_{container}.onnx")
+        export_model_onnx(model, variables, paths[engine], input_shape=shape, container=container)
+        export_s[engine] = time.perf_counter() - started
+
+    def forward(v, x):
+        return float_model.apply(v, x, float_ctx)
+
+    return jax.jit(forward), float_variables, paths, export_s
+
+
 def record(engine: str, batch: int, times: list[float], **extra) -> dict:
     median = statistics.median(times)
     return {
@@ -77,73 +120,110 @@ def record(engine: str, batch: int, times: list[float], **extra) -> dict:
         "min_s": min(times),
         "max_s": max(times),
         "median_ms_per_image": 1000.0 * median / batch,
+        "min_ms_per_image": 1000.0 * min(times) / batch,
         **extra,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mobilenet_v2")
+    parser.add_argument("--models", default="mobilenet_v2,resnet18", help="comma-separated")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--n_bits", type=int, default=4, help="weight and activation bits")
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--onnx", default="", help="also write the exported model here")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated")
+    parser.add_argument("--onnx_dir", default="", help="keep the exported models here")
     parser.add_argument(
         "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)"
     )
     args = parser.parse_args(argv)
+    engines = args.engines.split(",")
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        parser.error(f"--engines: {unknown[0]!r} is not one of {', '.join(ENGINES)}")
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
 
-    import onnxruntime as ort
+    import tempfile
 
-    from oscqat_jax.deploy import export_model_onnx
+    from oscqat_jax.deploy import inference_session
 
-    float_model, model, float_variables, variables = quantized_variables(
-        args.model, args.resolution, args.n_bits
-    )
-    shape = (args.resolution, args.resolution, 3)
-    started = time.perf_counter()
-    proto = export_model_onnx(model, variables, args.onnx or None, input_shape=shape)
-    export_s = time.perf_counter() - started
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    input_name = session.get_inputs()[0].name
-    forward = jax.jit(lambda v, x: float_model.apply(v, x, QuantContext.create("float_eval")))
-    common = {
-        "model": args.model,
-        "resolution": args.resolution,
-        "n_bits": args.n_bits,
-        "cpu_count": os.cpu_count(),
-        "onnx_threads": args.threads,
-        "load_average": os.getloadavg()[0],
-    }
     records = []
-    rng = np.random.default_rng(1)
-    for batch in (int(b) for b in args.batches.split(",")):
-        images = rng.normal(size=(batch, *shape)).astype(np.float32)
-        on_device = jax.device_put(images)
-        onnx_times = timed(
-            lambda images=images: session.run(None, {input_name: images}), args.runs, args.warmup
-        )
-        jax_times = timed(
-            lambda on_device=on_device: forward(float_variables, on_device).block_until_ready(),
-            args.runs,
-            args.warmup,
-        )
-        for engine, times in (("onnxruntime_w4a4", onnx_times), ("jax_float", jax_times)):
-            records.append(record(engine, batch, times, export_s=round(export_s, 1), **common))
-            print(json.dumps(records[-1]), flush=True)
-    print(f"{'engine':18s} {'batch':>5s} {'ms/call':>9s} {'min ms':>9s} {'ms/image':>9s}")
-    for r in records:
-        print(
-            f"{r['engine']:18s} {r['batch']:>5d} {1000 * r['median_s']:>9.2f} "
-            f"{1000 * r['min_s']:>9.2f} {r['median_ms_per_image']:>9.2f}"
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.onnx_dir or tmp
+        for name in args.models.split(","):
+            forward, float_variables, paths, export_s = onnx_models(
+                name, args.resolution, args.n_bits, folder
+            )
+            sessions = {
+                engine: inference_session(paths[engine], threads=args.threads)
+                for engine in engines
+                if engine != "jax_float"
+            }
+            common = {
+                "model": name,
+                "resolution": args.resolution,
+                "n_bits": args.n_bits,
+                "cpu_count": os.cpu_count(),
+                "onnx_threads": args.threads,
+            }
+            rng = np.random.default_rng(1)
+            shape = (args.resolution, args.resolution, 3)
+            for batch in (int(b) for b in args.batches.split(",")):
+                images = rng.normal(size=(batch, *shape)).astype(np.float32)
+                on_device = jax.device_put(images)
+                for engine in engines:
+                    if engine == "jax_float":
+
+                        def call(x=on_device, f=forward, variables=float_variables):
+                            f(variables, x).block_until_ready()
+
+                    else:
+                        session = sessions[engine]
+                        feed = {session.get_inputs()[0].name: images}
+
+                        def call(session=session, feed=feed):
+                            session.run(None, feed)
+
+                    load_before = os.getloadavg()[0]
+                    times = timed(call, args.runs, args.warmup)
+                    records.append(
+                        record(
+                            engine,
+                            batch,
+                            times,
+                            load_before=load_before,
+                            load_after=os.getloadavg()[0],
+                            export_s=round(export_s.get(engine, 0.0), 1),
+                            onnx_bytes=os.path.getsize(paths[engine]) if engine in paths else None,
+                            **common,
+                        )
+                    )
+                    print(json.dumps(records[-1]), flush=True)
+    print_table(records)
     return records
+
+
+def print_table(records: list[dict]) -> None:
+    """Per model and batch: ms per image (median / fastest) and the median's speed-up over
+    both float engines."""
+    print(
+        f"{'model':14s} {'engine':13s} {'batch':>5s} {'ms/img med':>10s} {'ms/img min':>10s} "
+        f"{'x jax_float':>11s} {'x ort_float':>11s} {'load':>5s}"
+    )
+    medians = {(r["model"], r["batch"], r["engine"]): r["median_s"] for r in records}
+    for r in records:
+        ratios = []
+        for base in ("jax_float", "ort_float"):
+            ref = medians.get((r["model"], r["batch"], base))
+            ratios.append(f"{ref / r['median_s']:>11.2f}" if ref else f"{'-':>11s}")
+        print(
+            f"{r['model']:14s} {r['engine']:13s} {r['batch']:>5d} "
+            f"{r['median_ms_per_image']:>10.2f} {r['min_ms_per_image']:>10.2f} "
+            f"{' '.join(ratios)} {r['load_before']:>5.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Deployment of trained quantized models: ONNX export (QuantizeLinear/DequantizeLinear form
-with integer weights at their bit width) and running it in ONNX Runtime.
+"""Deployment of trained quantized models: ONNX export, either in QuantizeLinear/
+DequantizeLinear form with integer weights at their bit width (``container="int4"``, the
+JAX numerics) or with the integers in 8-bit types for ONNX Runtime's integer kernels
+(``container="int8"``, faster on the CPU), and running it in ONNX Runtime.
 
 ``export_onnx``, ``export_model_onnx``, ``run_onnx`` and ``inference_session`` (from :mod:`.onnx_export`) are loaded
 on first use, so importing this package does not need ``onnx``.

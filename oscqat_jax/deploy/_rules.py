@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from onnx import helper
 
-from oscqat_jax.deploy._values import Affine, Tensor, dyn_of, is_const
+from oscqat_jax.deploy._values import Affine, Dequantized, QInt, Tensor, dyn_of, is_const
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -59,7 +59,7 @@ def _fold_into_affine(prim: str, invals) -> Affine | None:
     y, c = invals
     if prim in ("add", "mul") and isinstance(c, Affine) and is_const(y):
         y, c = c, y
-    if not (isinstance(y, Affine) and is_const(c)):
+    if not (isinstance(y, Affine) and is_const(c)) or y.clamp is not None:
         return None
     vec = _channel_values(c, y.shape, y.axis)
     if vec is None:
@@ -78,6 +78,33 @@ def _fold_into_affine(prim: str, invals) -> Affine | None:
     return dataclasses.replace(y, mul=mul, add=add)
 
 
+def _scalar(c) -> float | None:
+    """The value of a constant scalar (any shape of one element), else None."""
+    if not is_const(c) or np.size(c.value) != 1:
+        return None
+    return float(np.asarray(c.value).reshape(()))
+
+
+def _clip_affine(y: Affine, low: float, high: float) -> Affine:
+    """``clip(y, low, high)`` after ``y``'s own clip (``max``/``min`` compose on the bounds)."""
+    old_low, old_high = y.clamp or (-np.inf, np.inf)
+    return dataclasses.replace(
+        y, clamp=(min(max(old_low, low), high), max(min(old_high, high), low))
+    )
+
+
+def _clamp_integer_layer(prim: str, invals) -> Affine | None:
+    """``max(y, c)`` / ``min(y, c)`` (ReLU, ReLU6) of an integer layer (int8 containers) as a
+    clip it carries to the quantizer it feeds; None when it does not apply."""
+    y, c = invals
+    if isinstance(c, Affine):
+        y, c = c, y
+    value = _scalar(c)
+    if not (isinstance(y, Affine) and y.qx is not None) or value is None:
+        return None
+    return _clip_affine(y, value, np.inf) if prim == "max" else _clip_affine(y, -np.inf, value)
+
+
 def _binary(op: str, negate: bool = False):
     def rule(lo, ea, eb, invals):
         prim = ea.primitive.name
@@ -85,6 +112,10 @@ def _binary(op: str, negate: bool = False):
             folded = _fold_into_affine(prim, invals)
             if folded is not None:
                 return folded
+        if prim in ("max", "min"):
+            clipped = _clamp_integer_layer(prim, invals)
+            if clipped is not None:
+                return clipped
         name = lo.graph.node(op, [lo.name(v) for v in invals])
         if negate:
             name = lo.graph.node("Not", [name])
@@ -153,6 +184,10 @@ def _select_n(lo, ea, eb, invals):
 
 
 def _clamp(lo, ea, eb, invals):
+    low_value, high_value = _scalar(invals[0]), _scalar(invals[2])
+    x = invals[1]
+    if isinstance(x, Affine) and x.qx is not None and None not in (low_value, high_value):
+        return _clip_affine(x, low_value, high_value)
     low, x, high = (lo.name(v) for v in invals)
     y = lo.graph.node("Max", [x, low])
     return _out(lo, lo.graph.node("Min", [y, high]), ea, eb)
@@ -251,6 +286,17 @@ def _perm_to(spec) -> list[int]:
     return [int(a) for a in spec]
 
 
+def _integer_input(lo, invals) -> QInt | None:
+    """The activation integers a layer reads when it can run on integer kernels (int8
+    containers, a per-tensor activation quantizer, a kernel from a weight quantizer)."""
+    x, kernel = invals
+    if not (lo.integer_layers and isinstance(x, Dequantized) and is_const(kernel)):
+        return None
+    if kernel.weight is None or x.ints.scale.size != 1 or np.size(x.ints.zero_point) != 1:
+        return None
+    return x.ints
+
+
 def _conv(lo, ea, eb, invals):
     """``lax.conv_general_dilated`` as a Conv between two Transposes (the layouts of its
     dimension numbers to NCHW/OIHW and back); a constant kernel stays lazy (:class:`Affine`)."""
@@ -264,7 +310,8 @@ def _conv(lo, ea, eb, invals):
     dn = p["dimension_numbers"]
     lhs_perm, rhs_perm = _perm_to(dn.lhs_spec), _perm_to(dn.rhs_spec)
     out_perm = tuple(int(a) for a in np.argsort(dn.out_spec))
-    x = lo.name(invals[0])
+    qx = _integer_input(lo, invals)
+    x = lo.name(invals[0]) if qx is None else qx.name
     if lhs_perm != sorted(lhs_perm):
         x = lo.graph.node("Transpose", [x], perm=lhs_perm)
     kernel_shape = [int(ea.invars[1].aval.shape[a]) for a in rhs_perm[2:]]
@@ -287,6 +334,7 @@ def _conv(lo, ea, eb, invals):
             out.shape,
             out.dyn,
             int(dn.out_spec[1]),
+            qx=qx,
         )
     kernel = lo.graph.node("Transpose", [lo.name(invals[1])], perm=rhs_perm)
     y = lo.graph.node("Conv", [x, kernel], **attrs)
@@ -308,9 +356,9 @@ def _dot_general(lo, ea, eb, invals):
     perm = (0, 1) if rhs_c[0] == 0 else (1, 0)
     out = lo.tensor("", ea.outvars[0], eb.outvars[0])
     if is_const(invals[1]):
-        return Affine(
-            "matmul", lo.name(invals[0]), invals[1], perm, {}, None, out.shape, out.dyn, x_rank - 1
-        )
+        qx = _integer_input(lo, invals)
+        x = lo.name(invals[0]) if qx is None else qx.name
+        return Affine("matmul", x, invals[1], perm, {}, None, out.shape, out.dyn, x_rank - 1, qx=qx)
     w = lo.name(invals[1])
     if perm != (0, 1):
         w = lo.graph.node("Transpose", [w], perm=[1, 0])

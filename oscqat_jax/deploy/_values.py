@@ -39,11 +39,29 @@ class Tensor:
 @dataclasses.dataclass(eq=False)
 class QInt(Tensor):
     """The integers of an activation quantizer (a QuantizeLinear output of ``int_dtype``), with
-    the scale and zero point (float32 arrays, integer-valued zero point) that dequantize them."""
+    the scale and zero point (float32 arrays, integer-valued zero point) that dequantize them.
+
+    ``offset``: the stored integers are the quantizer's minus ``offset`` (int8 containers store
+    every grid ``[lo, hi]`` as ``[0, hi - lo]`` in uint8, ``offset = lo``; 0 otherwise), so
+    their DequantizeLinear takes the zero point ``zero_point - offset``; ``grid_max``: the
+    largest stored integer (``hi - lo``)."""
 
     scale: np.ndarray = None
     zero_point: np.ndarray = None
     int_dtype: type = None
+    offset: float = 0.0
+    grid_max: float = 255.0
+
+
+@dataclasses.dataclass(eq=False)
+class Dequantized:
+    """``scale * (ints - zero_point)`` of an activation quantizer's integers, emitted as a
+    DequantizeLinear only when a float operator reads it (int8 containers: a convolution or
+    matmul with an integer kernel reads the integers themselves)."""
+
+    ints: QInt
+    shape: tuple[int, ...]
+    dyn: tuple[bool, ...]
 
 
 @dataclasses.dataclass(eq=False)
@@ -61,6 +79,12 @@ class Affine:
     axis: int
     mul: np.ndarray | None = None  # float64 (C,)
     add: np.ndarray | None = None
+    # int8 containers: the layer reads the integers of this activation quantizer (``x`` is
+    # then the uint8 integers, in the layer's layout) ...
+    qx: QInt | None = None
+    # ... and its output is clipped to [low, high] after the multiplier and offset
+    # (ReLU/ReLU6 between the layer and the next quantizer).
+    clamp: tuple[float, float] | None = None
 
 
 def is_const(v) -> bool:

@@ -96,6 +96,9 @@ def evaluate_checkpoint(
 EXPORT_FORMATS = ("native", "onnx")
 """``native``: the integer export of :mod:`oscqat_jax.export` (``.safetensors``/``.npz``);
 ``onnx``: a QDQ ONNX graph (:mod:`oscqat_jax.deploy`, needs the ``deploy`` extra)."""
+ONNX_CONTAINERS = ("int4", "int8")
+"""How an ONNX export stores the integers: ``int4`` (the portable QDQ form, each grid in the
+narrowest type) or ``int8`` (8-bit types, run by ONNX Runtime's integer kernels)."""
 
 
 def export_checkpoint(
@@ -104,19 +107,22 @@ def export_checkpoint(
     output: str,
     checkpoint_path: str = "",
     export_format: str = "native",
+    container: str = "int4",
 ):
     """Writes the integer model of a QAT checkpoint to ``output``.
 
     Args:
       export_format: ``native`` writes ``.safetensors`` or ``.npz`` (by the suffix, see
-        :mod:`oscqat_jax.export`); ``onnx`` writes a ``.onnx`` file in QDQ form
+        :mod:`oscqat_jax.export`); ``onnx`` writes a ``.onnx`` file
         (:func:`oscqat_jax.deploy.export_model_onnx`, batch dimension dynamic, NHWC input).
+      container: ONNX only: ``int4`` (QDQ form, integers at their bit width) or ``int8``
+        (8-bit integers for ONNX Runtime's integer kernels), see :mod:`oscqat_jax.deploy`.
 
     Returns:
       The export's manifest (``native``) or the ``onnx.ModelProto`` written (``onnx``); None
       on processes other than the first.
     """
-    write = _exporter(output, export_format)  # before any work
+    write = _exporter(output, export_format, container)  # before any work
     ctx = open_run(config, workdir, write_metrics=False)
     try:
         model, step, variables = restore_for_export(ctx, checkpoint_path)
@@ -144,12 +150,20 @@ def restore_for_export(ctx: Context, checkpoint_path: str = "") -> tuple[Any, in
     return model, int(state.step), variables
 
 
-def _exporter(output: str, export_format: str):
+def _exporter(output: str, export_format: str, container: str = "int4"):
     """``write(model, variables, ctx) -> (result, description)`` for ``export_format``,
-    after checking the output's suffix and (for ONNX) that the exporter is installed."""
+    after checking the output's suffix, the container and (for ONNX) that the exporter is
+    installed."""
     if export_format not in EXPORT_FORMATS:
         raise ValueError(
             f"The export format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}."
+        )
+    if container not in ONNX_CONTAINERS:
+        raise ValueError(f"The container {container!r} is not one of {', '.join(ONNX_CONTAINERS)}.")
+    if export_format != "onnx" and container != "int4":
+        raise ValueError(
+            f"The container {container!r} applies to --format=onnx only; the native format "
+            "packs its own integers."
         )
     suffix = os.path.splitext(output)[1].lower()
     if export_format == "native":
@@ -187,8 +201,11 @@ def _exporter(output: str, export_format: str):
 
     def write_onnx(model, variables, ctx):
         proto = onnx_export.export_model_onnx(
-            model, variables, output, input_shape=ctx.source.image_shape
+            model, variables, output, input_shape=ctx.source.image_shape, container=container
         )
-        return proto, f"ONNX opset {proto.opset_import[0].version}, {len(proto.graph.node)} nodes"
+        return proto, (
+            f"ONNX opset {proto.opset_import[0].version}, {container} container, "
+            f"{len(proto.graph.node)} nodes"
+        )
 
     return write_onnx

@@ -40,7 +40,7 @@ from onnx import TensorProto, numpy_helper
 from testkit import TEST_BLOCKS
 
 from oscqat_jax import quant
-from oscqat_jax.deploy import export_model_onnx, export_onnx, run_onnx
+from oscqat_jax.deploy import _integer, export_model_onnx, export_onnx, run_onnx
 from oscqat_jax.models import create_model, quant_plan
 from oscqat_jax.nn.config import QuantContext
 from oscqat_jax.nn.setups import SETUPS, QuantSetup
@@ -195,11 +195,23 @@ ARCHITECTURES = {
 }
 
 
+_ARCHITECTURE_CACHE: dict = {}
+
+
+def architecture(name):
+    """``(model, variables, images, plan, input shape)`` of ``ARCHITECTURES[name]``, prepared
+    once per module (the int4 and int8 tests share them)."""
+    if name not in _ARCHITECTURE_CACHE:
+        options, input_shape, setup = ARCHITECTURES[name]
+        model = create_model(name, num_classes=NUM_CLASSES, quant_setup=setup, **options)
+        variables, images, _, plan = prepared(model, input_shape)
+        _ARCHITECTURE_CACHE[name] = (model, variables, images, plan, input_shape)
+    return _ARCHITECTURE_CACHE[name]
+
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_every_architecture_runs_in_onnx_runtime_with_the_jax_logits(name):
-    options, input_shape, setup = ARCHITECTURES[name]
-    model = create_model(name, num_classes=NUM_CLASSES, quant_setup=setup, **options)
-    variables, images, _, plan = prepared(model, input_shape)
+    model, variables, images, plan, input_shape = architecture(name)
     _, got, expected, tol = export_and_compare(model, variables, images, input_shape, plan)
     print(
         f"{name}: max |logit difference| {np.abs(got - expected).max():.3g} (tolerance {tol:.3g})"
@@ -343,3 +355,230 @@ def test_the_file_is_written_and_runs(tmp_path):
     # Clipped at the 3-bit grid's top (7 steps), although uint4 reaches 15.
     np.testing.assert_allclose(got, jax.jit(fn)(images), rtol=0, atol=1e-6)
     assert got.max() <= 7 * 0.25
+
+
+# --------------------------------------------------------------------------- int8 containers
+#
+# ``container="int8"`` runs each conv between two quantizers as a QLinearConv and the
+# classifier as a MatMulInteger (other convs stay float, on int8 kernels dequantized at load).
+# Accumulation is exact; a QLinearConv requantizes its output onto
+# the next quantizer's grid from ``(acc + bias) * s_x s_w / s_y`` with the float offset
+# rounded to the int32 ``bias``, so an activation whose value lies within that rounding (a
+# small fraction of one accumulator step) of a rounding threshold can land one step away from
+# the JAX model's. The checks below compare the requantized integers (at most one step off, on
+# at most ``MAX_FLIPPED`` of them), layers fed by equal integers exactly, and whole networks
+# exactly without the requantization (and report their agreement with it).
+
+MAX_FLIPPED = 0.01
+
+
+def _toy_int8_fn(params):
+    """A two-layer network with what the int8 lowering handles: an asymmetric 4-bit input
+    quantizer (zero point 3), a 1x1 conv with per-channel 4-bit weights and BN multipliers of
+    both signs and zero, ReLU6, a 3-bit unsigned quantizer, a depth-wise 3x3 conv (stride 2)
+    with per-tensor 3-bit weights, and a float output. Returns ``(output, the 3-bit
+    integers)``, both flattened per image."""
+    kernel1, kernel2, mul1, add1, mul2, add2, w_scale1 = params
+
+    def fn(x):
+        p = quant.quant_params(0.3, 3.0, x_shape=x.shape, n_bits=4, signed=False)
+        x = quant.dequantize_with(quant.to_int_with(x, p), p)
+        pw = quant.quant_params(w_scale1, x_shape=kernel1.shape, n_bits=4, signed=True)
+        w1 = quant.dequantize_with(quant.to_int_with(kernel1, pw), pw)
+        y = jax.lax.conv_general_dilated(
+            x, w1, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        y = jax.nn.relu6(y * mul1 + add1)
+        pa = quant.quant_params(0.25, x_shape=y.shape, n_bits=3, signed=False)
+        y_int = quant.to_int_with(y, pa)
+        y = quant.dequantize_with(y_int, pa)
+        pw2 = quant.quant_params(0.1, x_shape=kernel2.shape, n_bits=3, signed=True)
+        w2 = quant.dequantize_with(quant.to_int_with(kernel2, pw2), pw2)
+        z = jax.lax.conv_general_dilated(
+            y,
+            w2,
+            (2, 2),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=kernel2.shape[-1],
+        )
+        n = x.shape[0]
+        return (z * mul2 + add2).reshape(n, -1), y_int.reshape(n, -1)
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def toy_int8():
+    """``(images, int8 proto, JAX outputs, JAX 3-bit integers, parameters)`` of
+    :func:`_toy_int8_fn`."""
+    rng = np.random.default_rng(5)
+    params = (
+        rng.normal(size=(1, 1, 5, 6)).astype(np.float32) * 0.3,
+        rng.normal(size=(3, 3, 1, 6)).astype(np.float32) * 0.2,
+        np.array([1.5, -0.7, 0.0, 0.3, 2.0, -1.0], np.float32),
+        rng.normal(size=6).astype(np.float32),
+        rng.uniform(0.5, 1.5, size=6).astype(np.float32),
+        rng.normal(size=6).astype(np.float32),
+        rng.uniform(0.05, 0.1, size=(1, 1, 1, 6)).astype(np.float32),
+    )
+    fn = _toy_int8_fn(params)
+    images = 2 * rng.normal(size=(16, 7, 7, 5)).astype(np.float32)
+    proto = export_onnx(fn, images[:1], container="int8")
+    out, ints = (np.asarray(a) for a in jax.jit(fn)(images))
+    return images, proto, out, ints, params
+
+
+def _run_all(proto, images) -> list[np.ndarray]:
+    from oscqat_jax.deploy.onnx_export import inference_session
+
+    session = inference_session(proto)
+    return session.run(None, {session.get_inputs()[0].name: images})
+
+
+def _compare_toy(proto, images, out, ints) -> tuple[float, float]:
+    """``(share of requantized integers that differ, largest output difference on images whose
+    integers all agree)``, after checking every integer is at most one step off."""
+    got_out, got_ints = _run_all(proto, images)
+    steps = np.abs(got_ints - ints)
+    same = ~(steps > 0).any(axis=1)
+    flipped = float(np.mean(steps > 0))
+    worst = float(np.abs(got_out - out)[same].max()) if same.any() else np.inf
+    return flipped, worst, float(steps.max())
+
+
+def _ops(proto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _initializer(proto, node, index) -> onnx.TensorProto:
+    return next(t for t in proto.graph.initializer if t.name == node.input[index])
+
+
+def _edited(proto, node_op, index, edit):
+    """A copy of ``proto`` with input ``index`` (an initializer) of the first ``node_op``
+    node (``"Conv"``: the DequantizeLinear of its kernel) replaced by ``edit(its array)``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    node = next(n for n in copy.graph.node if n.op_type == node_op)
+    if node_op == "Conv":
+        node = next(n for n in copy.graph.node if n.output[0] == node.input[1])
+    tensor = _initializer(copy, node, index)
+    edited = edit(numpy_helper.to_array(tensor).copy())
+    tensor.CopyFrom(numpy_helper.from_array(edited, tensor.name))
+    return copy
+
+
+def test_int8_containers_run_the_layers_on_integer_kernels(toy_int8):
+    images, proto, out, ints, params = toy_int8
+    onnx.checker.check_model(proto, full_check=True)
+    ops = _ops(proto)
+    # The pointwise conv feeds a quantizer (QLinearConv); the depth-wise one feeds the float
+    # output, a float Conv of the dequantized 3-bit integers and the int8 kernel.
+    assert ops.get("QLinearConv") == 1 and ops.get("Conv") == 1
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    kernel_dq = next(n for n in proto.graph.node if n.output[0] == conv.input[1])
+    assert kernel_dq.op_type == "DequantizeLinear"
+    assert _initializer(proto, kernel_dq, 0).data_type == onnx.TensorProto.INT8
+    qconv = next(n for n in proto.graph.node if n.op_type == "QLinearConv")
+    x_zp, w, w_scale, w_zp, y_zp, bias = (
+        numpy_helper.to_array(_initializer(proto, qconv, i)) for i in (2, 3, 4, 5, 7, 8)
+    )
+    # Inputs in uint8 with their zero point (asymmetric grid [0, 15], zero point 3); weights
+    # int8 per output channel (axis 0 of OIHW), zero point 0; int32 bias.
+    assert x_zp.dtype == np.uint8 and int(x_zp) == 3
+    assert w.dtype == np.int8 and w.shape == (6, 5, 1, 1) and w_scale.shape == (6,)
+    assert w_zp.dtype == np.int8 and not w_zp.any() and bias.dtype == np.int32
+    assert y_zp.dtype == np.uint8 and int(y_zp) == 0
+    # Per output channel: the trained 4-bit integers times a whole factor f (the scale divided
+    # by f), negated where BN's multiplier is negative; zero where it is zero.
+    kernel1, _, mul1, _, _, _, w_scale1 = params
+    trained = np.transpose(
+        np.asarray(quant.to_int(kernel1, w_scale1, n_bits=4, signed=True)), (3, 2, 0, 1)
+    )
+    for c in (0, 1, 3, 4, 5):
+        factor = np.float64(w_scale1.reshape(-1)[c]) * abs(mul1[c]) / w_scale[c]
+        assert abs(factor - round(factor)) < 1e-4 and 1 <= round(factor) <= 127
+        np.testing.assert_array_equal(w[c], round(factor) * np.sign(mul1[c]) * trained[c])
+    assert not w[2].any()
+    flipped, worst, steps = _compare_toy(proto, images, out, ints)
+    print(
+        f"toy int8: {flipped:.2%} of the 3-bit integers one step off; max |output diff| "
+        f"on the other images {worst:.3g}"
+    )
+    assert steps <= 1 and flipped <= MAX_FLIPPED and worst <= 1e-5
+
+
+def _one_step(where: int):
+    """An edit moving the ``where``-th stored integer by one trained step: the greatest
+    common divisor of its output channel's integers (the channel's factor, see
+    ``integer_kernel``), down at the top of int8."""
+
+    def edit(w):
+        channel = np.abs(w[np.unravel_index(where, w.shape)[0]])
+        step = int(np.gcd.reduce(channel[channel > 0]))
+        flat = w.reshape(-1)
+        flat[where] += step if int(flat[where]) + step <= 127 else -step
+        return w
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "node_op, index, edit",
+    [
+        ("QLinearConv", 3, _one_step(7)),
+        ("QLinearConv", 2, np.zeros_like),
+        ("QLinearConv", 4, lambda s: s[::-1].copy()),
+        ("Conv", 0, _one_step(4 + 9 * 4)),  # channel 4's centre tap
+    ],
+    ids=[
+        "one_weight_integer",
+        "input_zero_point_dropped",
+        "scales_on_wrong_channels",
+        "one_depthwise_integer",
+    ],
+)
+def test_a_wrong_integer_zero_point_or_scale_breaks_the_int8_comparison(
+    toy_int8, node_op, index, edit
+):
+    """Negative controls of the comparison above: each plausible bug fails it."""
+    images, proto, out, ints, _ = toy_int8
+    flipped, worst, steps = _compare_toy(_edited(proto, node_op, index, edit), images, out, ints)
+    assert steps > 1 or flipped > MAX_FLIPPED or worst > 1e-5
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_architecture_in_int8_containers_agrees_with_the_jax_model(name, monkeypatch):
+    model, variables, images, plan, input_shape = architecture(name)
+    expected = np.asarray(_forward(model, variables, images))
+    proto = export_model_onnx(model, variables, input_shape=input_shape, container="int8")
+    ops = _ops(proto)
+    # Convs between two quantizers run as QLinearConv (the others as float Convs, see
+    # oscqat_jax.deploy.onnx_export); no int4 is left.
+    assert ops.get("QLinearConv", 0) > 0 and "ConvInteger" not in ops
+    types = {t.data_type for t in proto.graph.initializer}
+    assert not types & {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    got = run_onnx(proto, images)
+    agree = int(np.sum(got.argmax(-1) == expected.argmax(-1)))
+    print(
+        f"{name} int8: top-1 agreement {agree} of {len(images)}, max |logit difference| "
+        f"{np.abs(got - expected).max():.3g} (logits up to {np.abs(expected).max():.3g}); "
+        f"{ops['QLinearConv']} QLinearConv, {ops.get('MatMulInteger', 0)} MatMulInteger, "
+        f"{ops.get('Conv', 0)} float Conv"
+    )
+    # Requantization flips (see above) are amplified by these random networks (logits up to
+    # 1e3), so the arithmetic is checked without them: with every QLinearConv replaced by its
+    # fallback (a float Conv of the dequantized integers, QuantizeLinear) the same integer
+    # kernels, zero points and scales give the JAX logits to float rounding.
+    monkeypatch.setattr(_integer, "emit_qlinear_conv", lambda *args: None)
+    exact = export_model_onnx(model, variables, input_shape=input_shape, container="int8")
+    assert "QLinearConv" not in _ops(exact)
+    got = run_onnx(exact, images)
+    np.testing.assert_allclose(
+        got, expected, rtol=0, atol=tolerance(expected, logits_step(plan, variables))
+    )
+    np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
