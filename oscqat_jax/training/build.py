@@ -76,7 +76,8 @@ _NON_NEGATIVE = Limit(_number(lambda v: v >= 0), "use a finite number >= 0")
 _POSITIVE = Limit(_number(lambda v: v > 0), "use a finite number > 0")
 _FRACTION = Limit(_number(lambda v: 0.0 <= v < 1.0), "use a fraction in [0, 1)")
 _BITS = Limit(_int(2, MAX_BITS), f"use a bit width between 2 and {MAX_BITS}")
-# Oscillation frequencies lie in [0, 1] (SPEC §5): a threshold above 1 could never be passed.
+# Oscillation frequencies lie in [0, 1] (docs/method.md §5): a threshold above 1 could never
+# be passed.
 _FREQUENCY = _number(lambda v: 0.0 <= v <= 1.0)
 _DAMPENING = Limit(
     _number(lambda v: v >= 0), "use a finite number >= 0, or None to switch dampening off", True
@@ -343,7 +344,8 @@ def _recorded_fields(config: ml_collections.ConfigDict) -> dict:
 
 
 def oscillation_settings(config: ml_collections.ConfigDict) -> step_lib.OscillationSettings:
-    """The QAT step's tracking, freezing and dampening settings (SPEC §5-7) of ``config``."""
+    """The QAT step's tracking, freezing and dampening settings (docs/method.md §5-7) of
+    ``config``."""
     freeze, damp = config.osc_freeze, config.osc_damp
     return step_lib.OscillationSettings(
         track=freeze.track,
@@ -385,7 +387,8 @@ def float_schedules(opt: optim.Optimizer) -> step_lib.Schedules:
 
 
 def qat_schedules(config, opt: optim.Optimizer, total: int) -> step_lib.Schedules:
-    """Learning rates, freezing threshold (SPEC §6) and dampening weight (SPEC §7) of QAT."""
+    """Learning rates, freezing threshold (docs/method.md §6) and dampening weight
+    (docs/method.md §7) of QAT."""
     freeze = config.osc_freeze
     damp = config.osc_damp
     threshold = schedules.freeze_threshold_schedule(

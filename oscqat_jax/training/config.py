@@ -15,7 +15,8 @@ from oscqat_jax import oscillation
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults shared by every recipe (the paper's ImageNet values where SPEC §9 gives them)."""
+    """Defaults shared by every recipe (the paper's ImageNet values where docs/method.md §9
+    gives them)."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init, data order, augmentation and dropout
 
@@ -32,8 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_batch_size = 256  # global evaluation batch
     c.data.max_shift = 0  # in-memory sources: random translation augmentation, pixels
     c.data.flip = False  # in-memory sources: random horizontal flips
-    # File-based sources (imagenet_folder, tfds): the paper's augmentation (SPEC §9) is used:
-    # random-resized crop + flip for training; resize the shorter side to
+    # File-based sources (imagenet_folder, tfds): the paper's augmentation (docs/method.md §9)
+    # is used: random-resized crop + flip for training; resize the shorter side to
     # round(image_size * eval_resize_ratio) and centre-crop image_size for evaluation.
     c.data.dir = ""  # imagenet_folder: root holding train/<class>/* and val/<class>/*
     c.data.tfds_name = "imagenet2012"  # tfds: the builder's name
@@ -131,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_epochs = 1  # evaluate after every this many epochs (and at the end)
-    c.eval.bn_reestimate = True  # re-estimate BN statistics before evaluating (SPEC §8)
+    c.eval.bn_reestimate = True  # re-estimate BN statistics before evaluating (docs/method.md §8)
     c.eval.bn_batches = 50  # training batches used for re-estimation
     return c
 
