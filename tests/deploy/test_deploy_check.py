@@ -2,9 +2,10 @@
 model trained by the tiny config, exported to ONNX, gives the same predictions in ONNX Runtime
 as the JAX model; the check command's report and exit status; its one-sentence refusals.
 
-The run is the tiny config of ``configs/tiny.py`` on the real digits (16x16, one channel) for
-a few epochs, so its accuracy is far above chance and agreement is measured on a trained
-model. The default config (32x32, width 0.5, 18 epochs) is measured by hand for the README.
+The run is the suite's digits run (``testkit.DIGITS_RUN``: ``configs/tiny.py`` on the real
+digits, 16x16, one channel, trained once per session by ``train.py``), so its accuracy is far
+above chance and agreement is measured on a trained model. The default config (32x32, width
+0.5, 18 epochs) is measured by hand for the README.
 """
 
 import os
@@ -16,31 +17,15 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from testkit import ROOT, tiny_config
+from testkit import DIGITS_IMAGE_SHAPE, DIGITS_RUN_FLAGS, ROOT
 
 from oscqat_jax.deploy import __main__ as deploy_main
 from oscqat_jax.deploy import _integer
 from oscqat_jax.deploy import check as check_lib
 from oscqat_jax.training import trainer
 
-# configs/tiny.py on digits: 1437 training images, 22 steps per epoch; 360 validation images
-# in three batches of 120.
-OVERRIDES = {
-    "data.name": "digits",
-    "data.image_size": 16,
-    "data.batch_size": 64,
-    "data.eval_batch_size": 120,
-    "float_train.epochs": 2,
-    "train.epochs": 1,
-    "train.log_every": 11,
-    "train.checkpoint_every": 1000,
-    "eval.bn_batches": 4,
-}
-CONFIG_FLAGS = [
-    f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
-    *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
-]
-IMAGE_SHAPE = (16, 16, 1)
+CONFIG_FLAGS = DIGITS_RUN_FLAGS
+IMAGE_SHAPE = DIGITS_IMAGE_SHAPE
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -67,25 +52,12 @@ def _check_command(model_path, workdir, *extra: str) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """``(config, workdir, onnx path)``: the run trained in this process, exported by the
-    command line."""
-    config = tiny_config(**{k.replace(".", "__"): v for k, v in OVERRIDES.items()})
-    workdir = tmp_path_factory.mktemp("digits") / "run"
-    summary = trainer.train_and_evaluate(config, str(workdir))
-    assert summary["qat_post_bn"] > 50.0  # trained: chance is 10 %
-    output = workdir / "model.onnx"
-    result = _run(
-        "train.py",
-        *CONFIG_FLAGS,
-        f"--workdir={workdir}",
-        "--compilation_cache=",
-        "--mode=export",
-        "--format=onnx",
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"to {output} (" in result.stdout and "ONNX opset 21" in result.stdout
-    return config, workdir, output
+def trained(digits_run, tmp_path_factory):
+    """``(config, workdir, onnx path)``: the suite's digits run, exported in this process (the
+    command line's export is tested by the int8 container test below)."""
+    output = tmp_path_factory.mktemp("export") / "model.onnx"
+    trainer.export_checkpoint(digits_run.config, str(digits_run.workdir), str(output), "", "onnx")
+    return digits_run.config, digits_run.workdir, output
 
 
 def test_the_exported_file_is_a_qdq_graph_with_4_bit_weights(trained):
@@ -116,6 +88,7 @@ def test_onnx_runtime_predicts_what_the_jax_model_predicts(trained):
         assert ours != theirs
 
 
+@pytest.mark.slow
 def test_the_check_command_prints_the_comparison(trained, capsys):
     config, workdir, output = trained
     result = _check_command(output, workdir)
@@ -222,8 +195,9 @@ def test_the_export_format_must_match_the_suffix(trained, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_the_int8_container_export_runs_on_integer_kernels_with_the_jax_predictions(
-    trained, tmp_path, monkeypatch
+    trained, tmp_path, monkeypatch, compile_cache_dir
 ):
     config, workdir, _ = trained
     output = tmp_path / "model_int8.onnx"
@@ -231,14 +205,14 @@ def test_the_int8_container_export_runs_on_integer_kernels_with_the_jax_predicti
         "train.py",
         *CONFIG_FLAGS,
         f"--workdir={workdir}",
-        "--compilation_cache=",
+        f"--compilation_cache={compile_cache_dir}",
         "--mode=export",
         "--format=onnx",
         "--container=int8",
         f"--output={output}",
     )
     assert result.returncode == 0, result.stderr
-    assert "int8 container" in result.stdout
+    assert f"to {output} (" in result.stdout and "int8 container" in result.stdout
     ops = {node.op_type for node in onnx.load(output).graph.node}
     assert {"QLinearConv", "MatMulInteger"} <= ops
     checked = check_lib.check(output, config, str(workdir))

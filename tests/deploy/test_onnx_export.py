@@ -1,7 +1,8 @@
 """Tests of oscqat_jax.deploy.onnx_export: every architecture and paper setup exported to ONNX
 and run by ONNX Runtime against the JAX fake-quantized model in eval mode.
 
-Models are small (width 0.25, 10 classes; ResNets have no width multiplier), randomly
+Models are small (width 0.25, 10 classes; ResNet-18 at full width, ResNet-50 at width 0.25 with
+its full bottleneck structure), randomly
 initialised on the host, calibrated by a jitted ``calibrate`` step on two batches of 8 images,
 then about a third of one tracked layer's weights are frozen one step away from their current
 integers; the logits are compared on the second batch.
@@ -185,12 +186,13 @@ ARCHITECTURES = {
         QuantSetup(name="LSQ", n_bits=3, per_channel=True, **MINMAX),
     ),
     "resnet50": (
-        {},
+        dict(width_multiplier=0.25),
         IMAGE,
-        # MSE weight ranges: with min-max ones, one activation of layer2_2/conv2 (of 8 images)
-        # lies within an ulp of a rounding threshold and flips, which this random network
-        # (logits ~1e3) amplifies into different logits for that image.
-        QuantSetup(name="FP_logits", n_bits=4, act_range_method="running_minmax"),
+        # At full width with min-max ranges, one activation of layer2_2/conv2 (of 8 images)
+        # lay within an ulp of a rounding threshold and flipped, which the random network
+        # (logits ~1e3) amplified; the narrow network has no such activation on these images
+        # (a rounding tie there fails this test loudly, it does not pass silently).
+        QuantSetup(name="FP_logits", n_bits=4, **MINMAX),
     ),
 }
 
@@ -209,7 +211,14 @@ def architecture(name):
     return _ARCHITECTURE_CACHE[name]
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+# The quick tier exports the paper's network; the full suite every family.
+ARCHITECTURE_PARAMS = [
+    name if name == "mobilenet_v2" else pytest.param(name, marks=pytest.mark.slow)
+    for name in ARCHITECTURES
+]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURE_PARAMS)
 def test_every_architecture_runs_in_onnx_runtime_with_the_jax_logits(name):
     model, variables, images, plan, input_shape = architecture(name)
     _, got, expected, tol = export_and_compare(model, variables, images, input_shape, plan)
@@ -551,7 +560,7 @@ def test_a_wrong_integer_zero_point_or_scale_breaks_the_int8_comparison(
     assert steps > 1 or flipped > MAX_FLIPPED or worst > 1e-5
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("name", ARCHITECTURE_PARAMS)
 def test_every_architecture_in_int8_containers_agrees_with_the_jax_model(name, monkeypatch):
     model, variables, images, plan, input_shape = architecture(name)
     expected = np.asarray(_forward(model, variables, images))
