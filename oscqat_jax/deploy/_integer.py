@@ -36,10 +36,10 @@ class IntKernel:
     Attributes:
       ints: the stored integers in ONNX's layout (OIHW for Conv, ``(in, out)`` for MatMul),
         int8 (or uint8 with ``zero_point`` 128): the trained integers, negated in channels
-        whose BN multiplier is negative, zero in channels whose multiplier is zero, times
-        ``2 ** shift``.
+        whose BN multiplier is negative, zero in channels whose multiplier is zero, times a
+        whole factor ``f`` per output channel (1 for uint8 kernels).
       zero_point: 0 or 128.
-      scale: float32 ``(C,)`` per output channel: weight scale ``* |BN multiplier| / 2 ** shift``.
+      scale: float32 ``(C,)`` per output channel: weight scale ``* |BN multiplier| / f``.
       add: float64 ``(C,)``: the offset after the layer (folded BN offset and bias).
       out_axis: the output-channel axis of ``ints``.
     """
