@@ -7,6 +7,14 @@ COMMANDS = ("check",)
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(
+            "usage: python -m oscqat_jax.deploy {check} ...\n\n"
+            "commands:\n"
+            "  check MODEL.onnx --config=... --workdir=...  an exported ONNX model against its "
+            "checkpoint (python -m oscqat_jax.deploy check --help)"
+        )
+        return 0
     if not argv or argv[0] not in COMMANDS:
         given = f"got {argv[0]!r}" if argv else "got none"
         print(

@@ -221,6 +221,10 @@ def _flags(argv: Sequence[str]) -> tuple[flags.FlagValues, list[str]]:
 def main(argv: Sequence[str]) -> int:
     """``check MODEL.onnx --config=... --workdir=...`` (``argv`` without the program name
     and the word ``check``); the exit status."""
+    if any(arg in ("-h", "-?", "--help", "--helpshort", "--helpfull") for arg in argv):
+        values, _ = _flags([])
+        print(f"usage: {USAGE}\n\n{values.get_help(include_special_flags=False)}")
+        return 0
     try:
         for arg in argv:
             file = re.fullmatch(r"--?config=([^:]*)(:.*)?", arg)

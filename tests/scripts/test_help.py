@@ -19,13 +19,6 @@ ROOT = pathlib.Path(testkit.ROOT)
 SCRIPT_DIRS = ("benchmarks", "demos")
 MAIN_GUARD = re.compile(r'^if __name__ == "__main__":', re.MULTILINE)
 
-# python -m oscqat_jax.deploy answers --help with "takes a command" and status 1, and its
-# check command's private absl flags do not know --help; both files are being reworked
-# elsewhere. Strict: these fail the suite once they pass, so that the mark is removed.
-_DEPLOY_HELP = pytest.mark.xfail(
-    strict=True, reason="deploy/__main__.py and deploy/check.py do not handle --help yet"
-)
-
 
 def _scripts() -> list[str]:
     return sorted(
@@ -39,8 +32,8 @@ def _scripts() -> list[str]:
 COMMANDS = [
     pytest.param(["train.py"], id="train.py"),
     pytest.param(["-m", "oscqat_jax.convert"], id="convert"),
-    pytest.param(["-m", "oscqat_jax.deploy"], id="deploy", marks=_DEPLOY_HELP),
-    pytest.param(["-m", "oscqat_jax.deploy", "check"], id="deploy-check", marks=_DEPLOY_HELP),
+    pytest.param(["-m", "oscqat_jax.deploy"], id="deploy"),
+    pytest.param(["-m", "oscqat_jax.deploy", "check"], id="deploy-check"),
     pytest.param(["docs/build_api.py"], id="docs/build_api.py"),
     *(pytest.param([script], id=script) for script in _scripts()),
 ]
