@@ -22,8 +22,9 @@ follow the model's variable tree, ``<layer>`` being a ``/``-joined module path:
 - BatchNorm of a quantized conv is folded (version 4): with ``mul = gamma / sqrt(var + eps)``
   per output channel, ``params/<layer>/weight_scale`` is float32 ``(out,)``, the weight scale
   times ``mul`` (of either sign), and ``params/<layer>/folded_bias`` float32 ``(out,)`` is
-  ``beta + (bias - mean) * mul``; the layer computes ``conv(x, weight_scale * (kernel_int -
-  zero_point)) + folded_bias`` per channel, with the trained integers. A model built with
+  ``beta + (bias - mean) * mul``; the layer computes
+  ``conv(x, weight_scale * (kernel_int - zero_point)) + folded_bias`` per channel, with the
+  trained integers. A model built with
   ``fold_bn`` already quantizes the folded kernel: its scale keeps the quantizer's shape and
   only ``folded_bias`` replaces BN. The manifest marks such layers (``"bn": "scale"`` or
   ``"bn": "kernel"``); the BN parameters, statistics and the conv's own bias are not stored.

@@ -23,8 +23,8 @@ What the graph holds:
   clipped.
   QuantizeLinear rounds half to even, as ``jnp.round``.
 - **BatchNorm (eval, running statistics) folded into the preceding conv**: BN after a quantized
-  conv computes ``(conv(x, s * W_int) - mean) * mul + beta`` with ``mul = gamma /
-  sqrt(var + eps)`` per output channel. In exact arithmetic this is
+  conv computes ``(conv(x, s * W_int) - mean) * mul + beta`` with
+  ``mul = gamma / sqrt(var + eps)`` per output channel. In exact arithmetic this is
   ``conv(x, (s * mul) * W_int) + (beta - mean * mul)``: the integers stay those the model was
   evaluated with and ``mul`` moves into the per-channel dequantization scale (a per-tensor
   weight scale becomes per-channel), the rest into the conv bias. Folding therefore does not

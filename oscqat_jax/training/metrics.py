@@ -145,8 +145,9 @@ def progress_bar(total: int, desc: str, initial: int = 0, *, enabled: bool = Tru
 def format_table(rows: Sequence[tuple[str, str]], title: str | None = None) -> str:
     """A two-column text table, labels left-aligned and values right-aligned.
 
-    For example ``format_table([("float accuracy", "99.4 %"), ("wall time", "312 s")],
-    title="Summary")`` gives::
+    For example
+    ``format_table([("float accuracy", "99.4 %"), ("wall time", "312 s")], title="Summary")``
+    gives::
 
         Summary
         =======================
