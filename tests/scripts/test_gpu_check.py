@@ -67,6 +67,7 @@ def test_dry_run_measures_every_part(dry_run):
     assert "[effects 5/5] bn_mobilenet_v2_w3_s0: top-1 pre-BN" in stdout
 
 
+@pytest.mark.slow
 def test_dry_run_report_has_the_tables(dry_run):
     _, text, _ = dry_run
     assert "**Dry run at toy sizes**" in text
@@ -81,6 +82,7 @@ def test_dry_run_report_has_the_tables(dry_run):
     assert "| W3A3 | LSQ + freezing | 1 |" in text and "| mobilenet_v2 | 1 |" in text
 
 
+@pytest.mark.slow
 def test_write_docs_copies_the_json_and_replaces_its_own_section(dry_run, tmp_path):
     data, _, _ = dry_run
     data = dict(data, meta=dict(data["meta"], dry_run=False, date="2026-12-01T10:00:00+00:00"))
@@ -99,6 +101,7 @@ def test_write_docs_copies_the_json_and_replaces_its_own_section(dry_run, tmp_pa
     assert json.loads((results / "gpu-2026-12-01.json").read_text()) == data
 
 
+@pytest.mark.slow
 def test_write_docs_refuses_a_dry_run(dry_run, tmp_path):
     data, _, _ = dry_run
     source = tmp_path / "gpu_check.json"

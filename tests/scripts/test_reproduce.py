@@ -54,6 +54,7 @@ def test_quick_study_writes_the_table_and_figures(quick):
     assert "## What the numbers say" in text and "LSQ + freezing minus LSQ" in text
 
 
+@pytest.mark.slow
 def test_freezing_leaves_fewer_weights_oscillating_than_lsq(quick):
     """Counted among the weights still free to move: a frozen weight's frequency EMA decays
     over a few hundred steps after it stops, longer than the quick run lasts."""
@@ -67,6 +68,7 @@ def test_freezing_leaves_fewer_weights_oscillating_than_lsq(quick):
     assert lsq["float"] == freeze["float"]
 
 
+@pytest.mark.slow
 def test_a_run_result_is_the_trainers_final_evaluation(quick):
     workdir, _, results = quick
     run_dir = str(workdir / "runs" / "runs" / "w3a3_lsq_s0")
@@ -82,6 +84,7 @@ def test_a_run_result_is_the_trainers_final_evaluation(quick):
     assert result["osc_end/all"] == history[-1]["oscillating"]
 
 
+@pytest.mark.slow
 def test_a_finished_study_is_skipped_and_its_report_rewritten(quick, monkeypatch):
     workdir, out, results = quick
 
