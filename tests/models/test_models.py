@@ -137,7 +137,7 @@ FAMILIES = [
     pytest.param(
         "efficientnet_lite0", "fc4_dw8", dict(width_multiplier=0.25), STATE, marks=pytest.mark.slow
     ),
-    ("resnet18", "all", dict(), STATE),
+    pytest.param("resnet18", "all", dict(), STATE, marks=pytest.mark.slow),
 ]
 
 

@@ -313,6 +313,7 @@ def test_eval_logits_match_and_a_missing_depthwise_rule_breaks_them(calibrated):
     assert max_rel_diff(jax.jit(float_depthwise.apply)(plain, images[0]), want) > 1e-3
 
 
+@pytest.mark.slow
 def test_train_steps_match_logits_gradients_and_oscillation_state(calibrated):
     package, plain = calibrated
     package = with_oscillation_history(package, 5)

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -16,6 +18,7 @@ def _section_code(heading: str) -> str:
     return blocks[0]
 
 
+@pytest.mark.slow
 def test_functional_api_example_runs_as_written():
     code = _section_code("Use it from your own JAX code")
     result = subprocess.run(

@@ -218,6 +218,7 @@ def test_a_resume_with_other_classes_or_bits_is_refused_naming_them(uninterrupte
     assert sorted(os.listdir(checkpoints)) == before  # refused, not damaged: nothing moved
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_seed_and_more_epochs_goes_on_and_says_so(
     uninterrupted, tmp_path, capsys
 ):

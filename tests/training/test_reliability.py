@@ -144,6 +144,7 @@ def test_a_diverging_run_names_a_checkpoint_that_loads_finite(diverged):
     assert not os.path.exists(os.path.join(workdir, context.LOCK_FILE))  # released on error
 
 
+@pytest.mark.slow
 def test_the_state_check_is_what_keeps_a_bad_state_out(tmp_path, monkeypatch):
     """Negative control of the test above: without the state check (and with every checkpoint
     trusted, as before checkpoints were judged by the losses after them), the same run names a

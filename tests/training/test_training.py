@@ -218,9 +218,9 @@ def _nan_learning_rate_at(bad_step):
     "injected, nan_step, message",
     [
         # 0-based batch 3, a checkpoint step: the loss check flushes before the save.
-        ("pixel", 4, "The training loss became nan at step 4"),
+        pytest.param("pixel", 4, "The training loss became nan at step 4", marks=pytest.mark.slow),
         # Flushed with step 6, whose loss is NaN as well: the first bad step is named.
-        ("pixel", 5, "The training loss became nan at step 5"),
+        pytest.param("pixel", 5, "The training loss became nan at step 5", marks=pytest.mark.slow),
         # A finite loss and a NaN state at a checkpoint step: the state check refuses it.
         ("learning_rate", 4, "The train state after step 4 holds non-finite values"),
     ],

@@ -359,14 +359,8 @@ def train_config(**data_fields):
     return c
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param("folder", marks=pytest.mark.slow),
-        "array_record",
-        pytest.param("tfrecord", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["folder", "array_record", "tfrecord"])
 def test_the_trainer_trains_and_evaluates_on_each_source(kind, folder, tfds_dirs, tmp_path):
     from oscqat_jax.training import trainer
 
