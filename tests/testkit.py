@@ -68,6 +68,27 @@ def digits_run_config():
     return tiny_config(**{k.replace(".", "__"): v for k, v in DIGITS_RUN.items()})
 
 
+def qat_schedules_with_model_lr(index: int, value: float):
+    """A stand-in for ``build.qat_schedules`` (monkeypatch it in) whose table holds ``value``
+    as the model learning rate of 0-based step ``index``, every other entry unchanged: a NaN
+    there makes that step's state non-finite, 1e30 makes it finite but ruined."""
+    from oscqat_jax.training import build
+
+    qat_schedules = build.qat_schedules
+
+    class Schedules:
+        def __init__(self, *args):
+            self.schedules = qat_schedules(*args)
+
+        def table(self, total_steps):
+            table = dict(self.schedules.table(total_steps))
+            table["model_lr"] = table["model_lr"].copy()
+            table["model_lr"][index] = value
+            return table
+
+    return Schedules
+
+
 def restore_final(workdir, config):
     """``(step, state)`` of a run's newest QAT checkpoint, read onto this process's first
     device whatever devices the run that wrote it had."""

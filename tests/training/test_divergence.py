@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from testkit import assert_trees_equal, restore_final, tiny_config
+from testkit import assert_trees_equal, qat_schedules_with_model_lr, restore_final, tiny_config
 
 from oscqat_jax.training import build, checkpoint, loop, metrics, trainer
 
@@ -169,19 +169,7 @@ OVERRIDES = {
 def _absurd_rate_at(step):
     """``build.qat_schedules`` whose model learning rate at 1-based ``step`` is 1e30: finite
     weights afterwards (the state check passes), ruined."""
-    qat_schedules = build.qat_schedules
-
-    class Schedules:
-        def __init__(self, *args):
-            self.schedules = qat_schedules(*args)
-
-        def table(self, total_steps):
-            table = dict(self.schedules.table(total_steps))
-            table["model_lr"] = table["model_lr"].copy()
-            table["model_lr"][step - 1] = 1e30
-            return table
-
-    return Schedules
+    return qat_schedules_with_model_lr(step - 1, 1e30)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,14 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
+from testkit import (
+    ROOT,
+    TESTS,
+    assert_trees_equal,
+    qat_schedules_with_model_lr,
+    restore_final,
+    tiny_config,
+)
 
 from oscqat_jax.nn import collect
 from oscqat_jax.training import build, context, data, evaluation, phases, trainer
@@ -197,19 +204,7 @@ def test_an_injected_nan_stops_at_its_step_and_keeps_the_last_good_checkpoint(
 def _nan_learning_rate_at(bad_step):
     """``build.qat_schedules`` whose table has a NaN model learning rate at 0-based ``bad_step``:
     that step's loss is finite (computed before the update), the state after it is not."""
-    qat_schedules = build.qat_schedules
-
-    class Schedules:
-        def __init__(self, *args):
-            self.schedules = qat_schedules(*args)
-
-        def table(self, total_steps):
-            table = dict(self.schedules.table(total_steps))
-            table["model_lr"] = table["model_lr"].copy()
-            table["model_lr"][bad_step] = np.nan
-            return table
-
-    return Schedules
+    return qat_schedules_with_model_lr(bad_step, np.nan)
 
 
 # log_every=3, checkpoint_every=2: flushes after steps 2 (checkpoint), 3 (log), 4
