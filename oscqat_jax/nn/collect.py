@@ -2,17 +2,23 @@
 
 - :func:`dampening_total`: the summed dampening terms sown in a ``train`` call.
 - :func:`quantized_weights`: every quantized kernel as integers, scale and zero point.
-- :func:`oscillation_states` / :func:`oscillation_summary`: tracking state per layer.
+- :func:`oscillation_states` / :func:`oscillation_summary`: tracking state per layer, of the
+  package's models, of a Linen model quantized by rules (its ``oscillation`` collection) or
+  of an NNX model (``nnx.state(model, Oscillation)``, layers in ``nnx.List`` included).
+- :func:`oscillation_groups`, :func:`active_oscillations`, :func:`bn_mismatch`: the same per
+  layer group, depth-wise or point-wise; :func:`depthwise_layers` finds a model's depth-wise
+  convs by their structure.
 - :func:`reestimated_batch_stats`: BN running statistics from ``bn_stats`` passes
   (docs/method.md §8).
 
-Paths are module paths joined by ``/``, e.g. ``"block_3/depthwise"``.
+Paths are module paths joined by ``/``, e.g. ``"block_3/depthwise"`` or ``"blocks/0"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -108,10 +114,21 @@ def quantized_weights(
     return out
 
 
+def _plain_tree(tree) -> dict:
+    """A collection as nested dicts with string keys: an ``nnx.State`` (whose ``nnx.List``
+    entries are keyed by int) through its pure dict, Flax's dicts as they are."""
+    if hasattr(tree, "to_pure_dict"):
+        tree = tree.to_pure_dict()
+    if isinstance(tree, Mapping):
+        return {str(key): _plain_tree(value) for key, value in tree.items()}
+    return tree
+
+
 def oscillation_states(oscillation_collection: Mapping) -> dict[str, oscillation.OscillationState]:
-    """Every tracked weight's :class:`~oscqat_jax.oscillation.OscillationState`, keyed by layer path."""
+    """Every tracked weight's :class:`~oscqat_jax.oscillation.OscillationState`, keyed by layer
+    path: from an ``oscillation`` collection (Linen) or ``nnx.state(model, Oscillation)``."""
     fields = oscillation.OscillationState._fields
-    flat = traverse_util.flatten_dict(dict(oscillation_collection))
+    flat = traverse_util.flatten_dict(_plain_tree(oscillation_collection))
     paths = sorted({"/".join(k[:-1]) for k in flat if k[-1] in fields})
     states = {}
     for path in paths:
@@ -129,7 +146,8 @@ def oscillation_summary(
     oscillation_collection: Mapping, level: float = oscillation.OSC_LEVEL
 ) -> dict[str, dict[str, jax.Array]]:
     """``{"overall": summary, "per_layer": {path: summary}}`` of ``oscillation.summary``:
-    fractions of weights oscillating (``ema_osc > level``) and frozen, mean frequency, count."""
+    fractions of weights oscillating (``ema_osc > level``) and frozen, mean frequency, count.
+    The collection is Linen's ``oscillation`` or NNX's ``nnx.state(model, Oscillation)``."""
     states = oscillation_states(oscillation_collection)
     if not states:
         raise ValueError("The oscillation collection holds no tracked weights.")
@@ -142,27 +160,53 @@ def oscillation_summary(
 DEPTHWISE, POINTWISE = "depthwise", "pointwise"
 
 
-def layer_group(path: str) -> str:
-    """The group a layer's statistics are reported in: ``"depthwise"`` for depth-wise
-    convolutions and the BatchNorm after them (the models name them so), ``"pointwise"``
-    for every other layer."""
-    return DEPTHWISE if DEPTHWISE in path else POINTWISE
+def layer_group(path: str, depthwise: Collection[str] | None = None) -> str:
+    """The group a layer's statistics are reported in: ``"depthwise"`` or ``"pointwise"``.
+
+    With ``depthwise`` (the paths of the depth-wise layers, e.g. from
+    :func:`depthwise_layers`), a layer is depth-wise when its path is one of them or lies
+    inside one (the package's layers keep their BN at ``<conv>/bn``). Without it, the word
+    ``depthwise`` in the path decides, which holds for the package's own models only.
+    """
+    if depthwise is None:
+        return DEPTHWISE if DEPTHWISE in path else POINTWISE
+    inside = any(path == d or path.startswith(f"{d}/") for d in depthwise)
+    return DEPTHWISE if inside else POINTWISE
 
 
-def _grouped_states(oscillation_collection: Mapping) -> dict[str, list]:
+def is_depthwise_kernel(shape: Sequence[int]) -> bool:
+    """Whether a conv kernel of ``shape`` (HWIO) has one input channel per group and several
+    outputs, ``(kh, kw, 1, C)`` with ``C > 1``: a depth-wise conv, or a conv of a one-channel
+    input (whose kernel has the same shape, so pass ``depthwise`` where that can occur)."""
+    return len(shape) == 4 and shape[2] == 1 and shape[3] > 1
+
+
+def _grouped_states(
+    oscillation_collection: Mapping, depthwise: Collection[str] | None
+) -> dict[str, list]:
     groups: dict[str, list[oscillation.OscillationState]] = {}
     for path, state in oscillation_states(oscillation_collection).items():
-        groups.setdefault(layer_group(path), []).append(state)
+        if depthwise is None:
+            name = DEPTHWISE if is_depthwise_kernel(np.shape(state.ema_osc)) else POINTWISE
+        else:
+            name = layer_group(path, depthwise)
+        groups.setdefault(name, []).append(state)
     return {name: groups[name] for name in (DEPTHWISE, POINTWISE) if name in groups}
 
 
 def oscillation_groups(
-    oscillation_collection: Mapping, level: float = oscillation.OSC_LEVEL
+    oscillation_collection: Mapping,
+    level: float = oscillation.OSC_LEVEL,
+    depthwise: Collection[str] | None = None,
 ) -> dict[str, float]:
-    """Per layer group (:func:`layer_group`), the fractions of tracked weights oscillating
-    (``ema_osc > level``) and frozen, keyed ``oscillating/<group>`` and ``frozen/<group>``."""
+    """Per layer group, the fractions of tracked weights oscillating (``ema_osc > level``) and
+    frozen, keyed ``oscillating/<group>`` and ``frozen/<group>``.
+
+    ``depthwise``: the depth-wise layers' paths (:func:`depthwise_layers`); without it a
+    tracked weight is depth-wise when its kernel's shape is (:func:`is_depthwise_kernel`).
+    """
     out = {}
-    for name, members in _grouped_states(oscillation_collection).items():
+    for name, members in _grouped_states(oscillation_collection, depthwise).items():
         summary = jax.device_get(oscillation.summary(members, level))
         out[f"oscillating/{name}"] = float(summary["oscillating"])
         out[f"frozen/{name}"] = float(summary["frozen"])
@@ -170,14 +214,17 @@ def oscillation_groups(
 
 
 def active_oscillations(
-    oscillation_collection: Mapping, level: float = oscillation.OSC_LEVEL
+    oscillation_collection: Mapping,
+    level: float = oscillation.OSC_LEVEL,
+    depthwise: Collection[str] | None = None,
 ) -> dict[str, float]:
     """Fractions of tracked weights still oscillating and not frozen, per layer group
-    (``active/<group>``) and over all (``active/all``). A frozen weight's ``ema_osc`` keeps
-    decaying for about ``ln(ema_osc / level) / momentum`` steps after it stopped moving, so
-    the ``oscillating`` fraction still counts it for a while; this one does not."""
+    (``active/<group>``, groups as in :func:`oscillation_groups`) and over all
+    (``active/all``). A frozen weight's ``ema_osc`` keeps decaying for about
+    ``ln(ema_osc / level) / momentum`` steps after it stopped moving, so the ``oscillating``
+    fraction still counts it for a while; this one does not."""
     out, active_total, size_total = {}, 0, 0
-    for name, members in _grouped_states(oscillation_collection).items():
+    for name, members in _grouped_states(oscillation_collection, depthwise).items():
         active = sum(
             int(np.sum((np.asarray(s.ema_osc) > level) & ~np.asarray(s.frozen, bool)))
             for s in members
@@ -190,16 +237,80 @@ def active_oscillations(
     return out
 
 
-def bn_mismatch(running: Mapping, reestimated: Mapping, epsilon: float = 1e-5) -> dict[str, float]:
+def _depthwise_recorder(found: set[str]):
+    """An interceptor adding to ``found`` the path of every depth-wise ``nn.Conv`` call
+    (``feature_group_count`` equal to the input's channels, more than one) and of every
+    BatchNorm whose input is such a conv's output itself."""
+    outputs: list[jax.Array] = []
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name not in ("__call__", "statistics"):
+            return next_fun(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        path = "/".join(module.scope.path)
+        if isinstance(module, nn.Conv) and getattr(x, "ndim", 0) >= 2:
+            y = next_fun(*args, **kwargs)
+            if module.feature_group_count == x.shape[-1] > 1:
+                found.add(path)
+                outputs.append(y)
+            return y
+        if any(x is y for y in outputs):
+            found.add(path)
+        return next_fun(*args, **kwargs)
+
+    return intercept
+
+
+def depthwise_layers(model, *args, **kwargs) -> frozenset[str]:
+    """The paths of a model's depth-wise convs, found by their structure: one group per input
+    channel and more than one (``feature_group_count == in_features > 1``), as the rules'
+    ``depthwise`` flag decides.
+
+    Args:
+      model: a Linen model (a :class:`~oscqat_jax.nn.intercept.QuantizedModel` or a
+        ``flax.linen.Module``), traced abstractly by its ``init`` on ``args``/``kwargs``
+        (arrays or ``jax.ShapeDtypeStruct``; nothing is computed); its ``nn.Conv`` layers
+        count, and each BatchNorm applied straight to a depth-wise conv's output is listed
+        with it. Or an NNX model (no arguments): its ``nnx.Conv`` layers, quantized or not.
+    """
+    if isinstance(model, nn.Module) or (hasattr(model, "rules") and hasattr(model, "init")):
+        found: set[str] = set()
+        with nn.intercept_methods(_depthwise_recorder(found)):
+            jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0), *args)
+        return frozenset(found)
+    from flax import nnx
+
+    if isinstance(model, nnx.Module):
+        return frozenset(
+            "/".join(str(p) for p in path)
+            for path, module in nnx.iter_modules(model)
+            if hasattr(module, "kernel")
+            and getattr(module, "feature_group_count", 1) == getattr(module, "in_features", 0) > 1
+        )
+    raise ValueError(
+        f"depthwise_layers needs a Linen model (QuantizedModel or flax.linen.Module) or a "
+        f"flax.nnx Module, got {type(model).__name__}."
+    )
+
+
+def bn_mismatch(
+    running: Mapping,
+    reestimated: Mapping,
+    epsilon: float = 1e-5,
+    depthwise: Collection[str] | None = None,
+) -> dict[str, float]:
     """How far running BatchNorm statistics are from re-estimated ones, per layer group.
 
     For every BN channel, ``|mean_run - mean_re| / std_re`` (``bn_mean_shift``) and
     ``|std_run / std_re - 1|`` (``bn_std_error``), with ``std = sqrt(var + epsilon)``;
     averaged over the channels of each layer, then over the layers of each group
-    (:func:`layer_group`). Keys ``bn_mean_shift/<group>`` and ``bn_std_error/<group>``.
+    (:func:`layer_group` with ``depthwise``: pass the paths from :func:`depthwise_layers`,
+    which lists a BatchNorm applied to a depth-wise conv's output with it). Keys
+    ``bn_mean_shift/<group>`` and ``bn_std_error/<group>``.
     """
-    flat_run = traverse_util.flatten_dict(dict(running), sep="/")
-    flat_re = traverse_util.flatten_dict(dict(reestimated), sep="/")
+    flat_run = traverse_util.flatten_dict(_plain_tree(running), sep="/")
+    flat_re = traverse_util.flatten_dict(_plain_tree(reestimated), sep="/")
     shifts: dict[str, list[float]] = {}
     errors: dict[str, list[float]] = {}
     for key in sorted(flat_run):
@@ -209,7 +320,7 @@ def bn_mismatch(running: Mapping, reestimated: Mapping, epsilon: float = 1e-5) -
         std_re = np.sqrt(np.asarray(flat_re[f"{layer}/var"], np.float64) + epsilon)
         std_run = np.sqrt(np.asarray(flat_run[f"{layer}/var"], np.float64) + epsilon)
         shift = np.abs(np.asarray(flat_run[key]) - np.asarray(flat_re[key])) / std_re
-        group = layer_group(layer)
+        group = layer_group(layer, depthwise)
         shifts.setdefault(group, []).append(float(shift.mean()))
         errors.setdefault(group, []).append(float(np.abs(std_run / std_re - 1).mean()))
     out = {}

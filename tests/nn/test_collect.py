@@ -25,6 +25,9 @@ def _state(ema_osc, frozen):
     )
 
 
+DW = {"block/depthwise"}  # the depth-wise layer of _collection (its states are not kernels)
+
+
 def _collection():
     # Four depth-wise weights, six others over two layers; level 0.1.
     dw = _state([0.5, 0.2, 0.05, 0.1], [True, False, False, False])
@@ -43,8 +46,17 @@ def test_layer_groups_follow_the_depthwise_name():
     assert collect.layer_group("stem") == "pointwise"
 
 
+def test_layer_groups_follow_the_given_depthwise_layers():
+    given = {"blocks/0", "mixer"}
+    assert collect.layer_group("blocks/0", given) == "depthwise"
+    assert collect.layer_group("mixer/bn", given) == "depthwise"
+    assert collect.layer_group("mixer_bn", given) == "pointwise"  # a sibling, not inside
+    assert collect.layer_group("blocks/01", given) == "pointwise"
+    assert collect.layer_group("features_2/depthwise", set()) == "pointwise"  # no name rule
+
+
 def test_oscillating_and_frozen_fractions_per_group():
-    groups = collect.oscillation_groups(_collection(), level=0.1)
+    groups = collect.oscillation_groups(_collection(), level=0.1, depthwise=DW)
     # ema_osc > level strictly: 0.1 itself does not count.
     assert groups["oscillating/depthwise"] == pytest.approx(2 / 4)
     assert groups["frozen/depthwise"] == pytest.approx(1 / 4)
@@ -53,7 +65,7 @@ def test_oscillating_and_frozen_fractions_per_group():
 
 
 def test_active_oscillations_leave_frozen_weights_out():
-    active = collect.active_oscillations(_collection(), level=0.1)
+    active = collect.active_oscillations(_collection(), level=0.1, depthwise=DW)
     assert active["active/depthwise"] == pytest.approx(1 / 4)  # 0.2 only; 0.5 is frozen
     assert active["active/pointwise"] == pytest.approx(2 / 6)  # 0.3 and 0.9; 0.11 is frozen
     assert active["active/all"] == pytest.approx(3 / 10)  # over elements, not layer means
