@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from oscqat_jax import quant
 from oscqat_jax.nn.config import FLOAT, LayerQuant, QuantContext, QuantizerSpec
 from oscqat_jax.nn.layers import QuantConv, QuantConvBN, QuantDense
-from oscqat_jax.nn.quantizer import QUANT_STATS, quantize_activation
+from oscqat_jax.nn.linen_store import quantize_activation
+from oscqat_jax.nn.quantizer import QUANT_STATS
 from oscqat_jax.nn.setups import QuantSetup
 
 Activation = Callable[[jax.Array], jax.Array]

@@ -47,12 +47,8 @@ from oscqat_jax.nn import depthwise
 from oscqat_jax.nn.api import CALIBRATION_COLLECTIONS
 from oscqat_jax.nn.collect import dampening_total
 from oscqat_jax.nn.config import LayerQuant, QuantContext
-from oscqat_jax.nn.quantizer import (
-    DAMPENING,
-    OSCILLATION,
-    quantize_activation,
-    quantize_weight,
-)
+from oscqat_jax.nn.linen_store import quantize_activation, quantize_weight
+from oscqat_jax.nn.quantizer import DAMPENING, OSCILLATION
 from oscqat_jax.nn.rules import QuantRule, check_rules, hook_site_quant, layer_site_quant
 
 LAYER_TYPES = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -112,8 +108,11 @@ def _check_per_channel(module: nn.Module, path: str) -> None:
 
 
 @contextlib.contextmanager
-def _quantized_kernel(module: nn.Module, quant: LayerQuant, ctx: QuantContext, path: str):
-    """Within the block, ``module`` fake-quantizes its kernel as it passes ``promote_dtype``."""
+def _quantized_kernel(
+    module: nn.Module, quant: LayerQuant, ctx: QuantContext, path: str, *, repeat: bool
+):
+    """Within the block, ``module`` fake-quantizes its kernel as it passes ``promote_dtype``
+    (``repeat``: the layer already ran in this call, see :func:`quantize_weight`)."""
     original = module.promote_dtype
     calls = []
 
@@ -126,6 +125,8 @@ def _quantized_kernel(module: nn.Module, quant: LayerQuant, ctx: QuantContext, p
             ctx,
             track=quant.track_oscillations,
             dampen=quant.dampen,
+            repeat=repeat,
+            require_calibration=True,
         )
         # Float modes keep the user's kernel (and its dtype) untouched.
         return original(inputs, w_q if ctx.quantize else kernel, *rest, **kwargs)
@@ -181,7 +182,14 @@ def _interceptor(
     depthwise_impl: str = "auto",
 ) -> Callable:
     """A ``flax.linen.intercept_methods`` interceptor applying ``rules`` in context ``ctx``;
-    it writes each quantized site's :class:`LayerQuant` into ``record`` when given."""
+    it writes each quantized site's :class:`LayerQuant` into ``record`` when given.
+
+    One interceptor serves one call of the model, so it counts the calls of each layer: a
+    layer run again in the same call (a tied or looped layer) quantizes its input with the
+    same quantizer (calibration sees every call) and its kernel with the same integers, but
+    its tracking advances and its dampening term counts only on the first call.
+    """
+    calls: dict[str, int] = {}
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
@@ -195,7 +203,9 @@ def _interceptor(
                 return y
             if record is not None:
                 record[path] = LayerQuant(output=spec)
-            return quantize_activation(module, "output", y, spec, ctx).astype(y.dtype)
+            return quantize_activation(
+                module, "output", y, spec, ctx, require_calibration=True
+            ).astype(y.dtype)
         args, kwargs = list(args), dict(kwargs)
         x = args[0] if args else kwargs["inputs"]
         quant = layer_site_quant(rules, path, depthwise=_depthwise(module, x))
@@ -215,7 +225,9 @@ def _interceptor(
             )
         if record is not None:
             record[path] = quant
-        x = quantize_activation(module, "input", x, quant.input, ctx)
+        repeat = calls.get(path, 0) > 0
+        calls[path] = calls.get(path, 0) + 1
+        x = quantize_activation(module, "input", x, quant.input, ctx, require_calibration=True)
         if args:
             args[0] = x
         else:
@@ -226,7 +238,7 @@ def _interceptor(
         fast = None
         if ctx.quantize and _depthwise(module, x):
             fast = _depthwise_fast_path(module, depthwise_impl)
-        with _quantized_kernel(module, quant, ctx, path), fast or contextlib.nullcontext():
+        with _quantized_kernel(module, quant, ctx, path, repeat=repeat), fast or contextlib.nullcontext():
             return next_fun(*args, **kwargs)
 
     return intercept

@@ -34,7 +34,7 @@ from jax import lax
 from oscqat_jax.nn import batchnorm, depthwise
 from oscqat_jax.nn.batchnorm import BatchNorm
 from oscqat_jax.nn.config import FLOAT_LAYER, LayerQuant, QuantContext
-from oscqat_jax.nn.quantizer import quantize_activation, quantize_weight
+from oscqat_jax.nn.linen_store import quantize_activation, quantize_weight
 
 Initializer = Any
 

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -79,20 +80,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from oscqat_jax import dampening, oscillation, quant, ranges
-from oscqat_jax.nn.config import LayerQuant, QuantizerSpec
-
-# NNX kernels keep the output channels last too: ``(*kernel_size, in // groups, out)``, ``(in, out)``.
-from oscqat_jax.nn.quantizer import (
-    MSE_FIELDS,
-    WEIGHT_CHANNEL_AXIS,
-    mse_range_init,
-    scale_and_zero_point,
-)
+from oscqat_jax import oscillation
+from oscqat_jax.nn import quantizer
+from oscqat_jax.nn.config import LayerQuant, QuantContext, QuantizerSpec
+from oscqat_jax.nn.quantizer import OSCILLATION, PARAMS, QUANT_STATS
 from oscqat_jax.nn.rules import QuantRule, check_rules, hook_site_quant, layer_site_quant
 
 NNX_MODES = ("float", "calibrate", "train", "eval")
 """Modes of a quantized NNX layer (see the module docstring)."""
+
+UNCALIBRATED = "uncalibrated"
+"""The mode of a quantized layer between :func:`quantize_nnx` and calibration: calls raise."""
+
+_CONTEXT_MODES = {"float": "float_eval", "calibrate": "calibrate", "train": "train", "eval": "eval"}
+
+SETTINGS = ("use_ema_freeze", "dampening_aggregation", "track_oscillations", "dampen")
+"""The static :class:`~oscqat_jax.nn.config.QuantContext` settings :func:`set_mode` takes."""
 
 QUANTIZABLE_TYPES = (nnx.Conv, nnx.Linear)
 """The NNX layer types :func:`quantize_nnx` replaces (subclasses included)."""
@@ -115,103 +118,54 @@ class Dampening(nnx.Variable):
     """The dampening term of a weight from the last forward pass (float32 scalar)."""
 
 
-# --- pure helpers: quantizer parameters and range estimation ----------------------------------
+_VARIABLE_TYPES = {PARAMS: nnx.Param, QUANT_STATS: QuantStats, OSCILLATION: Oscillation}
+
+_TRACKED_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per quantized layer, a weak reference to the kernel value its last ``train`` call tracked:
+a later call that sees the very same value runs in the same step (see ``_is_repeat``)."""
 
 
-def _empty_range(spec: QuantizerSpec, shape: tuple, *, channel_axis, signed) -> dict | None:
-    """Zeroed range accumulator for a tensor of ``shape`` (``num_batches == 0`` marks it empty);
-    None for ``current_minmax``, which keeps no state."""
-    if spec.range_method == "current_minmax":
-        return None
-    if spec.range_method == "running_minmax":
-        keep = (
-            ()
-            if channel_axis is None
-            else tuple(n if a == channel_axis % len(shape) else 1 for a, n in enumerate(shape))
-        )
-        zeros = jnp.zeros(keep, jnp.float32)
-        return {"min": zeros, "max": zeros, "num_batches": jnp.zeros((), jnp.int32)}
-    abstract = jax.eval_shape(
-        lambda x: mse_range_init(x, spec, channel_axis=channel_axis, signed=signed),
-        jax.ShapeDtypeStruct(shape, jnp.float32),
-    )
-    return {f: jnp.zeros(a.shape, a.dtype) for f in MSE_FIELDS for a in [getattr(abstract, f)]}
+class _Store:
+    """The NNX adapter of the state machine (:class:`oscqat_jax.nn.quantizer.VariableStore`):
+    a quantized layer's ``nnx.Variable`` attributes, named as the Linen variables."""
 
+    def __init__(self, layer: nnx.Module, *, creating: bool = False):
+        self.layer = layer
+        self.path = layer.quant_path
+        self.creating = creating
 
-def _estimate_range(x, stored: dict | None, spec: QuantizerSpec, *, channel_axis, signed):
-    """Updates the accumulator ``stored`` with ``x``; returns ``((x_min, x_max), new_stored)``.
+    def get(self, collection: str, name: str) -> Any | None:
+        variable = getattr(self.layer, name, None)
+        return None if variable is None else variable.get_value()
 
-    An empty accumulator (``num_batches == 0``) starts from ``x``, as the first calibration
-    batch fixes the MSE candidate grid (docs/method.md §3).
-    """
-    if spec.range_method == "current_minmax":
-        return ranges.current_minmax(x, channel_axis=channel_axis), None
-    first = stored["num_batches"] == 0
-    if spec.range_method == "running_minmax":
-        x_min, x_max = ranges.running_minmax(
-            x,
-            (stored["min"], stored["max"]),
-            momentum=spec.running_momentum,
-            channel_axis=channel_axis,
-            is_first=first,
-        )
-        new = {"min": x_min, "max": x_max, "num_batches": stored["num_batches"] + 1}
-        return (x_min, x_max), new
-    fresh = mse_range_init(x, spec, channel_axis=channel_axis, signed=signed)
-    state = jax.tree.map(
-        lambda new, old: jnp.where(first, new, old),
-        fresh,
-        ranges.MSERangeState(
-            **{f: stored[f] for f in MSE_FIELDS},
-            n_bits=fresh.n_bits,
-            symmetric=fresh.symmetric,
-            signed=fresh.signed,
-            channel_axis=fresh.channel_axis,
-            ndim=fresh.ndim,
-        ),
-    )
-    state = ranges.mse_range_accumulate(state, x)
-    return ranges.mse_range_result(state), {f: getattr(state, f) for f in MSE_FIELDS}
+    def declare(self, collection: str, name: str, init) -> Any:
+        if getattr(self.layer, name, None) is None:
+            setattr(self.layer, name, _VARIABLE_TYPES[collection](init()))
+        return getattr(self.layer, name).get_value()
 
+    def put(self, collection: str, name: str, value: Any) -> None:
+        variable = getattr(self.layer, name, None)
+        if variable is None:
+            setattr(self.layer, name, _VARIABLE_TYPES[collection](value))
+        else:
+            variable.set_value(value)
 
-def _int_and_params(x, scale, zero_point, spec: QuantizerSpec, signed):
-    """``(x_int, params)``: the integer grid values of ``x`` (floats, STE gradients) and the
-    prepared quantization parameters to dequantize them with."""
-    p = quant.quant_params(
-        scale,
-        zero_point,
-        x_shape=x.shape,
-        n_bits=spec.n_bits,
-        signed=signed,
-        grad_scale=spec.grad_scale,
-    )
-    x_int = quant.to_int_with(x, p)
-    return x_int, p
+    def writable(self, collection: str) -> bool:
+        return True
 
+    def declare_range(self, name: str, template) -> None:
+        setattr(self.layer, f"{name}_range", QuantStats(template()))
 
-@functools.partial(jax.jit, static_argnames=("spec", "track"))
-def _initial_weight_quantizer(w: jax.Array, spec: QuantizerSpec, track: bool):
-    """``(scale, zero_point or None, OscillationState or None)`` of a kernel before
-    calibration: the range is the kernel's min-max (the Linen layers' initial weight range),
-    so an uncalibrated layer already quantizes sensibly; tracking starts from its integers."""
-    channel_axis = WEIGHT_CHANNEL_AXIS if spec.per_channel else None
-    x_min, x_max = ranges.current_minmax(w, channel_axis=channel_axis)
-    scale, zero_point = scale_and_zero_point(x_min, x_max, spec, True)
-    if not track:
-        return scale, zero_point, None
-    w_int, _ = _int_and_params(w, scale, zero_point, spec, True)
-    return scale, zero_point, oscillation.init(w_int)
+    def dampening(self, term: jax.Array | None) -> None:
+        # Overwritten at every call (0 outside train), so the term never accumulates.
+        value = jnp.zeros((), jnp.float32) if term is None else term
+        if self.creating:
+            self.layer.dampening_term = Dampening(value)
+        else:
+            self.layer.dampening_term[...] = value
 
-
-# --- the quantized layer ---------------------------------------------------------------------
-
-
-def is_depthwise(layer: nnx.Module) -> bool:
-    """Whether ``layer`` is a depth-wise conv (one group per input channel, more than one), as
-    the Linen rules define it."""
-    if not isinstance(layer, nnx.Conv):
-        return False
-    return layer.feature_group_count == layer.in_features > 1
+    def export_record(self, record: dict) -> None:
+        del record
 
 
 class ActQuant(nnx.Module):
@@ -225,88 +179,57 @@ class ActQuant(nnx.Module):
         return x
 
 
-class _Quantizers(nnx.Module):
-    """Mode and activation-quantizer machinery shared by the quantized NNX modules."""
+def is_depthwise(layer: nnx.Module) -> bool:
+    """Whether ``layer`` is a depth-wise conv (one group per input channel, more than one), as
+    the Linen rules define it."""
+    if not isinstance(layer, nnx.Conv):
+        return False
+    return layer.feature_group_count == layer.in_features > 1
 
-    def _init_activation_quantizer(self, name: str, spec: QuantizerSpec) -> None:
-        if spec.enabled and spec.per_channel:
+
+class _Quantized(nnx.Module):
+    """Mode and settings shared by the quantized NNX modules."""
+
+    def _init_quantized(self, path: str) -> None:
+        self.quant_path = path
+        self.quant_mode = UNCALIBRATED
+        self.quant_settings = (True, "kernel_mean", True, True)
+        self.freeze_threshold = QuantControl(jnp.zeros((), jnp.float32))
+        self.osc_momentum = QuantControl(jnp.asarray(oscillation.EMA_MOMENTUM, jnp.float32))
+
+    def _context(self) -> QuantContext:
+        if self.quant_mode == UNCALIBRATED:
             raise ValueError(
-                f"Layer {self.quant_path}: the {name} quantizer has per_channel=True, but "
-                "activations are quantized per tensor; set per_channel only on weights."
+                f"Layer {self.quant_path} was quantized but not calibrated, so its scales are "
+                "placeholders; run calibrate(model, batches) on a few batches of training "
+                "data first (or set_mode(model, 'float') to run the float model)."
             )
-        if not spec.enabled:
-            return
-        setattr(self, f"{name}_scale", nnx.Param(jnp.ones((), jnp.float32)))
-        if not spec.symmetric:
-            setattr(self, f"{name}_zero_point", nnx.Param(jnp.zeros((), jnp.float32)))
-        setattr(self, f"{name}_signed", QuantStats(jnp.asarray(spec.symmetric, jnp.bool_)))
-        stats = _empty_range(spec, (1,), channel_axis=None, signed=_activation_signed(spec))
-        if stats is not None:
-            setattr(self, f"{name}_range", QuantStats(stats))
-
-    def _calibrate(self, name: str, x: jax.Array, spec: QuantizerSpec, *, channel_axis, signed):
-        """Updates quantizer ``name``'s range estimator with ``x`` and writes the scale (zero
-        point, and for activations the grid's signedness) that it gives."""
-        stored = getattr(self, f"{name}_range", None)
-        (x_min, x_max), new = _estimate_range(
-            x,
-            None if stored is None else stored.get_value(),
-            spec,
-            channel_axis=channel_axis,
-            signed=signed,
+        return QuantContext(
+            freeze_threshold=self.freeze_threshold[...],
+            osc_momentum=self.osc_momentum[...],
+            mode=_CONTEXT_MODES[self.quant_mode],
+            **dict(zip(SETTINGS, self.quant_settings, strict=True)),
         )
-        if stored is not None:
-            stored.set_value(new)
-        if name == "weight":
-            grid_signed = True
-        else:
-            # Symmetric grids take their sign from the data; asymmetric ones stay unsigned.
-            grid_signed = (x_min < 0) if spec.symmetric else False
-            getattr(self, f"{name}_signed")[...] = jnp.asarray(grid_signed, jnp.bool_)
-        initial = scale_and_zero_point(x_min, x_max, spec, grid_signed)
-        for kind, value in zip(("scale", "zero_point"), initial, strict=True):
-            if value is not None:
-                variable = getattr(self, f"{name}_{kind}")
-                variable[...] = jnp.reshape(value, variable.shape)
-
-    def _scale_zero_point(self, name: str) -> tuple[jax.Array, jax.Array | None]:
-        zero_point = getattr(self, f"{name}_zero_point", None)
-        return getattr(self, f"{name}_scale")[...], None if zero_point is None else zero_point[...]
-
-    def _quantize_activation(self, name: str, x: jax.Array, spec: QuantizerSpec) -> jax.Array:
-        """Fake-quantizes activation ``x`` (per tensor; float32 out) with quantizer ``name``;
-        ``x`` unchanged when ``spec`` is disabled or the mode is ``"float"``."""
-        if not spec.enabled or self.quant_mode == "float":
-            return x
-        x = x.astype(jnp.float32)
-        if self.quant_mode == "calibrate":
-            self._calibrate(name, x, spec, channel_axis=None, signed=_activation_signed(spec))
-        scale, zero_point = self._scale_zero_point(name)
-        x_int, p = _int_and_params(x, scale, zero_point, spec, getattr(self, f"{name}_signed")[...])
-        return quant.dequantize_with(x_int, p)
 
 
-def _activation_signed(spec: QuantizerSpec) -> bool | None:
-    """The ``signed`` argument of an activation's range search: learnt from the data (None)
-    for symmetric grids, unsigned for asymmetric ones (as the reference)."""
-    return None if spec.symmetric else False
-
-
-class QuantizedActivation(_Quantizers):
+class QuantizedActivation(_Quantized):
     """An :class:`ActQuant` hook whose value is fake-quantized (quantizer ``output``:
     ``output_scale`` and ``output_signed``; per tensor; input dtype out)."""
 
     def __init__(self, spec: QuantizerSpec, *, path: str):
-        self.quant_path = path
-        self.quant_mode = "eval"
+        self._init_quantized(path)
         self.spec = spec
-        self._init_activation_quantizer("output", spec)
+        quantizer.quantize_activation(
+            _Store(self, creating=True), "output", jnp.zeros((1,), jnp.float32), spec,
+            QuantContext.create("eval"),
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self._quantize_activation("output", x, self.spec).astype(x.dtype)
+        y = quantizer.quantize_activation(_Store(self), "output", x, self.spec, self._context())
+        return y.astype(x.dtype)
 
 
-class QuantizedLayer(_Quantizers):
+class QuantizedLayer(_Quantized):
     """An ``nnx.Conv`` or ``nnx.Linear`` with quantized input and kernel.
 
     Built by :func:`quantize_nnx` from the user's layer: it takes over that layer's
@@ -325,7 +248,6 @@ class QuantizedLayer(_Quantizers):
     """
 
     def __init__(self, layer: nnx.Module, quant_spec: LayerQuant, *, path: str):
-        self.quant_path = path
         if quant_spec.track_oscillations and not quant_spec.weight.enabled:
             raise ValueError(
                 f"Layer {path} has track_oscillations=True but its weight is not quantized; "
@@ -337,110 +259,68 @@ class QuantizedLayer(_Quantizers):
         self.float_type = type(layer)
         self.float_attributes = names
         self.quant = quant_spec
-        self.quant_mode = "eval"
-        self.freeze_threshold = QuantControl(jnp.zeros((), jnp.float32))
-        self.osc_momentum = QuantControl(jnp.asarray(oscillation.EMA_MOMENTUM, jnp.float32))
-        self._init_weight_quantizer()
-        self._init_activation_quantizer("input", quant_spec.input)
+        self._init_quantized(path)
+        store, ctx = _Store(self, creating=True), QuantContext.create("eval")
+        if quant_spec.weight.enabled:
+            w = jnp.asarray(self.kernel[...], jnp.float32)
+            mask = getattr(self, "mask", None)
+            self._quantize_kernel(store, w if mask is None else w * mask, ctx)
+        quantizer.quantize_activation(
+            store, "input", jnp.zeros((1,), jnp.float32), quant_spec.input, ctx
+        )
 
-    def _init_weight_quantizer(self) -> None:
-        spec = self.quant.weight
-        if not spec.enabled:
-            return
-        w = jnp.asarray(self.kernel[...], jnp.float32)
-        mask = getattr(self, "mask", None)
-        if mask is not None:
-            w = w * mask
-        scale, zero_point, state = _initial_weight_quantizer(w, spec, self.quant.track_oscillations)
-        self.weight_scale = nnx.Param(scale)
-        if zero_point is not None:
-            self.weight_zero_point = nnx.Param(zero_point)
-        channel_axis = WEIGHT_CHANNEL_AXIS if spec.per_channel else None
-        stats = _empty_range(spec, w.shape, channel_axis=channel_axis, signed=True)
-        if stats is not None:
-            self.weight_range = QuantStats(stats)
-        if state is not None:
-            for field, value in state._asdict().items():
-                setattr(self, field, Oscillation(value))
-        if self.quant.dampen:
-            self.dampening_term = Dampening(jnp.zeros((), jnp.float32))
+    def _quantize_kernel(self, store: _Store, w: jax.Array, ctx: QuantContext, repeat=False):
+        return quantizer.quantize_weight(
+            store,
+            w,
+            self.quant.weight,
+            ctx,
+            track=self.quant.track_oscillations,
+            dampen=self.quant.dampen,
+            repeat=repeat,
+        )
 
-    def _tracked_int(self, w_int: jax.Array) -> jax.Array:
-        """Integers the forward uses for a tracked weight: tracking and freezing advance in
-        ``"train"``, calibration restarts the state from the new integers, other modes only
-        apply the frozen values."""
-        fields = oscillation.OscillationState._fields
-        state = oscillation.OscillationState(*(getattr(self, f)[...] for f in fields))
-        if self.quant_mode == "calibrate":
-            new_state = oscillation.init(w_int)
-        elif self.quant_mode == "train":
-            w_int, new_state = oscillation.update(
-                state,
-                w_int,
-                momentum=self.osc_momentum[...],
-                freeze_threshold=self.freeze_threshold[...],
-            )
-        else:
-            return oscillation.apply_frozen(state, w_int)
-        for field, value in new_state._asdict().items():
-            getattr(self, field)[...] = value
-        return w_int
-
-    def _quantize_weight(self, w: jax.Array) -> jax.Array:
-        """The fake-quantized kernel (float32, shape of ``w``, signed grid, frozen entries at
-        their frozen value); writes this pass's dampening term (0 outside ``"train"``)."""
-        spec = self.quant.weight
-        w = w.astype(jnp.float32)
-        channel_axis = WEIGHT_CHANNEL_AXIS if spec.per_channel else None
-        if self.quant_mode == "calibrate":
-            self._calibrate("weight", w, spec, channel_axis=channel_axis, signed=True)
-        scale, zero_point = self._scale_zero_point("weight")
-        w_int, p = _int_and_params(w, scale, zero_point, spec, True)
-        if self.quant.track_oscillations:
-            w_int = self._tracked_int(w_int)
-        w_q = quant.dequantize_with(w_int, p)
-        if self.quant.dampen:
-            self.dampening_term[...] = (
-                dampening.dampening_loss_from_quantized(
-                    w,
-                    w_q,
-                    scale,
-                    zero_point,
-                    n_bits=spec.n_bits,
-                    signed=True,
-                    channel_axis=WEIGHT_CHANNEL_AXIS,
-                )
-                if self.quant_mode == "train"
-                else jnp.zeros((), jnp.float32)
-            )
-        return w_q
+    def _is_repeat(self, kernel: jax.Array, ctx: QuantContext) -> bool:
+        """Whether a ``train`` call sees the kernel value this layer already tracked: a tied
+        or looped layer called again in the same forward (the same array, or the same tracer
+        under ``nnx.jit``), whose tracking must not advance twice. An optimizer update, or a
+        new trace, gives the kernel a new value."""
+        if ctx.mode != "train":
+            return False
+        seen = _TRACKED_KERNELS.get(self)
+        if seen is not None and seen() is kernel:
+            return True
+        _TRACKED_KERNELS[self] = weakref.ref(kernel)
+        return False
 
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
         """The float layer's output for the fake-quantized input and kernel (shape and dtype
         as the float layer's); arguments after ``x`` go to the float layer's ``__call__``."""
-        x = self._quantize_activation("input", x, self.quant.input)
+        ctx, store = self._context(), _Store(self)
+        x = quantizer.quantize_activation(store, "input", x, self.quant.input, ctx)
         view = types.SimpleNamespace(**{n: getattr(self, n) for n in self.float_attributes})
-        if self.quant.weight.enabled and self.quant_mode != "float":
-            calls = []
+        if not self.quant.weight.enabled:
+            return self.float_type.__call__(view, x, *args, **kwargs)
+        repeat = self._is_repeat(self.kernel.get_value(), ctx)
+        calls = []
 
-            def promote(arrays, *promote_args, **promote_kwargs):
-                inputs, kernel, *rest = arrays
-                calls.append(kernel.shape)
-                kernel = self._quantize_weight(kernel)
-                return self.promote_dtype((inputs, kernel, *rest), *promote_args, **promote_kwargs)
+        def promote(arrays, *promote_args, **promote_kwargs):
+            inputs, kernel, *rest = arrays
+            calls.append(kernel.shape)
+            w_q = self._quantize_kernel(store, kernel, ctx, repeat)
+            if not ctx.quantize:
+                w_q = kernel
+            return self.promote_dtype((inputs, w_q, *rest), *promote_args, **promote_kwargs)
 
-            view.promote_dtype = promote
-            y = self.float_type.__call__(view, x, *args, **kwargs)
-            if len(calls) != 1:
-                raise RuntimeError(
-                    f"Layer {self.quant_path} ({self.float_type.__name__}) passed its kernel "
-                    f"through promote_dtype {len(calls)} times instead of once; this layer "
-                    "cannot be quantized by quantize_nnx."
-                )
-            return y
-        if self.quant.weight.enabled and self.quant.dampen:
-            self.dampening_term[...] = jnp.zeros((), jnp.float32)
-        return self.float_type.__call__(view, x, *args, **kwargs)
+        view.promote_dtype = promote
+        y = self.float_type.__call__(view, x, *args, **kwargs)
+        if len(calls) != 1:
+            raise RuntimeError(
+                f"Layer {self.quant_path} ({self.float_type.__name__}) passed its kernel "
+                f"through promote_dtype {len(calls)} times instead of once; this layer "
+                "cannot be quantized by quantize_nnx."
+            )
+        return y
 
 
 QUANTIZED_TYPES = (QuantizedLayer, QuantizedActivation)
@@ -559,23 +439,67 @@ def set_schedule(model: nnx.Module, *, freeze_threshold=None, osc_momentum=None)
     Values are float scalars or scalar arrays, traced ones too (inside ``nnx.jit``); they
     are state, so changing them never recompiles a jitted step. None leaves a value alone.
     """
-    for layer in _layers(model):
+    for layer in _quantized_or_error(model).values():
         if freeze_threshold is not None:
             layer.freeze_threshold[...] = jnp.asarray(freeze_threshold, jnp.float32)
         if osc_momentum is not None:
             layer.osc_momentum[...] = jnp.asarray(osc_momentum, jnp.float32)
 
 
-def set_mode(model: nnx.Module, mode: str, *, freeze_threshold=None, osc_momentum=None) -> None:
-    """Sets the quantizers' mode (one of :data:`NNX_MODES`) and optionally the schedules.
+def _uncalibrated(module: QuantizedLayer | QuantizedActivation) -> list[str]:
+    """Names of the module's quantizers whose range estimator has seen no batch."""
+    names = []
+    for name in ("weight", "input", "output"):
+        stats = getattr(module, f"{name}_range", None)
+        if stats is not None and int(stats.get_value()["num_batches"]) == 0:
+            names.append(name)
+    return names
 
-    Call it outside jitted code: the mode is static (each mode compiles once). BatchNorm and
+
+def set_mode(
+    model: nnx.Module,
+    mode: str,
+    *,
+    freeze_threshold=None,
+    osc_momentum=None,
+    **settings,
+) -> None:
+    """Sets the quantizers' mode (one of :data:`NNX_MODES`) and optionally their settings.
+
+    Call it outside jitted code: the mode and ``settings`` are static (each combination
+    compiles once). ``settings`` are the static :class:`~oscqat_jax.nn.config.QuantContext`
+    fields named in :data:`SETTINGS` (``use_ema_freeze``, ``dampening_aggregation``,
+    ``track_oscillations``, ``dampen``); those not given keep their values.
+    ``freeze_threshold`` and ``osc_momentum`` are as in :func:`set_schedule`. BatchNorm and
     Dropout are left alone; use ``model.train()`` / ``model.eval()`` for those.
+
+    Raises when ``mode`` is ``train`` or ``eval`` and a quantizer has not been calibrated
+    (its scale would be a placeholder).
     """
     if mode not in NNX_MODES:
         raise ValueError(f"mode must be one of {', '.join(NNX_MODES)}, got {mode!r}.")
-    for module in _quantized_or_error(model).values():
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(
+            f"set_mode got unknown settings {unknown}; the settings are {', '.join(SETTINGS)}."
+        )
+    modules = _quantized_or_error(model)
+    if mode in ("train", "eval"):
+        for path, module in modules.items():
+            missing = _uncalibrated(module)
+            if missing:
+                raise ValueError(
+                    f"The {missing[0]} quantizer of layer {path} has not been calibrated, so "
+                    f"its scale is a placeholder and '{mode}' would quantize with it; run "
+                    "calibrate(model, batches) on a few batches of training data first."
+                )
+    for module in modules.values():
+        current = dict(zip(SETTINGS, module.quant_settings, strict=True))
+        current.update(settings)
+        # Validated as the Linen path validates them.
+        QuantContext.create(_CONTEXT_MODES[mode], **current)
         module.quant_mode = mode
+        module.quant_settings = tuple(current[k] for k in SETTINGS)
     set_schedule(model, freeze_threshold=freeze_threshold, osc_momentum=osc_momentum)
 
 
@@ -618,9 +542,9 @@ def calibrate_nnx(model: nnx.Module, batches: Iterable[Any], **call_kwargs) -> n
     for batch in batches:
         _calibration_pass(model, batch if isinstance(batch, tuple) else (batch,), static_kwargs)
         count += 1
-    set_mode(model, "eval")
     if count == 0:
         raise ValueError("calibrate_nnx needs at least one batch; batches was empty.")
+    set_mode(model, "eval")
     return model
 
 

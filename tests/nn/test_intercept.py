@@ -53,6 +53,13 @@ def net():
     return model, variables
 
 
+@pytest.fixture(scope="module")
+def calibrated(net):
+    """``net`` after calibration on ``X``: train and eval calls need calibrated quantizers."""
+    model, variables = net
+    return model, model.calibrate(variables, [X], train=False)
+
+
 def shapes(tree):
     return jax.tree_util.tree_map(jnp.shape, tree)
 
@@ -95,15 +102,21 @@ def test_variables_land_in_each_layers_scope_with_the_package_names(net):
 
 
 def with_scales(variables, **scales):
+    """``variables`` with the given scales and every activation grid signed, as the core
+    computations below assume."""
     params = {k: dict(v) for k, v in variables["params"].items()}
     for name, value in scales.items():
         layer, leaf = name.split("__")
         params[layer][leaf] = jnp.asarray(value, jnp.float32)
-    return {**variables, "params": params}
+    stats = {
+        layer: {k: (jnp.asarray(True) if k.endswith("_signed") else v) for k, v in leaves.items()}
+        for layer, leaves in variables["quant_stats"].items()
+    }
+    return {**variables, "params": params, "quant_stats": stats}
 
 
-def test_eval_matches_the_functional_core_layer_by_layer(net):
-    model, variables = net
+def test_eval_matches_the_functional_core_layer_by_layer(calibrated):
+    model, variables = calibrated
     variables = with_scales(
         variables,
         conv__input_scale=0.25,
@@ -154,7 +167,7 @@ class Layers(nn.Module):
 def test_dense_general_einsum_and_conv_transpose_quantize_kernel_and_input():
     x = randn(7, (2, 4))
     model = quantize_model(Layers(), W4A4)
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = model.calibrate(jax.jit(model.init)(jax.random.key(0), x), [x])
     variables = with_scales(
         variables, dense_general__input_scale=0.2, einsum__input_scale=0.3, conv_t__input_scale=0.4
     )
@@ -191,8 +204,8 @@ def test_per_channel_scales_and_layers_that_cannot_take_them():
         quantize_model(nn.DenseGeneral((2, 3)), rules).init(jax.random.key(0), x)
 
 
-def test_train_mode_returns_the_dampening_sum_and_never_the_dampening_collection(net):
-    model, variables = net
+def test_train_mode_returns_the_dampening_sum_and_never_the_dampening_collection(calibrated):
+    model, variables = calibrated
     out, aux = model.apply(variables, X, mode="train", train=True, mutable=["batch_stats"])
     assert isinstance(aux, QuantAux)
     assert set(aux.updates) == {"oscillation", "batch_stats"}
@@ -237,8 +250,8 @@ def test_calibrate_sets_scales_from_data_and_needs_a_batch(net):
         model.calibrate(variables, [])
 
 
-def test_a_user_step_compiles_once_while_the_freezing_threshold_changes(net):
-    model, variables = net
+def test_a_user_step_compiles_once_while_the_freezing_threshold_changes(calibrated):
+    model, variables = calibrated
     traces = []
 
     @jax.jit
