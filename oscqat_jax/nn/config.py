@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from oscqat_jax import oscillation
+from oscqat_jax import dampening, oscillation
 from oscqat_jax._checks import check_n_bits
 
 RANGE_METHODS = ("mse", "current_minmax", "running_minmax")
@@ -114,7 +114,12 @@ class QuantContext:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
-        for name in ("dampen", "track_oscillations"):
+        if self.dampening_aggregation not in dampening.AGGREGATIONS:
+            raise ValueError(
+                f"dampening_aggregation must be one of {', '.join(dampening.AGGREGATIONS)}, "
+                f"got {self.dampening_aggregation!r}."
+            )
+        for name in ("dampen", "track_oscillations", "use_ema_freeze"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"QuantContext.{name} must be a Python bool (it is static), "

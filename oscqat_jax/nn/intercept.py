@@ -321,6 +321,8 @@ class QuantizedModel:
         mode: str = "eval",
         freeze_threshold=0.0,
         osc_momentum=oscillation.EMA_MOMENTUM,
+        use_ema_freeze: bool = True,
+        dampening_aggregation: str = "kernel_mean",
         mutable=(),
         rngs=None,
         **kwargs,
@@ -332,10 +334,15 @@ class QuantizedModel:
             a ``dampening`` entry, if any, is ignored.
           *args, **kwargs: the model's own arguments (e.g. images, ``train=True``).
           mode: ``eval`` -> output; ``train`` -> ``(output, QuantAux)``; ``float`` -> the
-            output of the unquantized model.
+            output of the unquantized model. ``train`` and ``eval`` need calibrated
+            quantizers (:meth:`calibrate`).
           freeze_threshold: f_th of docs/method.md §6 (freezing active while > 0); float or float32
             array, may be traced (changing it does not recompile).
           osc_momentum: EMA momentum of tracking and freezing; may be traced.
+          use_ema_freeze: freeze a weight to its rounded EMA integer (True, the paper's
+            recipes) or to its current integer (docs/method.md §6); static.
+          dampening_aggregation: how each kernel's dampening term is reduced:
+            ``kernel_mean`` (default), ``sum`` or ``mean`` (docs/method.md §7); static.
           mutable: the model's own collections to update, e.g. ``["batch_stats"]``. In
             ``train`` mode they are returned in ``QuantAux.updates``; in ``eval``/``float``
             mode a non-empty ``mutable`` returns ``(output, updated collections)`` as Flax does.
@@ -344,7 +351,11 @@ class QuantizedModel:
         if mode not in APPLY_MODES:
             raise ValueError(f"mode must be one of {', '.join(APPLY_MODES)}, got {mode!r}.")
         ctx = QuantContext.create(
-            APPLY_MODES[mode], freeze_threshold=freeze_threshold, osc_momentum=osc_momentum
+            APPLY_MODES[mode],
+            freeze_threshold=freeze_threshold,
+            osc_momentum=osc_momentum,
+            use_ema_freeze=use_ema_freeze,
+            dampening_aggregation=dampening_aggregation,
         )
         variables = _without_dampening(variables)
         mutable = _as_mutable(mutable)
