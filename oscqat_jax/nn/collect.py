@@ -62,9 +62,11 @@ def dampening_total(mutated_variables: Mapping[str, Any]) -> jax.Array:
     """Sum of every dampening term sown in a ``train`` call (float32 scalar; 0 if none).
 
     ``mutated_variables`` is the second output of ``apply(..., mutable=[..., "dampening"])``.
+    A layer under ``nn.scan`` sows one term per iteration (an array along the scanned axis):
+    every element counts, so the result is a scalar whatever the model's transforms.
     """
     terms = jax.tree_util.tree_leaves(mutated_variables.get(DAMPENING, {}))
-    return sum((jnp.asarray(t, jnp.float32) for t in terms), jnp.zeros((), jnp.float32))
+    return sum((jnp.sum(jnp.asarray(t, jnp.float32)) for t in terms), jnp.zeros((), jnp.float32))
 
 
 def _eval_context(value):
