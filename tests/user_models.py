@@ -38,13 +38,16 @@ def images(n: int, seed: int = 0) -> jax.Array:
 
 
 class LinenNet(nn.Module):
+    channels: int = CHANNELS
+
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(CHANNELS, (3, 3), name="stem")(x)
+        c = self.channels
+        x = nn.Conv(c, (3, 3), name="stem")(x)
         x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
-        x = nn.Conv(CHANNELS, (3, 3), feature_group_count=CHANNELS, name="mixer")(x)
+        x = nn.Conv(c, (3, 3), feature_group_count=c, name="mixer")(x)
         x = nn.relu(nn.BatchNorm(use_running_average=not train, name="mixer_bn")(x))
-        x = nn.Conv(2 * CHANNELS, (1, 1), strides=(2, 2), name="expand")(x)
+        x = nn.Conv(2 * c, (1, 1), strides=(2, 2), name="expand")(x)
         x = nn.relu(nn.BatchNorm(use_running_average=not train, name="expand_bn")(x))
         return nn.Dense(CLASSES, name="head")(x.mean(axis=(1, 2)))
 
@@ -61,18 +64,19 @@ class PackageBNNet(nn.Module):
 
 
 class NNXNet(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.stem = nnx.Conv(3, CHANNELS, (3, 3), rngs=rngs)
-        self.stem_bn = nnx.BatchNorm(CHANNELS, rngs=rngs)
+    def __init__(self, rngs: nnx.Rngs, channels: int = CHANNELS):
+        c = channels
+        self.stem = nnx.Conv(3, c, (3, 3), rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(c, rngs=rngs)
         self.blocks = nnx.List(
             [
-                nnx.Conv(CHANNELS, CHANNELS, (3, 3), feature_group_count=CHANNELS, rngs=rngs),
-                nnx.BatchNorm(CHANNELS, rngs=rngs),
-                nnx.Conv(CHANNELS, 2 * CHANNELS, (1, 1), strides=(2, 2), rngs=rngs),
-                nnx.BatchNorm(2 * CHANNELS, rngs=rngs),
+                nnx.Conv(c, c, (3, 3), feature_group_count=c, rngs=rngs),
+                nnx.BatchNorm(c, rngs=rngs),
+                nnx.Conv(c, 2 * c, (1, 1), strides=(2, 2), rngs=rngs),
+                nnx.BatchNorm(2 * c, rngs=rngs),
             ]
         )
-        self.head = nnx.Linear(2 * CHANNELS, CLASSES, rngs=rngs)
+        self.head = nnx.Linear(2 * c, CLASSES, rngs=rngs)
 
     def __call__(self, x):
         x = nnx.relu(self.stem_bn(self.stem(x)))
@@ -88,8 +92,8 @@ def linen_quantized(model: nn.Module | None = None, seed: int = 0):
     return qmodel, qmodel.calibrate(variables, [images(16, seed=1)], train=False)
 
 
-def nnx_quantized(seed: int = 0) -> NNXNet:
+def nnx_quantized(seed: int = 0, channels: int = CHANNELS) -> NNXNet:
     """An :class:`NNXNet` quantized by the same rules and calibrated on the same images."""
-    model = NNXNet(nnx.Rngs(seed))
+    model = NNXNet(nnx.Rngs(seed), channels)
     nnx_quant.quantize_nnx(model, RULES)
     return nnx_quant.calibrate_nnx(model, [images(16, seed=1)])

@@ -102,6 +102,18 @@ Runtime's integer kernels.
 
 The batch dimension of the exported input is dynamic: ``fn`` is traced at batch sizes N and
 N + 1 and dimensions that differ between the two traces follow the batch.
+
+Depth-wise convolutions: ``fn`` is traced inside :func:`oscqat_jax.nn.depthwise.exporting`,
+so every depth-wise conv, whatever ``depthwise_impl`` its model was built or quantized with
+(the CPU default is shifted slices), is traced as one grouped convolution and exported as one
+Conv with ``group`` equal to its channels, its kernel between DequantizeLinear and the integers
+like any other quantized conv. A function jitted and traced before keeps its first trace; if
+that holds the shifted form, the export says so instead of writing slices.
+
+:func:`export_model_onnx` exports a model and its variables: one of the package's models, a
+Linen model quantized by rules (``oscqat_jax.nn.quantize_model``, run in ``eval`` mode) or an
+NNX model (quantized by ``quantize_nnx`` or not; a copy in ``eval()`` with its quantizers in
+``"eval"`` is traced, the model itself is left as it is).
 """
 
 from __future__ import annotations
@@ -118,6 +130,7 @@ from onnx import TensorProto, helper
 from oscqat_jax.deploy._graph import Graph
 from oscqat_jax.deploy._lowering import CONTAINERS, Lowering
 from oscqat_jax.deploy._values import Const, Tensor
+from oscqat_jax.nn import depthwise
 
 MIN_OPSET = 21
 """ONNX opset with int4/uint4 tensors in QuantizeLinear/DequantizeLinear."""
@@ -161,10 +174,17 @@ def export_onnx(
             f"example must be a float32 NHWC array (N, H, W, C), got shape {shape} and dtype "
             f"{np.asarray(example).dtype}."
         )
-    traced = [
-        jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((n, *shape[1:]), jnp.float32))
-        for n in (shape[0], shape[0] + 1)
-    ]
+    with depthwise.exporting():
+        traced = [
+            jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((n, *shape[1:]), jnp.float32))
+            for n in (shape[0], shape[0] + 1)
+        ]
+    if _holds_shifted_depthwise(traced[0].jaxpr):
+        raise ValueError(
+            "fn computes a depth-wise conv as shifted slices, traced by jax.jit before the "
+            "export; pass the function without jax.jit, so that the export traces it with "
+            "grouped convolutions."
+        )
     graph = Graph()
     lowering = Lowering(graph, container)
     image = Tensor(INPUT_NAME, shape, (True, False, False, False))
@@ -194,6 +214,18 @@ def export_onnx(
     return model
 
 
+def _holds_shifted_depthwise(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or one nested in it) has an equation of the shifted depth-wise form."""
+    for eqn in jaxpr.eqns:
+        if depthwise.SHIFTED_SCOPE in str(eqn.source_info.name_stack):
+            return True
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns") and _holds_shifted_depthwise(inner):
+                return True
+    return False
+
+
 def _out_dyn(value, var) -> tuple[bool, ...]:
     dyn = getattr(value, "dyn", ())
     return tuple(dyn) if len(dyn) == len(var.aval.shape) else (False,) * len(var.aval.shape)
@@ -212,22 +244,71 @@ def _write_atomically(model: onnx.ModelProto, path: str) -> None:
         raise
 
 
-def export_model_onnx(model, variables, path=None, *, input_shape=(224, 224, 3), **kw):
-    """:func:`export_onnx` of one of the package's models (``oscqat_jax.models.create_model``)
-    applied in eval mode to ``variables``; ``input_shape`` is one image ``(H, W, C)`` and
-    ``kw`` goes to :func:`export_onnx` (``opset``, ``name``, ``container``). Depth-wise
-    convolutions are exported as grouped convolutions (``depthwise_impl="lax"``)."""
-    from oscqat_jax.nn.config import QuantContext
+def export_model_onnx(
+    model,
+    variables=None,
+    path=None,
+    *,
+    input_shape=(224, 224, 3),
+    opset: int = MIN_OPSET,
+    name: str = "oscqat_jax",
+    container: str = "int4",
+    **model_kwargs,
+):
+    """:func:`export_onnx` of a model in eval mode (module docstring).
 
-    if hasattr(model, "depthwise_impl"):
-        model = model.clone(depthwise_impl="lax")
-    ctx = QuantContext.create("eval")
+    Args:
+      model: one of the package's models (``oscqat_jax.models.create_model``), a
+        ``QuantizedModel`` (``oscqat_jax.nn.quantize_model``) or a ``flax.nnx`` model.
+      variables: the Linen model's variables; None for an NNX model, which holds its own.
+      path: file to write (atomically), or None.
+      input_shape: one image ``(H, W, C)``.
+      opset, name, container: as for :func:`export_onnx`.
+      **model_kwargs: the model's own keyword arguments for inference (e.g. ``train=False``).
 
-    def fn(x):
-        return model.apply(variables, x, ctx)
-
+    Returns:
+      The ``onnx.ModelProto``.
+    """
+    fn = _inference_function(model, variables, model_kwargs)
     example = np.zeros((1, *input_shape), np.float32)
-    return export_onnx(fn, example, path, **kw)
+    return export_onnx(fn, example, path, opset=opset, name=name, container=container)
+
+
+def _inference_function(model, variables, model_kwargs: dict):
+    """``images -> logits`` of ``model`` in eval mode, its variables closed over."""
+    from flax import linen as nn
+    from flax import nnx
+
+    from oscqat_jax.nn.config import QuantContext
+    from oscqat_jax.nn.intercept import QuantizedModel
+
+    if isinstance(model, nnx.Module):
+        if variables is not None:
+            raise ValueError(
+                "An NNX model holds its own variables; call export_model_onnx(model, "
+                "path=...) without variables."
+            )
+        from oscqat_jax.nn.nnx_quant import quantized_modules, set_mode
+
+        copy = nnx.clone(model)
+        copy.eval()
+        if quantized_modules(copy):
+            set_mode(copy, "eval")
+        graphdef, state = nnx.split(copy)
+        return lambda x: nnx.merge(graphdef, state, copy=True)(x, **model_kwargs)
+    if variables is None:
+        raise ValueError(
+            f"export_model_onnx needs the variables of the {type(model).__name__} to export."
+        )
+    if isinstance(model, QuantizedModel):
+        return lambda x: model.apply(variables, x, mode="eval", **model_kwargs)
+    if isinstance(model, nn.Module):
+        ctx = QuantContext.create("eval")
+        return lambda x: model.apply(variables, x, ctx, **model_kwargs)
+    raise ValueError(
+        "export_model_onnx needs one of the package's models, a QuantizedModel "
+        f"(oscqat_jax.nn.quantize_model) or a flax.nnx Module, got {type(model).__name__}."
+    )
 
 
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}

@@ -5,29 +5,58 @@ backend. :func:`depthwise_conv_shifted` computes the same result as ``kh * kw`` 
 slices of the padded input, each multiplied by one kernel tap and summed; on accelerators
 :func:`depthwise_conv_lax` (the grouped convolution) is the fast one. :func:`depthwise_conv`
 picks between them by ``jax.default_backend()`` at trace time unless told which to use.
+
+Within :func:`exporting` every implementation resolves to ``lax``, so a function traced for
+an export (ONNX) holds each depth-wise conv as one grouped convolution, whatever
+``depthwise_impl`` the model was built or quantized with: the shifted form would be exported
+as ``kh * kw`` float slices, multiplies and adds. The export traces inside it itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 DEPTHWISE_IMPLS = ("auto", "shifted", "lax")
+SHIFTED_SCOPE = "depthwise_shifted"
+"""The ``jax.named_scope`` around the shifted form, by which an export recognises one left in
+a function traced outside :func:`exporting`."""
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 Padding = str | int | Sequence[int | tuple[int, int]]
 
 
+_EXPORTING = contextvars.ContextVar("oscqat_jax_depthwise_exporting", default=False)
+
+
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """Within the block (in this thread or task) :func:`resolve_impl` answers ``"lax"`` for
+    every implementation: what is traced there convolves depth-wise as XLA's grouped
+    convolution. It decides at trace time, so a function jitted and traced before keeps the
+    form it was traced with."""
+    token = _EXPORTING.set(True)
+    try:
+        yield
+    finally:
+        _EXPORTING.reset(token)
+
+
 def resolve_impl(impl: str) -> str:
-    """``"shifted"`` or ``"lax"``: ``"auto"`` means shifted slices on CPU, grouped conv elsewhere."""
+    """``"shifted"`` or ``"lax"``: ``"auto"`` means shifted slices on CPU, grouped conv elsewhere;
+    inside :func:`exporting`, always ``"lax"``."""
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(
             f"depthwise_impl must be one of {', '.join(DEPTHWISE_IMPLS)}, got {impl!r}."
         )
+    if _EXPORTING.get():
+        return "lax"
     if impl == "auto":
         return "shifted" if jax.default_backend() == "cpu" else "lax"
     return impl
@@ -214,7 +243,8 @@ def depthwise_conv_shifted(
     if features != channels:
         x = jnp.repeat(x, features // channels, axis=-1)
     pads = tuple(tuple(int(p) for p in pair) for pair in pads)
-    return _shifted(x, kernel, (sh, sw), pads)
+    with jax.named_scope(SHIFTED_SCOPE):
+        return _shifted(x, kernel, (sh, sw), pads)
 
 
 def depthwise_conv(
