@@ -90,7 +90,7 @@ def epoch_indices(num_records: int, step: int, batch_size: int, seed: int) -> np
             f"data.batch_size {batch_size} is larger than the {num_records} training images."
         )
     epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_records)
+    order = epoch_order(num_records, epoch, seed)
     return order[index * batch_size : (index + 1) * batch_size]
 
 
@@ -138,6 +138,31 @@ class ArrayDataset:
             yield tuple(b[rows.start : rows.stop] for b in batch)
             step += 1
 
+    def train_plans(
+        self, start_step, *, batch_size, seed, process_index=0, process_count=1
+    ) -> Iterator[BatchPlan]:
+        """The :class:`BatchPlan` of this process's rows of each step's global batch from
+        ``start_step`` on: what :meth:`train_batches` reads, for a copy of the images kept
+        elsewhere (on the devices, :mod:`.resident`)."""
+        rows = local_rows(batch_size, process_index, process_count)
+        per_epoch = steps_per_epoch(self, batch_size)
+        step, epoch, order = start_step, None, None
+        while True:
+            if step // per_epoch != epoch:
+                epoch = step // per_epoch
+                order = epoch_order(self.num_train, epoch, seed)
+            plan = batch_plan(
+                self.num_train,
+                step,
+                batch_size=batch_size,
+                seed=seed,
+                max_shift=self.max_shift,
+                flip=self.flip,
+                order=order,
+            )
+            yield plan.rows(rows)
+            step += 1
+
     def eval_batches(self, *, batch_size, process_index=0, process_count=1):
         rows = local_rows(batch_size, process_index, process_count)
         for batch in eval_batches(self.val_images, self.val_labels, batch_size):
@@ -150,15 +175,76 @@ class ArrayDataset:
         pass
 
 
-def _shift(images: np.ndarray, rng: np.random.Generator, max_shift: int, flip: bool):
-    """Random translations by up to ``max_shift`` pixels (zero fill) and optional h-flips."""
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """What the training batch of one step reads from an :class:`ArrayDataset` and how it
+    is augmented, one entry per row: the record ``indices``, the shift draws ``dy``/``dx``
+    (offsets into the image zero-padded by ``max_shift``, ``0 .. 2 * max_shift``) and
+    ``mirror`` (flipped or not). A few bytes per row, so the images can be gathered wherever
+    they are kept (the host, or the devices: :mod:`.resident`)."""
+
+    indices: np.ndarray  # (B,) record indices
+    dy: np.ndarray  # (B,) int32
+    dx: np.ndarray  # (B,) int32
+    mirror: np.ndarray  # (B,) bool
+
+    def rows(self, rows: range) -> BatchPlan:
+        """The plan of the rows ``rows`` of the batch (a process's part)."""
+        return BatchPlan(*(a[rows.start : rows.stop] for a in dataclasses.astuple(self)))
+
+
+def _augmentation_draws(rng: np.random.Generator, n: int, max_shift: int, flip: bool):
+    """``(dy, dx, mirror)`` of ``n`` images, drawn in this order from ``rng``."""
+    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
+    mirror = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    return dy.astype(np.int32), dx.astype(np.int32), mirror
+
+
+def epoch_order(num_records: int, epoch: int, seed: int) -> np.ndarray:
+    """The permutation of the records that epoch ``epoch`` reads (see :func:`epoch_indices`)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_records)
+
+
+def batch_plan(
+    num_records: int,
+    step: int,
+    *,
+    batch_size: int,
+    seed: int,
+    max_shift: int = 0,
+    flip: bool = False,
+    order: np.ndarray | None = None,
+) -> BatchPlan:
+    """The :class:`BatchPlan` of the global batch of ``step`` (0-based): the records of
+    :func:`epoch_indices` and the augmentation drawn from ``(seed, epoch, index)``.
+
+    ``order``: the step's epoch permutation (:func:`epoch_order`) when the caller holds it,
+    so that the steps of one epoch draw it once.
+    """
+    per_epoch = num_records // batch_size
+    if order is None:
+        indices = epoch_indices(num_records, step, batch_size, seed)
+    else:
+        index = step % per_epoch
+        indices = order[index * batch_size : (index + 1) * batch_size]
+    n = len(indices)
+    if max_shift or flip:
+        epoch, index = divmod(step, per_epoch)
+        rng = np.random.default_rng([seed, epoch, index, 1])
+        dy, dx, mirror = _augmentation_draws(rng, n, max_shift, flip)
+    else:
+        dy = dx = np.zeros(n, np.int32)
+        mirror = np.zeros(n, bool)
+    return BatchPlan(indices, dy, dx, mirror)
+
+
+def _shift(images: np.ndarray, plan: BatchPlan, max_shift: int) -> np.ndarray:
+    """The plan's translations (zero fill) and horizontal flips of ``images``."""
     n, h, w, _ = images.shape
     padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
+    dy, dx = plan.dy, plan.dx
     out = np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
-    if flip:
-        mirror = rng.random(n) < 0.5
-        out[mirror] = out[mirror, :, ::-1]
+    out[plan.mirror] = out[plan.mirror, :, ::-1]
     return out
 
 
@@ -175,12 +261,13 @@ def train_batch(
 
     Depends only on its arguments, so any step can be produced directly (resumption).
     """
-    idx = epoch_indices(dataset.num_train, step, batch_size, seed)
-    epoch, index = divmod(step, dataset.num_train // batch_size)
-    images = dataset.train_images[idx]
+    plan = batch_plan(
+        dataset.num_train, step, batch_size=batch_size, seed=seed, max_shift=max_shift, flip=flip
+    )
+    images = dataset.train_images[plan.indices]
     if max_shift or flip:
-        images = _shift(images, np.random.default_rng([seed, epoch, index, 1]), max_shift, flip)
-    return images, dataset.train_labels[idx]
+        images = _shift(images, plan, max_shift)
+    return images, dataset.train_labels[plan.indices]
 
 
 def eval_batches(
