@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_batch_size = 256  # global evaluation batch
     c.data.max_shift = 0  # in-memory sources: random translation augmentation, pixels
     c.data.flip = False  # in-memory sources: random horizontal flips
+    # train.steps_per_call > 1: an in-memory source whose training split is at most this many
+    # MiB is copied to every device and each batch gathered there; larger ones, and the
+    # file-based sources, send K host batches per call. 0: always host batches.
+    c.data.resident_max_mb = 1024
     # File-based sources (imagenet_folder, tfds): the paper's augmentation (docs/method.md §9)
     # is used: random-resized crop + flip for training; resize the shorter side to
     # round(image_size * eval_resize_ratio) and centre-crop image_size for evaluation.
@@ -118,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.divergence_factor = 10.0
     c.train.stop_at_step = 0  # >0: checkpoint and stop this invocation at that QAT step
     c.train.fast_compile = False  # CPU: ~2x faster compiles, ~4x slower steps (smoke runs)
+    # Train steps run in one compiled call (a scan; the same result as 1 to float32 rounding).
+    # Calls end at every log, epoch end and checkpoint, so more than train.log_every is no
+    # faster; worth it for small models, whose steps are dominated by dispatch and input.
+    c.train.steps_per_call = 1
 
     # Multi-host runs: jax.distributed is initialised when a coordinator is named here, or
     # when auto is set and the platform (TPU pod, SLURM, ...) describes the cluster itself.

@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from oscqat_jax.nn import collect
-from oscqat_jax.training import checkpoint, metrics, peers
+from oscqat_jax.training import calls, checkpoint, metrics, peers
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.context import Context
 
@@ -76,12 +76,28 @@ class PendingMetrics:
     HISTORY = 10
 
     def __init__(self, divergence_factor: float = 0.0, history: Sequence[float] = ()):
-        self.rows: list[tuple[int, dict]] = []
+        self.rows: list[tuple[int, int, dict]] = []
         self.divergence_factor = divergence_factor
         self.levels: list[float] = [float(v) for v in history][-self.HISTORY :]
 
     def add(self, step: int, step_metrics: dict) -> None:
-        self.rows.append((step, step_metrics))
+        self.rows.append((step, 0, step_metrics))
+
+    def add_stacked(self, first_step: int, count: int, stacked: dict) -> None:
+        """The metrics of steps ``first_step .. first_step + count - 1`` (1-based), each
+        metric an array whose first ``count`` rows are theirs (a multi-step call's)."""
+        self.rows.append((first_step, count, stacked))
+
+    def _fetch(self) -> list[tuple[int, dict]]:
+        rows = []
+        for step, count, values in self.rows:
+            values = jax.device_get(values)
+            if not count:
+                rows.append((step, values))
+                continue
+            rows += [(step + i, {k: v[i] for k, v in values.items()}) for i in range(count)]
+        self.rows = []
+        return rows
 
     def level(self) -> float | None:
         """The recent level: the median of the last interval means (``None`` without any)."""
@@ -99,8 +115,7 @@ class PendingMetrics:
     def flush(self) -> Interval:
         """Fetches the metrics and measures the interval's loss against the recent level;
         a sane interval's mean joins the levels."""
-        rows = [(s, jax.device_get(m)) for s, m in self.rows]
-        self.rows = []
+        rows = self._fetch()
         level = self.level()
         losses = {s: float(m["loss"]) for s, m in rows}
         for s, loss in losses.items():
@@ -207,7 +222,7 @@ def train_phase(
     ctx: Context,
     *,
     state: step_lib.TrainState,
-    train_step: Callable,
+    step_fn: Callable,
     table: dict[str, np.ndarray],
     total_steps: int,
     prefix: str,
@@ -215,33 +230,51 @@ def train_phase(
     on_epoch_end: EpochEnd | None,
     stop_at: int = 0,
 ) -> tuple[step_lib.TrainState, bool]:
-    """Runs ``train_step`` from ``state.step`` to ``total_steps`` (or ``stop_at``) with logging
-    and checkpoints; returns the state and whether the phase is complete."""
+    """Runs the train step ``step_fn`` (not jitted: :mod:`.calls` jits it for
+    ``train.steps_per_call``) from ``state.step`` to ``total_steps`` (or ``stop_at``) with
+    logging and checkpoints; returns the state and whether the phase is complete."""
     per_epoch = ctx.steps_per_epoch
-    log_every = ctx.config.train.log_every
+    train = ctx.config.train
+    log_every = train.log_every
     start = int(state.step)
-    pending = PendingMetrics(
-        ctx.config.train.divergence_factor, _loss_history(ctx, prefix, start, ckpt)
-    )
+    pending = PendingMetrics(train.divergence_factor, _loss_history(ctx, prefix, start, ckpt))
     judge = CheckpointJudge(ckpt, start)
+    # Every step after which the loop looks at the state ends a call.
+    every = (log_every, per_epoch) + ((train.checkpoint_every,) if ckpt is not None else ())
     bar = None
     try:
-        batches = ctx.train_batches(start)
-        for step in range(start, total_steps):
-            batch = ctx.sharded.put_batch(next(batches))
+        run = calls.runner(ctx, step_fn, table, start)
+        step = start
+        while step < total_steps:
+            count = calls.call_length(
+                step,
+                steps_per_call=train.steps_per_call,
+                total=total_steps,
+                every=every,
+                stop_at=stop_at,
+            )
             if bar is None:
-                print(f"{prefix}: compiling the train step ...", flush=True)
-            state, step_metrics = train_step(state, batch, step_lib.hparams_at(table, step))
+                how = run.describe()
+                print(
+                    f"{prefix}: compiling the train step{f' ({how})' if how else ''} ...",
+                    flush=True,
+                )
+            state, step_metrics = run(state, step, count)
             if bar is None:
                 # The first call returns once compiled: the bar's rate leaves compilation out.
-                bar = metrics.progress_bar(total_steps, desc=prefix, initial=step + 1)
-            pending.add(step + 1, step_metrics)
-            done = step + 1
+                bar = metrics.progress_bar(total_steps, desc=prefix, initial=step + count)
+            else:
+                bar.update(count)
+            if run.stacked:
+                pending.add_stacked(step + 1, count, step_metrics)
+            else:
+                pending.add(step + 1, step_metrics)
+            step = done = step + count
             peers.note(phase=prefix, step=done)
             end_of_epoch = done % per_epoch == 0 or done == total_steps
             stopping = done == stop_at and done < total_steps
             save = ckpt is not None and (
-                done % ctx.config.train.checkpoint_every == 0 or done == total_steps or stopping
+                done % train.checkpoint_every == 0 or done == total_steps or stopping
             )
             if done % log_every == 0 or end_of_epoch or save:
                 interval = pending.flush()
@@ -250,15 +283,11 @@ def train_phase(
                     raise judge.stop(interval.problem, done, ctx.workdir)
                 means = interval.means
                 if "osc/oscillating" in means:
-                    groups = collect.oscillation_groups(
-                        state.oscillation, ctx.config.train.osc_level
-                    )
+                    groups = collect.oscillation_groups(state.oscillation, train.osc_level)
                     means.update({f"osc/{k}": v for k, v in groups.items()})
                 means.update({f"data/{k}": v for k, v in ctx.source.stats().items()})
                 ctx.writer.write(done, means, prefix=prefix)
                 bar.set_postfix(loss=f"{means['loss']:.3f}")
-            if step > start:
-                bar.update(1)
             if end_of_epoch:
                 epoch = -(-done // per_epoch)
                 _print_epoch(bar, prefix, epoch, means)

@@ -53,7 +53,7 @@ def float_phase(ctx: Context, variables: dict) -> dict:
         state, _ = loop.train_phase(
             ctx,
             state=state,
-            train_step=ctx.sharded.jit_train_step(step_fn),
+            step_fn=step_fn,
             table=build.float_schedules(opt).table(total),
             total_steps=total,
             prefix="float",
@@ -140,7 +140,7 @@ def qat_phase(ctx: Context, variables: dict, summary: dict) -> step_lib.TrainSta
         state, complete = loop.train_phase(
             ctx,
             state=state,
-            train_step=ctx.sharded.jit_train_step(step_fn),
+            step_fn=step_fn,
             table=build.qat_schedules(config, opt, total).table(total),
             total_steps=total,
             prefix="qat",

@@ -220,6 +220,36 @@ def make_train_step(
     return step
 
 
+def make_multi_step(step: Callable, fetch: Callable) -> Callable:
+    """``multi(state, data, rows) -> (state, metrics)``: up to K train steps in one call (a
+    ``jax.lax.scan``), not yet jitted.
+
+    ``rows`` holds one row per step, K in all: ``active`` bool ``[K]``, ``hparams`` (each a
+    float32 ``[K]`` column of :meth:`Schedules.table`) and ``inputs`` (each ``[K, ...]``),
+    which ``fetch(data, inputs_row)`` turns into the step's ``(images, labels)``: the batch
+    itself, or a plan of the rows of ``data`` (images kept on the device). A row whose
+    ``active`` is False leaves the state as it is, so a shorter call reuses the compiled
+    K-step program. ``metrics``: each of ``step``'s metrics as ``[K]``, zero in inactive rows.
+    """
+
+    def multi(state: TrainState, data, rows: dict) -> tuple[TrainState, dict]:
+        def run(state, row):
+            return step(state, fetch(data, row["inputs"]), row["hparams"])
+
+        first = jax.tree_util.tree_map(lambda a: a[0], rows)
+        shapes = jax.eval_shape(run, state, first)[1]
+
+        def one(state, row):
+            def skip(state, row):
+                return state, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+            return jax.lax.cond(row["active"], run, skip, state, row)
+
+        return jax.lax.scan(one, state, rows)
+
+    return multi
+
+
 def make_eval_step(model: nn.Module, mode: str) -> Callable:
     """``eval(variables, (images, labels, mask)) -> sums`` of loss, top-1, top-5 and count."""
     ctx = QuantContext.create(mode)
@@ -305,6 +335,18 @@ class Sharded:
             lambda a: jax.make_array_from_process_local_data(self.batch, np.asarray(a)), arrays
         )
 
+    @property
+    def stacked_batch(self) -> NamedSharding:
+        """K steps' batches ``[K, batch, ...]``: each step's batch split as :attr:`batch`."""
+        return NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS))
+
+    def put_stacked(self, arrays):
+        """Places host arrays ``[K, rows of this process, ...]`` split along their second axis."""
+        return jax.tree_util.tree_map(
+            lambda a: jax.make_array_from_process_local_data(self.stacked_batch, np.asarray(a)),
+            arrays,
+        )
+
     def replicate(self, tree):
         return jax.device_put(tree, self.replicated)
 
@@ -313,6 +355,23 @@ class Sharded:
         return jax.jit(
             step,
             in_shardings=(self.replicated, self.batch, self.replicated),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+            compiler_options=self.compiler_options,
+        )
+
+    def jit_multi_step(self, step: Callable, fetch: Callable) -> Callable:
+        """:func:`make_multi_step` of ``step`` jitted: each step's batch split over the
+        devices, ``data``, the hparams and the state replicated, the state donated."""
+        batch = self.batch
+
+        def split_fetch(data, inputs):
+            return jax.lax.with_sharding_constraint(fetch(data, inputs), batch)
+
+        rows = {"active": self.replicated, "hparams": self.replicated, "inputs": self.stacked_batch}
+        return jax.jit(
+            make_multi_step(step, split_fetch),
+            in_shardings=(self.replicated, self.replicated, rows),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=0,
             compiler_options=self.compiler_options,
