@@ -35,12 +35,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import weakref
+from types import MappingProxyType
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import lift
+from flax.core.scope import in_filter
+from flax.errors import ScopeCollectionNotFound
 
 from oscqat_jax import oscillation
 from oscqat_jax.nn import depthwise
@@ -48,7 +54,7 @@ from oscqat_jax.nn.api import CALIBRATION_COLLECTIONS
 from oscqat_jax.nn.collect import dampening_total
 from oscqat_jax.nn.config import LayerQuant, QuantContext
 from oscqat_jax.nn.linen_store import quantize_activation, quantize_weight
-from oscqat_jax.nn.quantizer import DAMPENING, OSCILLATION
+from oscqat_jax.nn.quantizer import DAMPENING, OSCILLATION, QUANT_STATS, QUANTIZED_WEIGHTS
 from oscqat_jax.nn.rules import QuantRule, check_rules, hook_site_quant, layer_site_quant
 
 LAYER_TYPES = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -109,15 +115,23 @@ def _check_per_channel(module: nn.Module, path: str) -> None:
 
 @contextlib.contextmanager
 def _quantized_kernel(
-    module: nn.Module, quant: LayerQuant, ctx: QuantContext, path: str, *, repeat: bool
+    module: nn.Module, quant: LayerQuant, ctx: QuantContext, path: str, *, seen: dict
 ):
-    """Within the block, ``module`` fake-quantizes its kernel as it passes ``promote_dtype``
-    (``repeat``: the layer already ran in this call, see :func:`quantize_weight`)."""
+    """Within the block, ``module`` fake-quantizes its kernel as it passes ``promote_dtype``.
+
+    ``seen`` maps a layer's path to (a weak reference to) the kernel value its last call in
+    this model call quantized: the same value again is a repeated call of the layer in the
+    same step (a tied or looped layer; under a transform that traces its body twice, such as
+    ``nn.scan``, each trace has its own values), see :func:`quantize_weight`.
+    """
     original = module.promote_dtype
     calls = []
 
     def promote(inputs, kernel, *rest, **kwargs):
         calls.append(path)
+        last = seen.get(path)
+        repeat = last is not None and last() is kernel
+        seen[path] = weakref.ref(kernel)
         w_q = quantize_weight(
             module,
             jnp.asarray(kernel, jnp.float32),
@@ -184,12 +198,12 @@ def _interceptor(
     """A ``flax.linen.intercept_methods`` interceptor applying ``rules`` in context ``ctx``;
     it writes each quantized site's :class:`LayerQuant` into ``record`` when given.
 
-    One interceptor serves one call of the model, so it counts the calls of each layer: a
+    One interceptor serves one call of the model, so it sees every call of each layer: a
     layer run again in the same call (a tied or looped layer) quantizes its input with the
     same quantizer (calibration sees every call) and its kernel with the same integers, but
     its tracking advances and its dampening term counts only on the first call.
     """
-    calls: dict[str, int] = {}
+    seen: dict[str, weakref.ref] = {}
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
@@ -225,8 +239,6 @@ def _interceptor(
             )
         if record is not None:
             record[path] = quant
-        repeat = calls.get(path, 0) > 0
-        calls[path] = calls.get(path, 0) + 1
         x = quantize_activation(module, "input", x, quant.input, ctx, require_calibration=True)
         if args:
             args[0] = x
@@ -238,10 +250,44 @@ def _interceptor(
         fast = None
         if ctx.quantize and _depthwise(module, x):
             fast = _depthwise_fast_path(module, depthwise_impl)
-        with _quantized_kernel(module, quant, ctx, path, repeat=repeat), fast or contextlib.nullcontext():
+        with _quantized_kernel(module, quant, ctx, path, seen=seen), fast or contextlib.nullcontext():
             return next_fun(*args, **kwargs)
 
     return intercept
+
+
+SCANNED_COLLECTIONS = (QUANT_STATS, OSCILLATION, DAMPENING, QUANTIZED_WEIGHTS)
+"""The quantizers' collections other than ``params``: under ``nn.scan`` each iteration has
+its own entries, stacked on the scanned axis like the parameters."""
+
+
+def _covered(collection: str, *filters) -> bool:
+    return any(f is not False and in_filter(f, collection) for f in filters)
+
+
+@contextlib.contextmanager
+def _scan_carries_quantizers():
+    """Within the block, ``nn.scan`` (created in the block, as inside a ``compact`` method)
+    scans the quantizers' collections on axis 0 unless its ``variable_axes``,
+    ``variable_broadcast`` or ``variable_carry`` already name them, so a scanned block's
+    quantizers need nothing from the user (per iteration: its own scales, tracking state and
+    dampening term, as the scanned parameters)."""
+    original = lift.scan
+
+    @functools.wraps(original)
+    def scan(fn, variable_axes=MappingProxyType({}), variable_broadcast=False,
+             variable_carry=False, *args, **kwargs):
+        axes = dict(variable_axes)
+        for collection in SCANNED_COLLECTIONS:
+            if not _covered(collection, *axes, variable_broadcast, variable_carry):
+                axes[collection] = 0
+        return original(fn, axes, variable_broadcast, variable_carry, *args, **kwargs)
+
+    lift.scan = scan
+    try:
+        yield
+    finally:
+        lift.scan = original
 
 
 def _as_mutable(mutable) -> list[str] | bool:
@@ -267,8 +313,20 @@ class QuantizedModel:
     depthwise_impl: str = "auto"  # quantized depth-wise convs: see oscqat_jax.nn.depthwise
 
     def _run(self, ctx: QuantContext, fn: Callable, *args, record=None, **kwargs):
-        with nn.intercept_methods(_interceptor(self.rules, ctx, record, self.depthwise_impl)):
-            return fn(*args, **kwargs)
+        interceptor = _interceptor(self.rules, ctx, record, self.depthwise_impl)
+        try:
+            with nn.intercept_methods(interceptor), _scan_carries_quantizers():
+                return fn(*args, **kwargs)
+        except ScopeCollectionNotFound as err:
+            if not any(f'"{c}"' in str(err) for c in SCANNED_COLLECTIONS):
+                raise
+            raise ValueError(
+                f"A quantized layer inside a lifted transform cannot reach the quantizers' "
+                f"variables ({err.args[0].split(' (')[0]}); create the nn.scan / nn.vmap class "
+                "inside the model's setup or compact method (quantize_model then scans the "
+                "quantizers' collections with the parameters), or list "
+                f"{list(SCANNED_COLLECTIONS)} in its variable_axes."
+            ) from None
 
     def init(self, rngs, *args, **kwargs) -> dict[str, Any]:
         """``model.init`` plus every quantizer variable: ``weight_scale`` (kernel min-max),

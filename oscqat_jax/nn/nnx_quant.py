@@ -229,6 +229,27 @@ class QuantizedActivation(_Quantized):
         return y.astype(x.dtype)
 
 
+def _check_unstacked(layer: nnx.Module, path: str) -> None:
+    """Raises for a layer whose kernel holds several layers' kernels on a leading axis (made
+    by ``nnx.vmap`` for ``nnx.scan``): one scale and one tracking state per stacked layer
+    would need every quantizer variable stacked the same way."""
+    kernel = getattr(layer, "kernel", None)
+    if kernel is None:
+        return
+    if isinstance(layer, nnx.Conv):
+        expected = len(layer.kernel_size) + 2
+    else:
+        expected = 2
+    if kernel.ndim != expected:
+        raise ValueError(
+            f"Layer {path} ({type(layer).__name__}) holds {kernel.shape[0]} stacked kernels "
+            f"(shape {tuple(kernel.shape)}, as nnx.vmap makes them for nnx.scan), which "
+            "quantize_nnx cannot give one quantizer each; keep the layers unstacked (an nnx.List "
+            "iterated in a Python loop), or write the model in Linen with nn.scan, which "
+            "quantize_model supports."
+        )
+
+
 class QuantizedLayer(_Quantized):
     """An ``nnx.Conv`` or ``nnx.Linear`` with quantized input and kernel.
 
@@ -253,6 +274,7 @@ class QuantizedLayer(_Quantized):
                 f"Layer {path} has track_oscillations=True but its weight is not quantized; "
                 "set weight bits or turn tracking off."
             )
+        _check_unstacked(layer, path)
         names = tuple(n for n in vars(layer) if not n.startswith("_"))
         for name in names:
             setattr(self, name, getattr(layer, name))
