@@ -57,6 +57,18 @@ format name and version, the model (registry name, ``num_classes`` and the other
 :func:`load_export` also reads version 3 (BN stored unfolded) and version 2 (version 3 with
 every kernel as ``kernel_int``); other versions are refused with one sentence naming the
 version.
+
+**Models quantized by rules** (``oscqat_jax.nn.quantize_model``, a user's own Linen model):
+``export_model(path, variables, model=qmodel, input_shape=..., **model_kwargs)`` writes the
+same layout (format version 4) for every site the rules quantize: packed or int8 kernels with
+their effective scales and zero points, activation quantizers with their signedness, every
+other ``params`` leaf and the ``batch_stats`` as float32 (BatchNorm is not folded: it is the
+user's layer, wherever the model applies it). The manifest's ``model`` entry has
+``"kind": "rules"`` and the model class's name, ``rules`` lists the quantization rules and
+``call_kwargs`` the model's keyword arguments of the traced call (e.g. ``train: false``).
+``load_export(path, model=qmodel)`` checks the file against that model (the same rules, every
+tensor of its variables at its shape, the bit widths of its plan) and returns ``(qmodel,
+variables)`` whose ``eval`` forward computes what the exported one computed.
 """
 
 from __future__ import annotations
@@ -80,10 +92,12 @@ from oscqat_jax import export_manifest, oscillation, quant, weight_files
 from oscqat_jax.models import create_model, quant_plan
 from oscqat_jax.nn import batchnorm, collect
 from oscqat_jax.nn.config import QuantContext, QuantizerSpec
+from oscqat_jax.nn.intercept import QuantizedModel
 from oscqat_jax.nn.quantizer import OSCILLATION, QUANT_STATS, split_quantizer_param
 from oscqat_jax.nn.setups import QuantSetup
 
 FORMAT = "oscqat_jax.export"
+RULES_KIND = "rules"  # manifest model kind of a model quantized by rules
 # 2: the manifest holds the sha256 of the file's content; 3: packed kernels; 4: BN folded.
 FORMAT_VERSION = 4
 READ_VERSIONS = (2, 3, 4)  # 3 is 4 with BN unfolded, 2 is 3 without packing
@@ -100,9 +114,10 @@ def export_model(
     path: str | os.PathLike,
     variables: Mapping[str, Any],
     *,
-    model_name: str,
-    num_classes: int,
-    quant_setup: QuantSetup | str,
+    model: QuantizedModel | None = None,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    quant_setup: QuantSetup | str | None = None,
     input_shape: Sequence[int],
     **model_kwargs,
 ) -> dict:
@@ -112,15 +127,25 @@ def export_model(
       path: the file to write, ending in ``.safetensors`` or ``.npz``.
       variables: the model's variables: ``params``, ``batch_stats``, ``quant_stats`` and
         ``oscillation`` (its frozen weights are exported at their frozen integers).
-      model_name, num_classes, quant_setup, **model_kwargs: the arguments of
-        :func:`oscqat_jax.models.create_model` that build the model (e.g.
-        ``width_multiplier``, ``fold_bn``, ``block_setting``); they go into the manifest.
+      model: a ``QuantizedModel`` (``oscqat_jax.nn.quantize_model``); then ``model_kwargs``
+        are the model's own keyword arguments for inference (e.g. ``train=False``).
+      model_name, num_classes, quant_setup, **model_kwargs: without ``model``, the
+        arguments of :func:`oscqat_jax.models.create_model` that build one of the package's
+        models (e.g. ``width_multiplier``, ``fold_bn``, ``block_setting``); they go into
+        the manifest.
       input_shape: ``(H, W, C)`` of one image; one zero image of this shape is pushed through
         the eval forward to read the integers.
 
     Returns:
       The manifest written into the file.
     """
+    if model is not None:
+        return _export_rules_model(path, model, variables, input_shape, model_kwargs)
+    if model_name is None or num_classes is None or quant_setup is None:
+        raise ValueError(
+            "export_model needs model=<a QuantizedModel>, or the model_name, num_classes and "
+            "quant_setup of one of the package's models."
+        )
     path = check_suffix(path)
     quant_setup = QuantSetup(name=quant_setup) if isinstance(quant_setup, str) else quant_setup
     model = create_model(
@@ -165,7 +190,9 @@ def export_model(
     return manifest
 
 
-def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+def load_export(
+    path: str | os.PathLike, model: QuantizedModel | None = None
+) -> tuple[nn.Module | QuantizedModel, dict]:
     """The model described by an export's manifest and variables computed from its integers.
 
     Each quantized kernel becomes ``scale * (kernel_int - zero_point)`` (with ``fold_bn``,
@@ -179,9 +206,14 @@ def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     Range accumulators are not part of an export, so these variables count as uncalibrated
     for :func:`export_model`; the file already is their export.
 
+    A file exported from a model quantized by rules needs that model: ``model=qmodel``
+    (module docstring); the file is checked against it and the variables are built the same
+    way, for ``qmodel.apply(variables, x, **call_kwargs)``.
+
     Returns:
       ``(model, variables)`` with collections ``params``, ``batch_stats``, ``quant_stats`` and
-      ``oscillation``, ready for ``model.apply(variables, x, QuantContext.create("eval"))``.
+      ``oscillation``, ready for ``model.apply(variables, x, QuantContext.create("eval"))``
+      (``(qmodel, variables)`` for a rules model).
     """
     path = check_suffix(path)
     if not path.is_file():
@@ -191,6 +223,9 @@ def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: its manifest is not valid JSON ({err}).") from None
     export_manifest.check_manifest(path, manifest, arrays, name=FORMAT, versions=READ_VERSIONS)
+    rules_file = manifest["model"].get("kind") == RULES_KIND
+    if model is not None or rules_file:
+        return model, _load_rules_model(path, model, arrays, manifest)
     arrays, packed_layers = export_manifest.unpacked_kernels(path, arrays, manifest)
     model = _manifest_model(path, manifest)
     shapes, setup_bits = _model_tensors(model, manifest)
@@ -478,6 +513,8 @@ def _param_arrays(
     for key, value in params.items():
         layer, name = _split(key)
         q, kind = split_quantizer_param(name) or (None, None)
+        if q is not None and q != "weight" and _join(layer, q) not in plan and layer not in plan:
+            q = None  # a parameter of the model's own named like a quantizer's
         if q is None:
             if not (layer in quantized and name == "kernel"):
                 arrays[f"params/{key}"] = np.asarray(value, np.float32)
@@ -587,3 +624,127 @@ def _inference_weights(
             state = oscillation.init(w_ints[layer])
             states.update({f"{layer}/{f}": getattr(state, f) for f in state._fields})
     return kernels, states
+
+
+# --- models quantized by rules --------------------------------------------------------------
+
+
+def _rules_json(qmodel: QuantizedModel) -> list:
+    return [export_manifest.to_json("rules", dataclasses.asdict(rule)) for rule in qmodel.rules]
+
+
+def _check_rules_model(model, what: str) -> None:
+    if not isinstance(model, QuantizedModel):
+        raise ValueError(
+            f"{what} takes model=<a QuantizedModel from oscqat_jax.nn.quantize_model>, got "
+            f"{type(model).__name__}."
+        )
+
+
+def _export_rules_model(
+    path, qmodel: QuantizedModel, variables: Mapping, input_shape, call_kwargs: dict
+) -> dict:
+    """:func:`export_model` of a model quantized by rules (module docstring)."""
+    _check_rules_model(qmodel, "export_model")
+    path = check_suffix(path)
+    input_shape = tuple(int(d) for d in input_shape)
+    image = np.zeros((1, *input_shape), np.float32)
+    plan = {site: (RULES_KIND, lq) for site, lq in qmodel.plan(image, **call_kwargs).items()}
+    variables = flax.core.unfreeze(variables)
+    params = traverse_util.flatten_dict(variables["params"], sep="/")
+    quant_stats = traverse_util.flatten_dict(variables.get(QUANT_STATS, {}), sep="/")
+    _check_calibrated(plan, params, quant_stats)
+    weights = collect.quantized_weights(qmodel, variables, image, **call_kwargs)
+    oscillation_state = traverse_util.flatten_dict(variables.get(OSCILLATION, {}), sep="/")
+    arrays, weight_entries = _weight_arrays(weights, plan, oscillation_state, {})
+    float_arrays, activation_entries = _param_arrays(params, set(weights), plan, quant_stats)
+    arrays.update(float_arrays)
+    for key, value in traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/").items():
+        arrays[f"batch_stats/{key}"] = np.asarray(value, np.float32)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "kind": RULES_KIND,
+            "name": type(qmodel.model).__name__,
+            "num_classes": None,
+            "options": {},
+        },
+        "rules": _rules_json(qmodel),
+        "call_kwargs": {k: export_manifest.to_json(k, v) for k, v in call_kwargs.items()},
+        "quant_setup": None,
+        "input_shape": list(input_shape),
+        "weights": weight_entries,
+        "activations": activation_entries,
+    }
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    manifest[export_manifest.DIGEST_KEY] = export_manifest.digest(arrays, manifest)
+    weight_files.write(path, arrays, metadata_key=MANIFEST_KEY, metadata=manifest)
+    return manifest
+
+
+def _load_rules_model(path: pathlib.Path, qmodel, arrays: Mapping, manifest: dict) -> dict:
+    """The variables of a (digest-checked) rules export for ``qmodel``, after checking that
+    the file is one of ``qmodel``: its kind, rules, tensors and bit widths."""
+    name = manifest["model"].get("name")
+    if manifest["model"].get("kind") != RULES_KIND:
+        raise ValueError(
+            f"{path} holds the package's model {name}, not a model quantized by rules; call "
+            "load_export(path) without model."
+        )
+    if qmodel is None:
+        raise ValueError(
+            f"{path} holds the model {name} quantized by rules; pass that QuantizedModel: "
+            "load_export(path, model=qmodel)."
+        )
+    _check_rules_model(qmodel, "load_export")
+    if manifest.get("rules") != _rules_json(qmodel):
+        raise ValueError(
+            f"{path} was exported with other quantization rules than the QuantizedModel given; "
+            "pass the model it was exported from."
+        )
+    call_kwargs = {
+        k: export_manifest.from_json(k, v) for k, v in manifest.get("call_kwargs", {}).items()
+    }
+    arrays, packed_layers = export_manifest.unpacked_kernels(path, arrays, manifest)
+    x = jax.ShapeDtypeStruct((1, *(int(d) for d in manifest["input_shape"])), jnp.float32)
+    abstract = jax.eval_shape(functools.partial(qmodel.init, **call_kwargs), jax.random.key(0), x)
+    shapes = {}
+    for collection in ("params", "batch_stats", QUANT_STATS):
+        for key, leaf in traverse_util.flatten_dict(abstract.get(collection, {}), sep="/").items():
+            layer, leaf_name = _split(key)
+            if collection == "params" and leaf_name == "kernel" and layer in manifest["weights"]:
+                key = _join(layer, KERNEL_INT)
+            if collection != QUANT_STATS or leaf_name.endswith("_signed"):
+                shapes[f"{collection}/{key}"] = tuple(leaf.shape)
+    export_manifest.check_tensors(path, arrays, shapes)
+    bits = {
+        site: lq.weight.n_bits
+        for site, lq in qmodel.plan(x, **call_kwargs).items()
+        if lq.weight.enabled
+    }
+    export_manifest.check_bits(path, manifest["weights"], bits, arrays)
+    export_manifest.check_packing(path, manifest, packed_layers)
+    params, collections = {}, {"batch_stats": {}, QUANT_STATS: {}}
+    for key, value in arrays.items():
+        collection, rest = key.split("/", 1)
+        if collection == "params" and not rest.endswith(f"/{KERNEL_INT}"):
+            params[rest] = np.asarray(value, np.float32)
+        elif collection in collections:
+            collections[collection][rest] = value
+    w_ints = {
+        layer: export_manifest.checked_int(
+            path, layer, arrays[f"params/{layer}/{KERNEL_INT}"], entry["n_bits"]
+        )
+        for layer, entry in manifest["weights"].items()
+    }
+    kernels, states = jax.jit(functools.partial(_inference_weights, qmodel, manifest["weights"]))(
+        w_ints, params, collections["batch_stats"]
+    )
+    params.update({f"{layer}/kernel": kernel for layer, kernel in kernels.items()})
+    variables = {"params": params, **collections, OSCILLATION: states}
+    return {
+        name: jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(tree, sep="/"))
+        for name, tree in variables.items()
+        if tree or name != OSCILLATION
+    }
