@@ -67,8 +67,8 @@ user's layer, wherever the model applies it). The manifest's ``model`` entry has
 ``"kind": "rules"`` and the model class's name, ``rules`` lists the quantization rules and
 ``call_kwargs`` the model's keyword arguments of the traced call (e.g. ``train: false``).
 ``load_export(path, model=qmodel)`` checks the file against that model (the same rules, every
-tensor of its variables at its shape, the bit widths of its plan) and returns ``(qmodel,
-variables)`` whose ``eval`` forward computes what the exported one computed.
+tensor of its variables at its shape, the bit widths of its plan) and returns the model and
+variables whose ``eval`` forward computes what the exported one computed.
 """
 
 from __future__ import annotations
