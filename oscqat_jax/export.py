@@ -718,11 +718,8 @@ def _load_rules_model(path: pathlib.Path, qmodel, arrays: Mapping, manifest: dic
             if collection != QUANT_STATS or leaf_name.endswith("_signed"):
                 shapes[f"{collection}/{key}"] = tuple(leaf.shape)
     export_manifest.check_tensors(path, arrays, shapes)
-    bits = {
-        site: lq.weight.n_bits
-        for site, lq in qmodel.plan(x, **call_kwargs).items()
-        if lq.weight.enabled
-    }
+    plan = qmodel.plan(x, **call_kwargs)
+    bits = {site: lq.weight.n_bits for site, lq in plan.items() if lq.weight.enabled}
     export_manifest.check_bits(path, manifest["weights"], bits, arrays)
     export_manifest.check_packing(path, manifest, packed_layers)
     params, collections = {}, {"batch_stats": {}, QUANT_STATS: {}}
@@ -742,6 +739,12 @@ def _load_rules_model(path: pathlib.Path, qmodel, arrays: Mapping, manifest: dic
         w_ints, params, collections["batch_stats"]
     )
     params.update({f"{layer}/kernel": kernel for layer, kernel in kernels.items()})
+    # The file holds trained scales, not range accumulators: mark every quantizer as
+    # calibrated (a counter without an accumulator, which a later calibration restarts).
+    for site, lq in plan.items():
+        for q in ("weight", "input", "output"):
+            if getattr(lq, q).enabled:
+                collections[QUANT_STATS][f"{site}/{q}_range"] = {"num_batches": np.int32(1)}
     variables = {"params": params, **collections, OSCILLATION: states}
     return {
         name: jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(tree, sep="/"))

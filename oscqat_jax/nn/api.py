@@ -75,22 +75,40 @@ def _path_text(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def _layer_key(path) -> tuple:
+    """The path of a leaf's layer (an NNX leaf's trailing ``value`` attribute dropped)."""
+    if (
+        len(path) > 1
+        and isinstance(path[-1], jax.tree_util.GetAttrKey)
+        and path[-1].name == "value"
+    ):
+        path = path[:-1]
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path[:-1])
+
+
 def param_labels(params) -> Any:
     """``"quantizer"`` for every quantizer parameter, ``"weights"`` for everything else.
 
     Args:
-      params: the ``params`` collection (any pytree of arrays keyed by name). A leaf is a
-        quantizer parameter when its name is ``<quantizer>_scale`` or
-        ``<quantizer>_zero_point`` (``weight_scale``, ``input_scale``,
-        ``output_zero_point``...); kernels, biases and BatchNorm's ``scale`` are weights.
+      params: the ``params`` collection (any pytree of arrays keyed by name; an
+        ``nnx.State`` or its pure dict too). A leaf is a quantizer's parameter when a
+        quantizer creates it: named ``<q>_scale`` or ``<q>_zero_point`` for a quantizer
+        ``<q>`` of ``weight``, ``input``, ``output``, ``residual``, and for ``weight_*``
+        next to the layer's ``kernel``. Kernels, biases, BatchNorm's ``scale`` and a model's
+        own ``logit_scale`` or ``temperature_scale`` are weights.
 
     Returns:
       A pytree of the structure of ``params`` holding the label strings, for
       ``optax.multi_transform({"weights": ..., "quantizer": ...}, param_labels)``.
     """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    with_kernel = {_layer_key(path) for path, _ in flat if _leaf_name(path) == "kernel"}
 
     def label(path, _):
-        return QUANTIZER if split_quantizer_param(_leaf_name(path)) else WEIGHTS
+        split = split_quantizer_param(_leaf_name(path))
+        if split is None or (split[0] == "weight" and _layer_key(path) not in with_kernel):
+            return WEIGHTS
+        return QUANTIZER
 
     return jax.tree_util.tree_map_with_path(label, params)
 

@@ -50,12 +50,12 @@ from flax.errors import ScopeCollectionNotFound
 
 from oscqat_jax import oscillation
 from oscqat_jax.nn import depthwise
-from oscqat_jax.nn.api import CALIBRATION_COLLECTIONS
+from oscqat_jax.nn.api import CALIBRATION_COLLECTIONS, check_scales
 from oscqat_jax.nn.collect import dampening_total
 from oscqat_jax.nn.config import LayerQuant, QuantContext
 from oscqat_jax.nn.linen_store import quantize_activation, quantize_weight
 from oscqat_jax.nn.quantizer import DAMPENING, OSCILLATION, QUANT_STATS, QUANTIZED_WEIGHTS
-from oscqat_jax.nn.rules import QuantRule, check_rules, hook_site_quant, layer_site_quant
+from oscqat_jax.nn.rules import QuantRule, Site, SitePlan, check_coverage, check_rules, site_plan
 
 LAYER_TYPES = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
 """Flax layers whose input and kernel the rules can quantize."""
@@ -192,11 +192,13 @@ def _depthwise_fast_path(module: nn.Module, impl: str):
 def _interceptor(
     rules: tuple[QuantRule, ...],
     ctx: QuantContext,
-    record: dict[str, LayerQuant] | None,
+    record: dict[str, SitePlan] | None,
     depthwise_impl: str = "auto",
+    sites: list[Site] | None = None,
 ) -> Callable:
     """A ``flax.linen.intercept_methods`` interceptor applying ``rules`` in context ``ctx``;
-    it writes each quantized site's :class:`LayerQuant` into ``record`` when given.
+    it writes each quantized site's :class:`SitePlan` into ``record`` and every site it sees
+    (quantized or not) into ``sites``, when given.
 
     One interceptor serves one call of the model, so it sees every call of each layer: a
     layer run again in the same call (a tied or looped layer) quantizes its input with the
@@ -205,24 +207,30 @@ def _interceptor(
     """
     seen: dict[str, weakref.ref] = {}
 
+    def note(site: Site) -> SitePlan:
+        plan = site_plan(rules, site)
+        if sites is not None:
+            sites.append(site)
+        if record is not None and plan.quantized:
+            record[site.path] = plan
+        return plan
+
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, (ActQuant, *LAYER_TYPES)):
             return next_fun(*args, **kwargs)
         path = "/".join(module.scope.path)
         if isinstance(module, ActQuant):
-            spec = hook_site_quant(rules, path)
+            spec = note(Site(path, "hook")).output
             y = next_fun(*args, **kwargs)
             if not spec.enabled:
                 return y
-            if record is not None:
-                record[path] = LayerQuant(output=spec)
             return quantize_activation(
                 module, "output", y, spec, ctx, require_calibration=True
             ).astype(y.dtype)
         args, kwargs = list(args), dict(kwargs)
         x = args[0] if args else kwargs["inputs"]
-        quant = layer_site_quant(rules, path, depthwise=_depthwise(module, x))
+        quant = note(Site(path, "layer", _depthwise(module, x)))
         if not quant.quantized:
             return next_fun(*args, **kwargs)
         if quant.weight.per_channel:
@@ -237,8 +245,6 @@ def _interceptor(
                 f"Layer {path} tracks oscillations but the variables have no '{OSCILLATION}' "
                 "collection; pass the variables from init/calibrate, updated with aux.updates."
             )
-        if record is not None:
-            record[path] = quant
         x = quantize_activation(module, "input", x, quant.input, ctx, require_calibration=True)
         if args:
             args[0] = x
@@ -290,6 +296,11 @@ def _scan_carries_quantizers():
         lift.scan = original
 
 
+def _concrete(tree) -> bool:
+    """Whether every array leaf of ``tree`` is concrete (not a tracer inside ``jit``)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
 def _as_mutable(mutable) -> list[str] | bool:
     if mutable is True:
         return True
@@ -312,8 +323,10 @@ class QuantizedModel:
     rules: tuple[QuantRule, ...]
     depthwise_impl: str = "auto"  # quantized depth-wise convs: see oscqat_jax.nn.depthwise
 
-    def _run(self, ctx: QuantContext, fn: Callable, *args, record=None, **kwargs):
-        interceptor = _interceptor(self.rules, ctx, record, self.depthwise_impl)
+    def _run(
+        self, ctx: QuantContext, fn: Callable, *args, record=None, sites=None, **kwargs
+    ):
+        interceptor = _interceptor(self.rules, ctx, record, self.depthwise_impl, sites)
         try:
             with nn.intercept_methods(interceptor), _scan_carries_quantizers():
                 return fn(*args, **kwargs)
@@ -332,9 +345,14 @@ class QuantizedModel:
         """``model.init`` plus every quantizer variable: ``weight_scale`` (kernel min-max),
         ``input_scale``/``output_scale`` (1.0), ``quant_stats/<q>_signed`` and the
         ``oscillation`` state, so later calls never change the variable structure (the range
-        estimators' ``quant_stats/<q>_range`` appear with the first :meth:`calibrate`)."""
-        ctx = QuantContext.create("eval")
-        return self._run(ctx, self.model.init, rngs, *args, **kwargs)
+        estimators' ``quant_stats/<q>_range`` appear with the first :meth:`calibrate`).
+
+        Raises when the rules do not fit the model (a rule matching no site, a rule meant
+        for one layer matching several, nothing quantized: see ``QuantRule.sites``)."""
+        ctx, sites = QuantContext.create("eval"), []
+        variables = self._run(ctx, self.model.init, rngs, *args, sites=sites, **kwargs)
+        check_coverage(self.rules, sites)
+        return variables
 
     def calibrate(
         self, variables: Mapping[str, Any], batches: Iterable[Any], **kwargs
@@ -349,7 +367,7 @@ class QuantizedModel:
         already-quantized network. Runs jitted: one compile for the first batch (it
         creates the range estimators) and one for the rest, per input shape.
         """
-        ctx = QuantContext.create("calibrate")
+        ctx, sites = QuantContext.create("calibrate"), []
 
         def one_batch(variables, args):
             return self._run(
@@ -358,6 +376,7 @@ class QuantizedModel:
                 variables,
                 *args,
                 mutable=list(CALIBRATION_COLLECTIONS),
+                sites=sites,
                 **kwargs,
             )[1]
 
@@ -367,9 +386,12 @@ class QuantizedModel:
         for batch in batches:
             args = batch if isinstance(batch, tuple) else (batch,)
             variables = {**variables, **step(variables, args)}
+            if count == 0:
+                check_coverage(self.rules, sites)  # seen while tracing the first batch
             count += 1
         if count == 0:
             raise ValueError("calibrate needs at least one batch; batches was empty.")
+        check_scales(variables["params"])
         return variables
 
     def apply(
@@ -417,6 +439,10 @@ class QuantizedModel:
         )
         variables = _without_dampening(variables)
         mutable = _as_mutable(mutable)
+        if mode != "float" and _concrete(variables.get("params", {})):
+            check_scales(variables["params"])
+        if mode == "train":
+            self._check_tracking_advances(variables)
         if mode != "train":
             return self._run(
                 ctx,
@@ -434,11 +460,31 @@ class QuantizedModel:
         )
         return out, QuantAux(dampening_total(mutated), _without_dampening(mutated))
 
-    def plan(self, *args, **kwargs) -> dict[str, LayerQuant]:
-        """``{module path: LayerQuant}`` of every site the rules quantize, for inputs like
-        ``args`` (arrays or ``jax.ShapeDtypeStruct``; traced abstractly, nothing computed).
-        Layers report ``weight``/``input``, hooks ``output``."""
-        record: dict[str, LayerQuant] = {}
+    def _check_tracking_advances(self, variables: Mapping[str, Any]) -> None:
+        """Outside ``jit``: raises when a train call gets the very ``oscillation`` arrays the
+        previous train call got, i.e. its ``QuantAux.updates`` were not merged and tracking
+        and freezing silently stand still. (Inside ``jit`` the arrays are tracers and only
+        the caller can see this; the package's training program merges them.)"""
+        leaves = jax.tree_util.tree_leaves(variables.get(OSCILLATION, {}))
+        if not leaves or not _concrete(leaves):
+            return
+        last = self.__dict__.get("_last_tracking")
+        if last is not None and last() is leaves[0]:
+            raise ValueError(
+                "This train call got the same 'oscillation' state as the previous one, so "
+                "oscillation tracking and freezing did not advance between the steps; merge "
+                "each train call's QuantAux.updates into the variables of the next "
+                "(variables = {**variables, **aux.updates, 'params': new_params})."
+            )
+        object.__setattr__(self, "_last_tracking", weakref.ref(leaves[0]))
+
+    def plan(self, *args, **kwargs) -> dict[str, SitePlan]:
+        """``{module path: SitePlan}`` of every site the rules quantize, for inputs like
+        ``args`` (arrays or ``jax.ShapeDtypeStruct``; traced abstractly, nothing computed):
+        its quantizers (layers report ``weight``/``input``, hooks ``output``), whether it is
+        a depth-wise conv, and the rule that decided. Does not check the rules' coverage, so
+        it also serves to debug rules that :meth:`init` refuses."""
+        record: dict[str, SitePlan] = {}
         ctx = QuantContext.create("eval")
         init = lambda *a: self._run(ctx, self.model.init, *a, record=record, **kwargs)  # noqa: E731
         jax.eval_shape(init, jax.random.key(0), *args)

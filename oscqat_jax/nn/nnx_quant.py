@@ -82,9 +82,17 @@ from flax import nnx
 
 from oscqat_jax import oscillation
 from oscqat_jax.nn import quantizer
+from oscqat_jax.nn.api import check_scales
 from oscqat_jax.nn.config import LayerQuant, QuantContext, QuantizerSpec
 from oscqat_jax.nn.quantizer import OSCILLATION, PARAMS, QUANT_STATS
-from oscqat_jax.nn.rules import QuantRule, check_rules, hook_site_quant, layer_site_quant
+from oscqat_jax.nn.rules import (
+    QuantRule,
+    Site,
+    SitePlan,
+    check_coverage,
+    check_rules,
+    site_plan,
+)
 
 NNX_MODES = ("float", "calibrate", "train", "eval")
 """Modes of a quantized NNX layer (see the module docstring)."""
@@ -371,24 +379,25 @@ def quantized_modules(model: nnx.Module) -> dict[str, QuantizedLayer | Quantized
     return {_path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, QUANTIZED_TYPES)}
 
 
-def _site_quant(rules: tuple[QuantRule, ...], path: str, module: nnx.Module):
+def _site(path: tuple, module: nnx.Module) -> Site:
     if isinstance(module, ActQuant):
-        return hook_site_quant(rules, path)
-    return layer_site_quant(rules, path, depthwise=is_depthwise(module))
+        return Site(_path_str(path), "hook")
+    return Site(_path_str(path), "layer", is_depthwise(module))
 
 
-def plan_nnx(model: nnx.Module, rules: Sequence[QuantRule]) -> dict[str, LayerQuant]:
-    """``{path: LayerQuant}`` of every site ``rules`` quantize (layers report ``weight`` /
-    ``input``, :class:`ActQuant` hooks ``output``), as :meth:`QuantizedModel.plan` in Linen."""
+def plan_nnx(model: nnx.Module, rules: Sequence[QuantRule]) -> dict[str, SitePlan]:
+    """``{path: SitePlan}`` of every site of the float ``model`` that ``rules`` quantize
+    (layers report ``weight`` / ``input``, :class:`ActQuant` hooks ``output``; with the
+    depth-wise flag and the deciding rule), as :meth:`QuantizedModel.plan` in Linen. Does
+    not check the rules' coverage, so it also serves to debug rules that
+    :func:`quantize_nnx` refuses."""
     rules = check_rules(rules)
-    plan = {}
+    plans = {}
     for path, module in _sites(model):
-        site = _site_quant(rules, _path_str(path), module)
-        if isinstance(site, QuantizerSpec):
-            site = LayerQuant(output=site)
-        if site.quantized:
-            plan[_path_str(path)] = site
-    return plan
+        plan = site_plan(rules, _site(path, module))
+        if plan.quantized:
+            plans[_path_str(path)] = plan
+    return plans
 
 
 def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
@@ -417,19 +426,18 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[QuantRule]) -> nnx.Module:
       ``model`` itself, its matched layers now :class:`QuantizedLayer` (hooks
       :class:`QuantizedActivation`) in mode ``"eval"``: weights quantized with the kernel's
       min-max range and activations with unit scales until :func:`calibrate_nnx` runs.
+
+    Raises when the rules do not fit the model (a rule matching no site, a rule meant for
+    one layer matching several, nothing quantized: see ``QuantRule.sites``).
     """
     if quantized_modules(model):
         raise ValueError(
             "quantize_nnx was given a model that already has quantized layers "
             f"({', '.join(quantized_modules(model))}); quantize the float model once."
         )
+    rules = check_rules(rules)
+    check_coverage(rules, [_site(path, module) for path, module in _sites(model)])
     plan = plan_nnx(model, rules)
-    if not plan:
-        found = [_path_str(p) for p, _ in _sites(model)]
-        raise ValueError(
-            f"No rule quantizes any layer; the model's nnx.Conv / nnx.Linear / ActQuant paths "
-            f"are {found}. Write QuantRule.module_path as a regex over these."
-        )
     for path, module in list(_sites(model)):
         name = _path_str(path)
         if name not in plan:
@@ -507,6 +515,7 @@ def set_mode(
         )
     modules = _quantized_or_error(model)
     if mode in ("train", "eval"):
+        check_scales(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         for path, module in modules.items():
             missing = _uncalibrated(module)
             if missing:

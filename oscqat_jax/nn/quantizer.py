@@ -27,8 +27,9 @@ collection (Linen) or variable type (NNX):
   for running min-max, ``lower``/``upper``/``loss``/``one_sided`` for the MSE search, only the
   counter for the current batch's min-max). A quantizer whose ``<q>_range`` is absent (Linen)
   or counts no batch (NNX) has not been calibrated.
-- ``oscillation``: ``prev_int, prev_dir, ema_osc, ema_int, frozen, frozen_int,
-  freezing_started`` of a tracked weight (:class:`~oscqat_jax.oscillation.OscillationState`).
+- ``oscillation``: the seven fields of a tracked weight's
+  :class:`~oscqat_jax.oscillation.OscillationState` (``prev_int``, ``prev_dir``, ``ema_osc``,
+  ``ema_int``, ``frozen``, ``frozen_int``, ``freezing_started``).
 - the weight's dampening term of a ``train`` call (a float32 scalar), handed to the store,
   which keeps it where its front end sums it (:meth:`VariableStore.dampening`).
 """
@@ -54,6 +55,10 @@ QUANTIZED_WEIGHTS = "quantized_weights"
 WEIGHT_CHANNEL_AXIS = -1
 """Output-channel axis of Flax kernels: HWIO for convs, (in, out) for dense layers (NNX too)."""
 
+QUANTIZER_NAMES = ("weight", "input", "output", "residual")
+"""The quantizers a layer can have: its kernel's, its input's, its output's (an ``ActQuant``
+hook's value) and, in the package's residual blocks, the sum's."""
+
 QUANTIZER_PARAM_KINDS = ("scale", "zero_point")
 """A quantizer ``<q>`` names its parameters ``<q>_scale`` and ``<q>_zero_point``."""
 
@@ -61,20 +66,20 @@ MSE_FIELDS = ("lower", "upper", "loss", "one_sided", "num_batches")
 
 
 def split_quantizer_param(name: str) -> tuple[str, str] | None:
-    """``(quantizer, kind)`` of a parameter leaf named ``<quantizer>_<kind>``, e.g.
-    ``("input", "zero_point")`` for ``input_zero_point``; None for other names. Names alone
-    do not make a parameter a quantizer's: :func:`oscqat_jax.nn.param_labels` also checks
-    that a quantizer created it."""
+    """``(quantizer, kind)`` of a parameter leaf that a quantizer creates, named
+    ``<quantizer>_<kind>`` with a quantizer of :data:`QUANTIZER_NAMES` (e.g.
+    ``("input", "zero_point")`` for ``input_zero_point``); None for any other name, such as
+    a model's own ``logit_scale`` or BatchNorm's ``scale``."""
     for kind in QUANTIZER_PARAM_KINDS:
         quantizer = name.removesuffix(f"_{kind}")
-        if quantizer and quantizer != name:
+        if quantizer in QUANTIZER_NAMES and quantizer != name:
             return quantizer, kind
     return None
 
 
 def is_quantizer_param(name: str) -> bool:
-    """Whether a parameter leaf named ``name`` is named like a quantizer's
-    (``weight_scale``, ``input_scale``, ``output_zero_point``, ...)."""
+    """Whether a parameter leaf named ``name`` is one a quantizer creates (``weight_scale``,
+    ``input_scale``, ``output_zero_point``, ...; see :func:`split_quantizer_param`)."""
     return split_quantizer_param(name) is not None
 
 
@@ -172,6 +177,12 @@ def estimate_range(x, stored: dict | None, spec: QuantizerSpec, *, channel_axis,
     accumulator) starts from ``x``: the first batch fixes the MSE candidate grid
     (docs/method.md §3).
     """
+    fields = {"current_minmax": (), "running_minmax": ("min", "max")}.get(
+        spec.range_method, MSE_FIELDS
+    )
+    if stored is not None and not set(fields) <= set(stored):
+        # A marker without this method's accumulator (a loaded export's): start afresh.
+        stored = None
     count = jnp.zeros((), jnp.int32) if stored is None else stored["num_batches"]
     first = None if stored is None else count == 0
     if spec.range_method == "current_minmax":

@@ -28,10 +28,17 @@ import functools
 import numbers
 import re
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 from oscqat_jax._checks import MAX_BITS, check_n_bits
 from oscqat_jax.nn.config import FLOAT, RANGE_METHODS, LayerQuant, QuantizerSpec
 from oscqat_jax.nn.setups import SETUPS, QuantSetup
+
+
+SITE_COUNTS = ("some", "one", "any")
+"""Values of :attr:`QuantRule.sites`: how many of a model's sites a rule's pattern must match
+(at least one, exactly one, any number). A rule is checked against every site its pattern and
+depth-wise filter match, whether or not an earlier rule takes the site."""
 
 
 @functools.cache
@@ -73,6 +80,7 @@ class QuantRule:
     track: bool = True  # track oscillations and allow freezing (weights of <= max_bits bits)
     dampen: bool = True  # add this kernel's dampening term to the loss (train mode)
     max_bits: int = 4  # widest weight that is tracked and frozen (the paper: 4)
+    sites: str = "some"  # sites the pattern must match: "some" (>= 1), "one" or "any" (>= 0)
 
     def __post_init__(self):
         if not isinstance(self.module_path, str):
@@ -98,6 +106,10 @@ class QuantRule:
                     f"{name} must be one of {', '.join(RANGE_METHODS)}, "
                     f"got {getattr(self, name)!r}."
                 )
+        if self.sites not in SITE_COUNTS:
+            raise ValueError(
+                f"sites must be one of {', '.join(SITE_COUNTS)}, got {self.sites!r}."
+            )
         if isinstance(self.max_bits, bool) or not isinstance(self.max_bits, numbers.Integral):
             raise ValueError(
                 f"max_bits must be an int between 0 and {MAX_BITS}, got {self.max_bits!r}."
@@ -155,6 +167,64 @@ def check_rules(rules: Iterable[QuantRule]) -> tuple[QuantRule, ...]:
         if not isinstance(rule, QuantRule):
             raise ValueError(f"rules[{i}] must be a QuantRule, got {type(rule).__name__}.")
     return rules
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePlan(LayerQuant):
+    """How one site is quantized (the :class:`~oscqat_jax.nn.config.LayerQuant` fields), and
+    why: the site's ``kind`` (``layer`` or ``hook``), whether it is a depth-wise conv, and
+    the first rule that matched it. Layers report ``weight``/``input``, hooks ``output``."""
+
+    kind: str = "layer"
+    depthwise: bool = False
+    rule: QuantRule | None = None
+
+
+def site_plan(rules: Sequence[QuantRule], site: Site) -> SitePlan:
+    """What ``rules`` do to ``site`` (a plan entry; not quantized when no rule matches)."""
+    rule = find_rule(rules, site.path, depthwise=site.depthwise)
+    if site.kind == "hook":
+        quant = LayerQuant(output=hook_site_quant(rules, site.path))
+    else:
+        quant = layer_site_quant(rules, site.path, depthwise=site.depthwise)
+    fields = {f.name: getattr(quant, f.name) for f in dataclasses.fields(LayerQuant)}
+    return SitePlan(**fields, kind=site.kind, depthwise=site.depthwise, rule=rule)
+
+
+class Site(NamedTuple):
+    """A place in a model that rules can quantize: a conv/dense ``layer`` or an activation
+    ``hook``, at ``path``, and whether it is a depth-wise conv."""
+
+    path: str
+    kind: str
+    depthwise: bool = False
+
+
+def check_coverage(rules: Sequence[QuantRule], sites: Sequence[Site]) -> None:
+    """Raises, in one sentence, when the rules do not fit the model's sites: a rule that must
+    match some site (``sites="some"``, the default) or exactly one (``"one"``) but does not,
+    or a rule list that quantizes nothing at all."""
+    sites = list(dict.fromkeys(sites))
+    known = ", ".join(f"{s.path} ({s.kind}{', depth-wise' if s.depthwise else ''})" for s in sites)
+    for index, rule in enumerate(rules):
+        matched = [s.path for s in sites if rule.matches(s.path, depthwise=s.depthwise)]
+        what = f"rules[{index}] (module_path {rule.module_path!r}"
+        what += "" if rule.depthwise is None else f", depthwise={rule.depthwise}"
+        what += ")"
+        if rule.sites != "any" and not matched:
+            raise ValueError(
+                f"{what} matches no site of the model; its sites are: {known or 'none'}. "
+                "Fix the pattern, or give the rule sites='any' if it may match nothing."
+            )
+        if rule.sites == "one" and len(matched) > 1:
+            raise ValueError(
+                f"{what} is meant for one layer but matches {len(matched)}: "
+                f"{', '.join(matched)}; make the pattern match only the intended one."
+            )
+    if rules and not any(site_plan(rules, s).quantized for s in sites):
+        raise ValueError(
+            f"No rule quantizes any site of the model; its sites are: {known or 'none'}."
+        )
 
 
 def find_rule(
@@ -268,21 +338,31 @@ def paper_rules(
         bits = quant_setup.layer_quant("", role).output.n_bits
         return QuantRule(pattern, weight_bits=None, act_bits=None, output_bits=bits, **common)
 
-    rules = [rule(classifier, "classifier"), rule(first_conv, "first_conv")]
+    # The stem and the classifier are one layer each: a pattern that misses, or that also
+    # takes other layers, is a mistake the first call reports (QuantRule.sites).
+    rules = [
+        rule(classifier, "classifier", sites="one"),
+        rule(first_conv, "first_conv", sites="one"),
+    ]
     if logits is not None:
         rules.append(hook(logits, "classifier"))
     if head_output is not None:
         rules.append(hook(head_output, "head"))
-    rules.append(rule(".*", "depthwise", depthwise=True))
+    rules.append(rule(".*", "depthwise", depthwise=True, sites="any"))
     # The inner convs and every remaining hook (conv outputs, residual adds): the `conv` and
     # `residual` roles have the same output bits in every setup (tests/nn/test_rules.py).
-    rules.append(rule(".*", "conv"))
+    rules.append(rule(".*", "conv", sites="any"))
     return tuple(rules)
 
 
 __all__ = [
     "SETUPS",
     "QuantRule",
+    "SITE_COUNTS",
+    "Site",
+    "SitePlan",
+    "site_plan",
+    "check_coverage",
     "check_rules",
     "find_rule",
     "hook_site_quant",

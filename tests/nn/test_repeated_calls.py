@@ -26,7 +26,10 @@ from oscqat_jax.nn.intercept import ActQuant, quantize_model
 from oscqat_jax.nn.rules import QuantRule
 
 M = 0.25  # EMA momentum of the train calls
-RULES = (QuantRule("act", output_bits=4), QuantRule(".*", weight_bits=4, act_bits=4))
+RULES = (
+    QuantRule("act", output_bits=4, sites="any"),
+    QuantRule(".*", weight_bits=4, act_bits=4),
+)
 
 
 def randn(seed, shape, scale=1.0):
