@@ -9,8 +9,9 @@ The functional core (no Flax) lives in these modules:
 - :mod:`oscqat_jax.schedules`: freezing-threshold, dampening-weight and learning-rate schedules.
 - :mod:`oscqat_jax.toy`: the paper's 1-D toy regression, solved with the core.
 
-``oscqat_jax.quantize_model``, ``QuantRule``, ``paper_rules`` and ``quantize_nnx`` (quantizing
-one's own Flax model by rules) come from :mod:`oscqat_jax.nn` and load on first use.
+Quantizing one's own Flax model (Linen or NNX) by rules: ``oscqat_jax.quantize_model``,
+``QuantRule``, ``paper_rules``, ``ActQuant``, ``calibrate``, ``plan``, ``dampening_term`` and
+``reestimate_bn`` come from :mod:`oscqat_jax.nn` and load on first use.
 """
 
 import importlib
@@ -21,7 +22,16 @@ __version__ = "0.1.0"
 
 # Quantizing a user's own Flax model by rules (oscqat_jax.nn): re-exported here for
 # convenience and loaded on first use, so that importing the core does not import Flax.
-_FROM_NN = ("QuantRule", "paper_rules", "quantize_model", "quantize_nnx")
+_FROM_NN = (
+    "ActQuant",
+    "QuantRule",
+    "calibrate",
+    "dampening_term",
+    "paper_rules",
+    "plan",
+    "quantize_model",
+    "reestimate_bn",
+)
 
 
 def __getattr__(name: str):

@@ -1,22 +1,23 @@
-"""Flax glue over the functional core: quantized layers, quant setups, contexts, the safe
-training API, and quantization of a user's own Flax model by rules.
+"""Flax glue over the functional core: quantization of any Flax model by rules, the package's
+quantized layers, and the helpers a training loop needs.
 
 The public names, importable as ``from oscqat_jax.nn import ...``:
 
-- layers: :class:`QuantConv`, :class:`QuantConvBN`, :class:`QuantDense`, :class:`BatchNorm`;
-- settings: :class:`QuantContext` (per call), :class:`QuantizerSpec`, :class:`LayerQuant`,
-  :class:`QuantSetup` (the paper's setups for the package's models);
-- the training API (:mod:`oscqat_jax.nn.api`): :func:`param_labels`,
-  :func:`quant_optimizer`, :func:`min_scale`, :func:`check_scales`,
-  :func:`strip_dampening`, :func:`calibrate`, :func:`calibration_step`;
-- rules for any Flax model: :class:`QuantRule`, :func:`paper_rules`
-  (:mod:`~oscqat_jax.nn.rules`), :func:`quantize_model`, :class:`QuantizedModel`, :class:`QuantAux`, :class:`ActQuant` (Linen,
-  :mod:`~oscqat_jax.nn.intercept`) and :func:`quantize_nnx`, :func:`calibrate_nnx`, :func:`set_mode`, :func:`set_schedule`,
-  :func:`dampening_loss`, :func:`plan_nnx` and the variable types :class:`Oscillation` and
-  :class:`QuantStats` (NNX, :mod:`~oscqat_jax.nn.nnx_quant`; its activation hook stays
-  ``nnx_quant.ActQuant``, since ``ActQuant`` here is the Linen one).
-  These load on first use, so importing this package does not import ``flax.nnx`` or the
-  interceptor, and those modules may import this package's submodules freely.
+- **any Flax model** (Linen or NNX; :mod:`~oscqat_jax.nn.verbs`): :class:`QuantRule` and
+  :func:`paper_rules` (which layers, how; :mod:`~oscqat_jax.nn.rules`), :class:`ActQuant` (marks
+  an activation), :func:`quantize_model`, :func:`calibrate`, :func:`plan`, :func:`set_mode` and
+  :func:`set_schedule` (NNX), :func:`dampening_term`, :func:`reestimate_bn`,
+  :func:`oscillation_summary`, :func:`depthwise_layers`; the Linen wrapper
+  :class:`QuantizedModel` and its train-call result :class:`QuantAux`; the NNX variable types
+  :class:`Oscillation` and :class:`QuantStats`;
+- **the training loop** (:mod:`~oscqat_jax.nn.api`): :func:`param_labels`,
+  :func:`quant_optimizer`, :func:`min_scale`, :func:`check_scales`, :func:`strip_dampening`;
+- **the package's own layers**: :class:`QuantConv`, :class:`QuantConvBN`, :class:`QuantDense`,
+  :class:`BatchNorm`, with :class:`QuantContext` (per call), :class:`QuantizerSpec`,
+  :class:`LayerQuant` and :class:`QuantSetup` (the paper's setups for the package's models).
+
+The names for any model load on first use, so importing this package does not import
+``flax.nnx`` or the interceptor, and those modules may import this package's submodules.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from __future__ import annotations
 import importlib
 
 from oscqat_jax.nn.api import (
-    calibrate,
-    calibration_step,
     check_scales,
     min_scale,
     param_labels,
@@ -40,16 +39,18 @@ from oscqat_jax.nn.setups import QuantSetup
 _LAZY = {
     "QuantRule": "oscqat_jax.nn.rules",
     "paper_rules": "oscqat_jax.nn.rules",
-    "quantize_model": "oscqat_jax.nn.intercept",
+    "ActQuant": "oscqat_jax.nn.verbs",
+    "quantize_model": "oscqat_jax.nn.verbs",
+    "calibrate": "oscqat_jax.nn.verbs",
+    "plan": "oscqat_jax.nn.verbs",
+    "set_mode": "oscqat_jax.nn.verbs",
+    "set_schedule": "oscqat_jax.nn.verbs",
+    "dampening_term": "oscqat_jax.nn.verbs",
+    "reestimate_bn": "oscqat_jax.nn.verbs",
+    "oscillation_summary": "oscqat_jax.nn.verbs",
+    "depthwise_layers": "oscqat_jax.nn.collect",
     "QuantizedModel": "oscqat_jax.nn.intercept",
     "QuantAux": "oscqat_jax.nn.intercept",
-    "ActQuant": "oscqat_jax.nn.intercept",
-    "quantize_nnx": "oscqat_jax.nn.nnx_quant",
-    "calibrate_nnx": "oscqat_jax.nn.nnx_quant",
-    "set_mode": "oscqat_jax.nn.nnx_quant",
-    "set_schedule": "oscqat_jax.nn.nnx_quant",
-    "dampening_loss": "oscqat_jax.nn.nnx_quant",
-    "plan_nnx": "oscqat_jax.nn.nnx_quant",
     "Oscillation": "oscqat_jax.nn.nnx_quant",
     "QuantStats": "oscqat_jax.nn.nnx_quant",
 }
@@ -73,29 +74,29 @@ __all__ = [
     "ActQuant",
     "BatchNorm",
     "LayerQuant",
+    "Oscillation",
+    "QuantAux",
     "QuantContext",
     "QuantConv",
     "QuantConvBN",
     "QuantDense",
     "QuantRule",
-    "Oscillation",
-    "QuantAux",
     "QuantSetup",
     "QuantStats",
     "QuantizedModel",
     "QuantizerSpec",
     "calibrate",
-    "calibrate_nnx",
-    "calibration_step",
     "check_scales",
-    "dampening_loss",
+    "dampening_term",
+    "depthwise_layers",
     "min_scale",
+    "oscillation_summary",
     "param_labels",
     "paper_rules",
-    "plan_nnx",
+    "plan",
     "quant_optimizer",
     "quantize_model",
-    "quantize_nnx",
+    "reestimate_bn",
     "set_mode",
     "set_schedule",
     "strip_dampening",

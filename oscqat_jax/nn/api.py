@@ -265,7 +265,7 @@ def calibrate(
     count = 0
     for batch in batches:
         inputs = tuple(batch) if isinstance(batch, tuple) else (batch,)
-        variables = step(variables, inputs, key, **apply_kwargs)
+        variables = step(variables, inputs, key)
         count += 1
     if count == 0:
         raise ValueError("calibrate got no batches; pass at least one batch of inputs.")

@@ -224,9 +224,10 @@ class QuantizedActivation(_Quantized):
     """An :class:`ActQuant` hook whose value is fake-quantized (quantizer ``output``:
     ``output_scale`` and ``output_signed``; per tensor; input dtype out)."""
 
-    def __init__(self, spec: QuantizerSpec, *, path: str):
+    def __init__(self, spec: QuantizerSpec, *, path: str, plan: SitePlan | None = None):
         self._init_quantized(path)
         self.spec = spec
+        self.site = plan or SitePlan(output=spec, kind="hook")
         quantizer.quantize_activation(
             _Store(self, creating=True), "output", jnp.zeros((1,), jnp.float32), spec,
             QuantContext.create("eval"),
@@ -443,11 +444,16 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[QuantRule]) -> nnx.Module:
         if name not in plan:
             continue
         if isinstance(module, ActQuant):
-            new = QuantizedActivation(plan[name].output, path=name)
+            new = QuantizedActivation(plan[name].output, path=name, plan=plan[name])
         else:
             new = QuantizedLayer(module, plan[name], path=name)
         _replace(model, path, new)
     return model
+
+
+def site_plan_of(module: QuantizedLayer | QuantizedActivation) -> SitePlan:
+    """The :class:`~oscqat_jax.nn.rules.SitePlan` a quantized module was built from."""
+    return module.site if isinstance(module, QuantizedActivation) else module.quant
 
 
 def _quantized_or_error(model: nnx.Module) -> dict[str, QuantizedLayer | QuantizedActivation]:

@@ -268,6 +268,15 @@ def test_trainer_steps_trace_under_every_oscillation_setting():
 # ----------------------------------------------------------------------------- calibration
 
 
+def test_calibrate_passes_keyword_arguments_to_the_model():
+    # apply's own keywords (here method=) reach the model; they once raised a TypeError.
+    plain = api.calibrate(MODEL, float_variables(), [X[:64]])
+    keyed = api.calibrate(MODEL, float_variables(), [X[:64]], method=MLP.__call__)
+    jax.tree.map(np.testing.assert_array_equal, keyed, plain)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        api.calibrate(MODEL, float_variables(), [X[:64]], no_such_argument=1)
+
+
 def test_calibrate_from_float_variables_returns_complete_variables():
     floats = float_variables()
     assert sorted(floats) == ["batch_stats", "params"]

@@ -44,3 +44,18 @@ def test_the_examples_for_your_own_model_run(tmp_path, monkeypatch):
     np.testing.assert_allclose(namespace["onnx_logits"], want, atol=1e-4)
     loaded = np.asarray(qmodel.apply(namespace["loaded"], namespace["x_test"], train=False))
     np.testing.assert_allclose(loaded, want, atol=1e-6)
+
+
+@pytest.mark.slow  # about 20 s: the two training examples compile their steps
+@pytest.mark.parametrize("heading", ["Linen", "NNX"])
+def test_the_linen_and_nnx_examples_run_as_written(heading, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_subsection_code(heading), f"README: {heading}", "exec"), namespace)
+    if heading == "Linen":
+        assert namespace["logits"].shape == (64, 10)
+        assert set(namespace["variables"]["oscillation"]) == {"Conv_0"}  # 4-bit depth-wise
+    else:
+        assert namespace["model"](namespace["x"]).shape == (64, 10)
+        frozen_or_moving = namespace["model"].mixer.ema_osc[...]
+        assert frozen_or_moving.shape == namespace["model"].mixer.kernel.shape
