@@ -232,6 +232,14 @@ def load_export(
     export_manifest.check_tensors(path, arrays, _stored_shapes(path, model, shapes, manifest))
     export_manifest.check_bits(path, manifest["weights"], setup_bits, arrays)
     export_manifest.check_packing(path, manifest, packed_layers)
+    params, collections = _stored_collections(arrays)
+    _unfold_bn(model, manifest["weights"], shapes, params, collections["batch_stats"])
+    return model, _nested(_with_kernels(path, model, manifest, arrays, params, collections))
+
+
+def _stored_collections(arrays: Mapping) -> tuple[dict, dict]:
+    """``(params, {"batch_stats": ..., "quant_stats": ...})`` of a file's arrays, flat and
+    ``/``-keyed, the packed integer kernels left out."""
     params, collections = {}, {"batch_stats": {}, QUANT_STATS: {}}
     for key, value in arrays.items():
         collection, rest = key.split("/", 1)
@@ -239,7 +247,12 @@ def load_export(
             params[rest] = np.asarray(value, np.float32)
         elif collection in collections:
             collections[collection][rest] = value
-    _unfold_bn(model, manifest["weights"], shapes, params, collections["batch_stats"])
+    return params, collections
+
+
+def _with_kernels(path, model, manifest: dict, arrays: Mapping, params: dict, collections: dict):
+    """Flat loaded variables: ``params`` with the float kernels the stored integers give,
+    the other ``collections``, and a fresh oscillation state for the tracked layers."""
     w_ints = {
         layer: export_manifest.checked_int(
             path, layer, arrays[f"params/{layer}/{KERNEL_INT}"], entry["n_bits"]
@@ -251,10 +264,16 @@ def load_export(
         w_ints, params, collections["batch_stats"]
     )
     params.update({f"{layer}/kernel": kernel for layer, kernel in kernels.items()})
-    variables = {"params": params, **collections, OSCILLATION: states}
-    return model, {
+    return {"params": params, **collections, OSCILLATION: states}
+
+
+def _nested(variables: Mapping[str, dict], *, keep_empty: bool = True) -> dict:
+    """Flat ``/``-keyed collections as nested dicts of arrays (an empty ``oscillation``
+    collection dropped unless ``keep_empty``)."""
+    return {
         name: jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(tree, sep="/"))
         for name, tree in variables.items()
+        if tree or keep_empty or name != OSCILLATION
     }
 
 
@@ -722,32 +741,12 @@ def _load_rules_model(path: pathlib.Path, qmodel, arrays: Mapping, manifest: dic
     bits = {site: lq.weight.n_bits for site, lq in plan.items() if lq.weight.enabled}
     export_manifest.check_bits(path, manifest["weights"], bits, arrays)
     export_manifest.check_packing(path, manifest, packed_layers)
-    params, collections = {}, {"batch_stats": {}, QUANT_STATS: {}}
-    for key, value in arrays.items():
-        collection, rest = key.split("/", 1)
-        if collection == "params" and not rest.endswith(f"/{KERNEL_INT}"):
-            params[rest] = np.asarray(value, np.float32)
-        elif collection in collections:
-            collections[collection][rest] = value
-    w_ints = {
-        layer: export_manifest.checked_int(
-            path, layer, arrays[f"params/{layer}/{KERNEL_INT}"], entry["n_bits"]
-        )
-        for layer, entry in manifest["weights"].items()
-    }
-    kernels, states = jax.jit(functools.partial(_inference_weights, qmodel, manifest["weights"]))(
-        w_ints, params, collections["batch_stats"]
-    )
-    params.update({f"{layer}/kernel": kernel for layer, kernel in kernels.items()})
+    params, collections = _stored_collections(arrays)
+    variables = _with_kernels(path, qmodel, manifest, arrays, params, collections)
     # The file holds trained scales, not range accumulators: mark every quantizer as
     # calibrated (a counter without an accumulator, which a later calibration restarts).
     for site, lq in plan.items():
         for q in ("weight", "input", "output"):
             if getattr(lq, q).enabled:
-                collections[QUANT_STATS][f"{site}/{q}_range"] = {"num_batches": np.int32(1)}
-    variables = {"params": params, **collections, OSCILLATION: states}
-    return {
-        name: jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(tree, sep="/"))
-        for name, tree in variables.items()
-        if tree or name != OSCILLATION
-    }
+                variables[QUANT_STATS][f"{site}/{q}_range"] = {"num_batches": np.int32(1)}
+    return _nested(variables, keep_empty=False)

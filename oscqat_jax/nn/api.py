@@ -59,15 +59,19 @@ CALIBRATION_COLLECTIONS = ("params", QUANT_STATS, OSCILLATION)
 estimators and signedness in ``quant_stats``, and the restarted ``oscillation`` state."""
 
 
-def _leaf_name(path) -> str:
-    # An nnx.State leaf ends in its Variable's ``value`` attribute: name it by the key above.
+def _without_value(path) -> tuple:
+    """``path`` without the trailing ``value`` attribute an ``nnx.State`` leaf ends in."""
     if (
         len(path) > 1
         and isinstance(path[-1], jax.tree_util.GetAttrKey)
         and path[-1].name == "value"
     ):
-        path = path[:-1]
-    key = path[-1]
+        return tuple(path[:-1])
+    return tuple(path)
+
+
+def _leaf_name(path) -> str:
+    key = _without_value(path)[-1]
     return str(getattr(key, "key", getattr(key, "name", key)))
 
 
@@ -76,14 +80,8 @@ def _path_text(path) -> str:
 
 
 def _layer_key(path) -> tuple:
-    """The path of a leaf's layer (an NNX leaf's trailing ``value`` attribute dropped)."""
-    if (
-        len(path) > 1
-        and isinstance(path[-1], jax.tree_util.GetAttrKey)
-        and path[-1].name == "value"
-    ):
-        path = path[:-1]
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path[:-1])
+    """The path of a leaf's layer."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in _without_value(path)[:-1])
 
 
 def param_labels(params) -> Any:
