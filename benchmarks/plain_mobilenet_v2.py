@@ -8,6 +8,8 @@ the ``LSQ_paper`` rules and times its train step against the package's own model
 
 Module paths: ``features_0/conv`` (the stem), ``features_i/{expand,depthwise,project}/conv``
 with their ``bn``, ``features_<last>/conv`` (the head conv) and ``classifier``.
+:class:`NNXMobileNetV2` is the same network in ``flax.nnx``, with the same paths (variant
+``nnx`` of the benchmark).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from oscqat_jax.models.common import CONV_INIT, DENSE_INIT, make_divisible
 from oscqat_jax.models.mobilenet_v2 import (
@@ -131,3 +134,111 @@ class PlainMobileNetV2(nn.Module):
         return nn.Dense(
             self.num_classes, kernel_init=DENSE_INIT, dtype=self.dtype, name=CLASSIFIER
         )(x)
+
+
+class _NNXConvBN(nnx.Module):
+    """:class:`ConvBN` in ``flax.nnx``: ``conv`` and ``bn`` attributes, the same paths."""
+
+    def __init__(
+        self,
+        in_features,
+        features,
+        kernel_size,
+        *,
+        strides=1,
+        groups=1,
+        activation=None,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        pad = (kernel_size - 1) // 2
+        self.conv = nnx.Conv(
+            in_features,
+            features,
+            (kernel_size, kernel_size),
+            (strides, strides),
+            padding=((pad, pad), (pad, pad)),
+            feature_group_count=groups,
+            use_bias=False,
+            kernel_init=CONV_INIT,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.bn = nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x):
+        x = self.bn(self.conv(x))
+        return x if self.activation is None else self.activation(x)
+
+
+class _NNXInvertedResidual(nnx.Module):
+    def __init__(self, in_features, features, strides, expand_ratio, *, dtype, rngs):
+        hidden = int(round(in_features * expand_ratio))
+        self.expand = nnx.data(None)
+        if expand_ratio != 1:
+            self.expand = _NNXConvBN(
+                in_features, hidden, 1, activation=jax.nn.relu6, dtype=dtype, rngs=rngs
+            )
+        self.depthwise = _NNXConvBN(
+            hidden,
+            hidden,
+            3,
+            strides=strides,
+            groups=hidden,
+            activation=jax.nn.relu6,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.project = _NNXConvBN(hidden, features, 1, dtype=dtype, rngs=rngs)
+        self.residual = strides == 1 and in_features == features
+
+    def __call__(self, x):
+        y = x if self.expand is None else self.expand(x)
+        y = self.project(self.depthwise(y))
+        return y + x if self.residual else y
+
+
+class NNXMobileNetV2(nnx.Module):
+    """:class:`PlainMobileNetV2` written in ``flax.nnx`` (``model(x)``; BatchNorm follows
+    ``model.train()`` / ``model.eval()``), with the same module paths."""
+
+    def __init__(
+        self,
+        num_classes=1000,
+        width_multiplier=1.0,
+        in_features=3,
+        block_setting=INVERTED_RESIDUAL_SETTING,
+        dtype=None,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        stem = make_divisible(STEM_CHANNELS * width_multiplier)
+        layers = {
+            "features_0": _NNXConvBN(
+                in_features, stem, 3, strides=2, activation=jax.nn.relu6, dtype=dtype, rngs=rngs
+            )
+        }
+        channels, index = stem, 1
+        for t, c, n, s in block_setting:
+            for repeat in range(n):
+                out = make_divisible(c * width_multiplier)
+                layers[f"features_{index}"] = _NNXInvertedResidual(
+                    channels, out, s if repeat == 0 else 1, t, dtype=dtype, rngs=rngs
+                )
+                channels, index = out, index + 1
+        last = make_divisible(LAST_CHANNELS * max(1.0, width_multiplier))
+        layers[f"features_{index}"] = _NNXConvBN(
+            channels, last, 1, activation=jax.nn.relu6, dtype=dtype, rngs=rngs
+        )
+        for name, layer in layers.items():
+            setattr(self, name, layer)
+        self.feature_names = tuple(layers)
+        self.classifier = nnx.Linear(
+            last, num_classes, kernel_init=DENSE_INIT, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, x):
+        for name in self.feature_names:
+            x = getattr(self, name)(x)
+        return self.classifier(jnp.mean(x, axis=(1, 2)))

@@ -23,6 +23,10 @@ Variants (W4A4 ``LSQ_paper`` for all but ``fp``):
   state and sharding as the package's step, but the model's ``apply`` is the rules
   interceptor's. Issue 13 asks it to run within 5 % of ``freeze+dampen`` and to compile no
   slower; the table's ``vs pkg`` column gives the step-time ratio.
+- ``nnx``: the same on the MobileNetV2 written in ``flax.nnx``
+  (``plain_mobilenet_v2.NNXMobileNetV2``), quantized in place by the same rules: the model
+  is split into its graph and state, and the step merges them, sets the freezing threshold
+  (a traced value) and updates the state as the package's step does.
 
 Each case prints one JSON line: the median, min and max of ``--steps`` timed steps after
 ``--warmup`` untimed ones (each step ends in ``block_until_ready``), images per second, the
@@ -54,21 +58,35 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 
 # Run as a script from a clone: make the repository's package (and this folder's plain
 # model) importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from plain_mobilenet_v2 import CLASSIFIER, FIRST_CONV, PlainMobileNetV2
+from plain_mobilenet_v2 import (
+    CLASSIFIER,
+    FIRST_CONV,
+    INVERTED_RESIDUAL_SETTING,
+    NNXMobileNetV2,
+    PlainMobileNetV2,
+)
 
-from oscqat_jax.nn import paper_rules, quantize_model
+from oscqat_jax.nn import (
+    calibrate,
+    dampening_term,
+    paper_rules,
+    quantize_model,
+    set_mode,
+    set_schedule,
+)
 from oscqat_jax.training import build, context, data, metrics, optim, phases
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.config import base_config
 
-VARIANTS = ("fp", "lsq", "freeze", "dampen", "freeze+dampen", "rules")
-RULES_VARIANT, RULES_BASELINE = "rules", "freeze+dampen"
+VARIANTS = ("fp", "lsq", "freeze", "dampen", "freeze+dampen", "rules", "nnx")
+RULES_VARIANT, NNX_VARIANT, RULES_BASELINE = "rules", "nnx", "freeze+dampen"
 """The rules-quantized plain model runs the settings of ``RULES_BASELINE``."""
 FREEZE_THRESHOLD = (0.1, 0.01)  # start and final value of the paper's W4 MobileNetV2 recipe
 DAMPENING_WEIGHT = (0.01, 0.1)  # positive from the first step (the recipes start at 0)
@@ -101,7 +119,7 @@ def case_config(
     c.model.dtype = dtype
     c.quant.setup = "LSQ_paper"
     c.quant.n_bits = 4
-    if variant == RULES_VARIANT:
+    if variant in (RULES_VARIANT, NNX_VARIANT):
         variant = RULES_BASELINE
     c.osc_freeze.track = variant in ("freeze", "freeze+dampen")
     if c.osc_freeze.track:
@@ -129,6 +147,8 @@ def build_case(
     ctx = context.Context(config, "", dataset, sharded, metrics.MetricWriter("", enabled=False))
     if variant == RULES_VARIANT:
         return build_rules_case(config, ctx, dataset.num_classes, total)
+    if variant == NNX_VARIANT:
+        return build_nnx_case(config, ctx, dataset.num_classes, total)
     float_model = build.build_model(config, dataset.num_classes, quantize=False)
     variables = phases.init_variables(float_model, ctx)
     if variant == "fp":
@@ -205,17 +225,7 @@ def build_rules_case(config: ml_collections.ConfigDict, ctx, num_classes: int, t
     """:func:`build_case` of the ``rules`` variant: the plain model quantized by the
     ``LSQ_paper`` rules, calibrated on one training batch, with the package step's optimizer,
     schedules, state and sharding."""
-    quantized = quantize_model(
-        plain_model(config, num_classes),
-        paper_rules(
-            config.quant.setup,
-            n_bits=config.quant.n_bits,
-            n_bits_act=config.quant.n_bits_act,
-            first_conv=FIRST_CONV,
-            classifier=CLASSIFIER,
-            per_channel=config.quant.per_channel,
-        ),
-    )
+    quantized = quantize_model(plain_model(config, num_classes), _rules(config))
     images, labels = ctx.train_batch(0)
     variables = quantized.init(jax.random.PRNGKey(ctx.seed("qat_state")), images[:1], train=False)
     variables = quantized.calibrate(variables, [images], train=False)
@@ -226,6 +236,80 @@ def build_rules_case(config: ml_collections.ConfigDict, ctx, num_classes: int, t
     state = sharded.replicate(
         step_lib.create_state(variables, opt.tx, jax.random.PRNGKey(ctx.seed("qat_state")))
     )
+    batch = sharded.put_batch((images, labels))
+    return sharded.jit_train_step(step_fn), state, batch, table
+
+
+def _rules(config: ml_collections.ConfigDict):
+    return paper_rules(
+        config.quant.setup,
+        n_bits=config.quant.n_bits,
+        n_bits_act=config.quant.n_bits_act,
+        first_conv=FIRST_CONV,
+        classifier=CLASSIFIER,
+        per_channel=config.quant.per_channel,
+    )
+
+
+def make_nnx_train_step(graphdef, tx: optax.GradientTransformation, cfg: step_lib.StepConfig):
+    """``step(state, (images, labels), hparams) -> (state, metrics)`` of the NNX model: state
+    ``(params, rest, opt_state)`` with ``params`` the ``nnx.Param`` state; the update of
+    :func:`make_rules_train_step` with ``dampening_term(model)`` as the dampening term."""
+    osc = cfg.oscillations
+
+    def step(state, batch: tuple, hparams: dict):
+        params, rest, opt_state = state
+        images, labels = batch
+        lam = hparams["dampening_weight"] if osc.dampen else jnp.zeros((), jnp.float32)
+        model = nnx.merge(graphdef, params, rest)
+        set_schedule(
+            model,
+            freeze_threshold=hparams["freeze_threshold"],
+            osc_momentum=jnp.float32(osc.momentum),
+        )
+
+        def loss_fn(model):
+            task = step_lib.cross_entropy(model(images), labels)
+            damp = dampening_term(model) if osc.dampen else jnp.zeros((), jnp.float32)
+            return task + lam * damp, (task, damp)
+
+        grad_fn = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+        grads, (task, damp) = grad_fn(model)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        directions, opt_state = tx.update(grads, opt_state, params)
+        steps = optim.apply_learning_rates(
+            directions, params, hparams["model_lr"], hparams["quant_lr"]
+        )
+        params = optax.apply_updates(params, steps)
+        metrics = {"loss": task + lam * damp, "task_loss": task, "dampening_loss": damp}
+        return (params, rest, opt_state), metrics
+
+    return step
+
+
+def build_nnx_case(config: ml_collections.ConfigDict, ctx, num_classes: int, total: int):
+    """:func:`build_case` of the ``nnx`` variant: :class:`NNXMobileNetV2` quantized in place
+    by the rules of the ``rules`` variant, calibrated on one training batch."""
+    options = build.model_options(config)
+    model = NNXMobileNetV2(
+        num_classes,
+        options["width_multiplier"],
+        in_features=config.data.channels,
+        block_setting=options.get("block_setting", INVERTED_RESIDUAL_SETTING),
+        dtype=options.get("dtype"),
+        rngs=nnx.Rngs(ctx.seed("qat_state")),
+    )
+    images, labels = ctx.train_batch(0)
+    quantize_model(model, _rules(config))
+    calibrate(model, [images])
+    model.train()
+    set_mode(model, "train")
+    opt = build.optimizer(config, phase="qat", total_steps=total, steps_per_epoch=1)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    step_fn = make_nnx_train_step(graphdef, opt.tx, build.qat_step_config(config))
+    table = build.qat_schedules(config, opt, total).table(total)
+    sharded = ctx.sharded
+    state = sharded.replicate((params, rest, opt.tx.init(params)))
     batch = sharded.put_batch((images, labels))
     return sharded.jit_train_step(step_fn), state, batch, table
 
@@ -335,7 +419,8 @@ def time_case(
 
 def format_table(records: Sequence[dict]) -> str:
     """The cases side by side; ``vs fp`` is the step time relative to the same model's fp
-    case, ``vs pkg`` that of the ``rules`` case relative to the package's ``freeze+dampen``."""
+    case, ``vs pkg`` that of the ``rules`` and ``nnx`` cases relative to the package's
+    ``freeze+dampen``."""
 
     def median_of(variant):
         return {r["model"]: r["median_step_s"] for r in records if r["variant"] == variant}
@@ -349,7 +434,7 @@ def format_table(records: Sequence[dict]) -> str:
     for r in records:
         ratio = r["median_step_s"] / fp[r["model"]] if r["model"] in fp else float("nan")
         vs_pkg = float("nan")
-        if r["variant"] == RULES_VARIANT and r["model"] in pkg:
+        if r["variant"] in (RULES_VARIANT, NNX_VARIANT) and r["model"] in pkg:
             vs_pkg = r["median_step_s"] / pkg[r["model"]]
         lines.append(
             f"{r['model']:<16}{r['variant']:<15}{1e3 * r['median_step_s']:>9.1f}"

@@ -37,8 +37,8 @@ import contextlib
 import dataclasses
 import functools
 import weakref
-from types import MappingProxyType
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -256,7 +256,10 @@ def _interceptor(
         fast = None
         if ctx.quantize and _depthwise(module, x):
             fast = _depthwise_fast_path(module, depthwise_impl)
-        with _quantized_kernel(module, quant, ctx, path, seen=seen), fast or contextlib.nullcontext():
+        with (
+            _quantized_kernel(module, quant, ctx, path, seen=seen),
+            fast or contextlib.nullcontext(),
+        ):
             return next_fun(*args, **kwargs)
 
     return intercept
@@ -281,8 +284,14 @@ def _scan_carries_quantizers():
     original = lift.scan
 
     @functools.wraps(original)
-    def scan(fn, variable_axes=MappingProxyType({}), variable_broadcast=False,
-             variable_carry=False, *args, **kwargs):
+    def scan(
+        fn,
+        variable_axes=MappingProxyType({}),
+        variable_broadcast=False,
+        variable_carry=False,
+        *args,
+        **kwargs,
+    ):
         axes = dict(variable_axes)
         for collection in SCANNED_COLLECTIONS:
             if not _covered(collection, *axes, variable_broadcast, variable_carry):
@@ -323,9 +332,7 @@ class QuantizedModel:
     rules: tuple[QuantRule, ...]
     depthwise_impl: str = "auto"  # quantized depth-wise convs: see oscqat_jax.nn.depthwise
 
-    def _run(
-        self, ctx: QuantContext, fn: Callable, *args, record=None, sites=None, **kwargs
-    ):
+    def _run(self, ctx: QuantContext, fn: Callable, *args, record=None, sites=None, **kwargs):
         interceptor = _interceptor(self.rules, ctx, record, self.depthwise_impl, sites)
         try:
             with nn.intercept_methods(interceptor), _scan_carries_quantizers():

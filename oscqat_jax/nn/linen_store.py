@@ -120,9 +120,7 @@ def quantize_weight(
 ) -> jax.Array:
     """:func:`oscqat_jax.nn.quantizer.quantize_weight` in ``module``'s scope."""
     store = LinenStore(module, require_calibration=require_calibration)
-    return quantizer.quantize_weight(
-        store, w, spec, ctx, track=track, dampen=dampen, repeat=repeat
-    )
+    return quantizer.quantize_weight(store, w, spec, ctx, track=track, dampen=dampen, repeat=repeat)
 
 
 __all__ = ["LinenStore", "quantize_activation", "quantize_weight"]

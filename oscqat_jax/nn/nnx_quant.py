@@ -229,7 +229,10 @@ class QuantizedActivation(_Quantized):
         self.spec = spec
         self.site = plan or SitePlan(output=spec, kind="hook")
         quantizer.quantize_activation(
-            _Store(self, creating=True), "output", jnp.zeros((1,), jnp.float32), spec,
+            _Store(self, creating=True),
+            "output",
+            jnp.zeros((1,), jnp.float32),
+            spec,
             QuantContext.create("eval"),
         )
 

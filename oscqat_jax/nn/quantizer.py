@@ -167,7 +167,9 @@ def range_template(spec: QuantizerSpec, shape: tuple, *, channel_axis, signed) -
         lambda x: _mse_init(x, spec, channel_axis=channel_axis, signed=signed),
         jax.ShapeDtypeStruct(shape, jnp.float32),
     )
-    return {f: jnp.zeros(getattr(abstract, f).shape, getattr(abstract, f).dtype) for f in MSE_FIELDS}
+    return {
+        f: jnp.zeros(getattr(abstract, f).shape, getattr(abstract, f).dtype) for f in MSE_FIELDS
+    }
 
 
 def estimate_range(x, stored: dict | None, spec: QuantizerSpec, *, channel_axis, signed):
@@ -243,7 +245,10 @@ def _calibrate(store: VariableStore, name: str, x, spec: QuantizerSpec, *, chann
 
 def _require_calibrated(store: VariableStore, name: str, ctx: QuantContext) -> None:
     """Raises when a front end that asks for it runs quantizer ``name`` uncalibrated."""
-    if getattr(store, "require_calibration", False) and store.get(QUANT_STATS, f"{name}_range") is None:
+    if (
+        getattr(store, "require_calibration", False)
+        and store.get(QUANT_STATS, f"{name}_range") is None
+    ):
         raise ValueError(
             f"The {name} quantizer of layer {store.path} has not been calibrated, so its scale "
             f"is a placeholder and '{ctx.mode}' would quantize with it; run calibrate on a few "
@@ -296,7 +301,11 @@ def quantize_activation(
     elif not store.creating:
         _require_calibrated(store, name, ctx)
     p = quant.quant_params(
-        scale, zero_point, x_shape=x.shape, n_bits=spec.n_bits, signed=signed,
+        scale,
+        zero_point,
+        x_shape=x.shape,
+        n_bits=spec.n_bits,
+        signed=signed,
         grad_scale=spec.grad_scale,
     )
     return quant.dequantize_with(quant.to_int_with(x, p), p)
@@ -423,7 +432,11 @@ def quantize_weight(
     elif not store.creating:
         _require_calibrated(store, "weight", ctx)
     p = quant.quant_params(
-        scale, zero_point, x_shape=w.shape, n_bits=spec.n_bits, signed=True,
+        scale,
+        zero_point,
+        x_shape=w.shape,
+        n_bits=spec.n_bits,
+        signed=True,
         grad_scale=spec.grad_scale,
     )
     w_int = quant.to_int_with(w, p)

@@ -27,13 +27,12 @@ import dataclasses
 import functools
 import numbers
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from oscqat_jax._checks import MAX_BITS, check_n_bits
 from oscqat_jax.nn.config import FLOAT, RANGE_METHODS, LayerQuant, QuantizerSpec
 from oscqat_jax.nn.setups import SETUPS, QuantSetup
-
 
 SITE_COUNTS = ("some", "one", "any")
 """Values of :attr:`QuantRule.sites`: how many of a model's sites a rule's pattern must match
@@ -44,6 +43,21 @@ depth-wise filter match, whether or not an earlier rule takes the site."""
 @functools.cache
 def _compiled(pattern: str) -> re.Pattern:
     return re.compile(pattern)
+
+
+def check_pattern(pattern, name: str) -> None:
+    """Raises, in one sentence naming ``name``, unless ``pattern`` is a string that compiles as
+    a regular expression (Python's ``re`` refuses some with ``OverflowError`` or
+    ``RecursionError`` rather than ``re.error``: a repeat count too large, deep nesting)."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{name} must be a regular expression string, got {pattern!r}.")
+    try:
+        _compiled(pattern)
+    except (re.error, OverflowError, RecursionError) as err:
+        reason = str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
+        raise ValueError(
+            f"{name} {pattern!r} is not a valid regular expression ({reason})."
+        ) from None
 
 
 def _check_bits(value, name: str) -> None:
@@ -83,16 +97,7 @@ class QuantRule:
     sites: str = "some"  # sites the pattern must match: "some" (>= 1), "one" or "any" (>= 0)
 
     def __post_init__(self):
-        if not isinstance(self.module_path, str):
-            raise ValueError(
-                f"module_path must be a regular expression string, got {self.module_path!r}."
-            )
-        try:
-            _compiled(self.module_path)
-        except re.error as err:
-            raise ValueError(
-                f"module_path {self.module_path!r} is not a valid regular expression ({err})."
-            ) from None
+        check_pattern(self.module_path, "module_path")
         for name in ("weight_bits", "act_bits", "output_bits"):
             _check_bits(getattr(self, name), name)
         _check_bool(self.depthwise, "depthwise", optional=True)
@@ -107,9 +112,7 @@ class QuantRule:
                     f"got {getattr(self, name)!r}."
                 )
         if self.sites not in SITE_COUNTS:
-            raise ValueError(
-                f"sites must be one of {', '.join(SITE_COUNTS)}, got {self.sites!r}."
-            )
+            raise ValueError(f"sites must be one of {', '.join(SITE_COUNTS)}, got {self.sites!r}.")
         if isinstance(self.max_bits, bool) or not isinstance(self.max_bits, numbers.Integral):
             raise ValueError(
                 f"max_bits must be an int between 0 and {MAX_BITS}, got {self.max_bits!r}."
@@ -157,10 +160,16 @@ def _spec(n_bits, symmetric, range_method, grad_scale, *, per_channel=False) -> 
 
 
 def check_rules(rules: Iterable[QuantRule]) -> tuple[QuantRule, ...]:
-    """``rules`` as a tuple; raises if an entry is not a :class:`QuantRule`."""
+    """``rules`` as a tuple; raises if it is not a sequence or an entry is not a
+    :class:`QuantRule`."""
     if isinstance(rules, QuantRule):
         raise ValueError(
             "rules must be a sequence of QuantRule, got a single QuantRule; wrap it in a list."
+        )
+    if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, Iterable):
+        raise ValueError(
+            f"rules must be a sequence of QuantRule (e.g. from paper_rules), got "
+            f"{type(rules).__name__}."
         )
     rules = tuple(rules)
     for i, rule in enumerate(rules):
@@ -294,6 +303,13 @@ def paper_rules(
       Rules ordered classifier, first conv, hooks named above, depth-wise convs, then
       every other site (``.*``). Put your own rules in front to override any of them.
     """
+    if setup not in SETUPS:
+        raise ValueError(f"setup must be one of {', '.join(SETUPS)}, got {setup!r}.")
+    check_pattern(first_conv, "first_conv")
+    check_pattern(classifier, "classifier")
+    for name, pattern in (("head_output", head_output), ("logits", logits)):
+        if pattern is not None:
+            check_pattern(pattern, name)
     quant_setup = QuantSetup(
         name=setup,
         n_bits=n_bits,

@@ -25,10 +25,12 @@ quantize in either kind of model.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.linen.module import _context
 
@@ -39,7 +41,7 @@ MODES = ("float", "calibrate", "train", "eval")
 """The modes of a quantized model (see the module docstring)."""
 
 
-class ActQuant(abc.ABC):
+class ActQuant(abc.ABC):  # noqa: B024 - a virtual base: both hooks are registered below
     """Marks an activation for quantization: an identity ``(...) -> (...)`` that a rule's
     ``output_bits`` turn into a fake quantizer (per tensor; input dtype out). Place it after
     BN and the activation, after a residual add, or on the logits.
@@ -107,13 +109,101 @@ def calibrate(model, *args, **kwargs):
       package's own models.
 
     ``batches`` yields the model's positional input: an array, or a tuple of arguments.
+    Each batch is checked before it is used: non-empty numeric arrays with finite values,
+    which fit the model (for a model quantized by rules or an NNX model: traced abstractly
+    once per input shape); a bad one is refused in one sentence naming its index.
     """
     kind = _kind(model)
+    position = 0 if kind == "nnx" else 1
+    if kind != "nnx":
+        _check_variables(args[0] if args else kwargs.get("variables"))
+    if len(args) > position:
+        fits = {"rules": _fits_rules, "nnx": _fits_nnx}.get(kind)
+        checked = _checked_batches(args[position], model, args[:position], kwargs, fits)
+        args = (*args[:position], checked, *args[position + 1 :])
     if kind == "rules":
         return model.calibrate(*args, **kwargs)
     if kind == "nnx":
         return nnx_quant.calibrate_nnx(model, *args, **kwargs)
     return api.calibrate(model, *args, **kwargs)
+
+
+def _check_variables(variables) -> None:
+    if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
+        raise ValueError(
+            "variables must be the model's variables from init (a dict with a 'params' "
+            f"collection), got {type(variables).__name__}"
+            + ("" if not isinstance(variables, Mapping) else f" with keys {sorted(variables)}")
+            + "."
+        )
+
+
+def _describe(args: tuple) -> str:
+    return ", ".join(f"{np.asarray(a).dtype} {tuple(np.shape(a))}" for a in args)
+
+
+def _checked_batches(batches, model, variables: tuple, kwargs: dict, fits) -> Iterator:
+    """``batches``, each checked as it is drawn (see :func:`calibrate`)."""
+    if (
+        isinstance(batches, (str, bytes, Mapping, np.ndarray, jax.Array))
+        or not isinstance(batches, Iterable)
+    ):
+        raise ValueError(
+            "batches must be an iterable of batches (e.g. a list of arrays, [x[:32], x[32:]]), "
+            f"got {type(batches).__name__}."
+        )
+    seen = set()
+    for index, batch in enumerate(batches):
+        args = batch if isinstance(batch, tuple) else (batch,)
+        for arg in args:
+            kind = getattr(np.asarray(arg) if not hasattr(arg, "dtype") else arg, "dtype", None)
+            if (
+                not hasattr(arg, "shape")
+                or kind is None
+                or not (jnp.issubdtype(kind, jnp.number) or kind == jnp.bool_)
+            ):
+                raise ValueError(
+                    f"batch {index} must be an array of numbers (or a tuple of them, the "
+                    f"model's positional inputs), got {type(arg).__name__}"
+                    + (f" of dtype {kind}" if kind is not None else "")
+                    + "."
+                )
+            if np.size(arg) == 0:
+                raise ValueError(
+                    f"batch {index} has shape {tuple(np.shape(arg))}, which holds no values; "
+                    "calibrate on batches of at least one input."
+                )
+            if jnp.issubdtype(kind, jnp.inexact) and not bool(jnp.isfinite(arg).all()):
+                raise ValueError(
+                    f"batch {index} holds NaN or infinite values; calibrate on finite inputs."
+                )
+        signature = tuple((tuple(np.shape(a)), str(a.dtype)) for a in args)
+        if fits is not None and signature not in seen:
+            try:
+                fits(model, variables, args, kwargs)
+            except Exception as err:  # noqa: BLE001 -- whatever the model raises for this input
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise ValueError(
+                    f"batch {index} ({_describe(args)}) does not fit the model with the "
+                    f"keyword arguments given ({reason.rstrip('.')}); pass batches of the "
+                    "inputs the model was initialised with."
+                ) from None
+            seen.add(signature)
+        yield batch
+
+
+def _fits_rules(qmodel, variables: tuple, args: tuple, kwargs: dict) -> None:
+    """Traces the float model on ``args`` (abstractly; raises what the model raises)."""
+    jax.eval_shape(lambda v, *a: qmodel.model.apply(v, *a, **kwargs), variables[0], *args)
+
+
+def _fits_nnx(model, variables: tuple, args: tuple, kwargs: dict) -> None:
+    """Traces a copy of the NNX model, in calibration mode, on ``args`` (abstractly)."""
+    copy = nnx.clone(model)
+    copy.eval()
+    if nnx_quant.quantized_modules(copy):
+        nnx_quant.set_mode(copy, "calibrate")
+    nnx.eval_shape(lambda m, *a: m(*a, **kwargs), copy, *args)
 
 
 def plan(model, *args, rules: Sequence[QuantRule] | None = None, **kwargs) -> dict[str, SitePlan]:
@@ -230,5 +320,3 @@ __all__ = [
     "set_mode",
     "set_schedule",
 ]
-
-

@@ -51,7 +51,10 @@ def init(rules):
 @pytest.mark.parametrize(
     "rules, message",
     [
-        ((QuantRule("fc"), QuantRule("cnv.*")), r"rules\[1\] \(module_path 'cnv\.\*'\) matches no site.*conv1 \(layer\)"),
+        (
+            (QuantRule("fc"), QuantRule("cnv.*")),
+            r"rules\[1\] \(module_path 'cnv\.\*'\) matches no site.*conv1 \(layer\)",
+        ),
         (
             paper_rules(first_conv="Stem", classifier="fc"),
             r"module_path 'Stem'\) matches no site.*stem \(layer\)",
@@ -95,7 +98,9 @@ def test_paper_rules_fit_the_model_they_are_written_for():
 def test_uncalibrated_quantizers_are_refused_in_train_and_eval():
     qm, variables = init(W4A4)
     for mode in ("eval", "train"):
-        with pytest.raises(ValueError, match="input quantizer of layer stem has not been calibrated"):
+        with pytest.raises(
+            ValueError, match="input quantizer of layer stem has not been calibrated"
+        ):
             qm.apply(variables, X, mode=mode)
     # float mode needs no calibration, and calibrating lifts the refusal.
     qm.apply(variables, X, mode="float")
@@ -163,11 +168,16 @@ def test_parameters_are_labelled_quantizers_only_when_a_quantizer_made_them():
     # A model's own weight_scale beside no kernel is the model's.
     assert param_labels({"norm": {"weight_scale": 1.0}})["norm"]["weight_scale"] == "weights"
     # The labels drive the optimizer: a large weight step leaves the quantizer's scales alone.
-    tx = optax.multi_transform({"weights": optax.sgd(1.0), "quantizer": optax.set_to_zero()}, labels)
+    tx = optax.multi_transform(
+        {"weights": optax.sgd(1.0), "quantizer": optax.set_to_zero()}, labels
+    )
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     assert float(updates["logit_scale"]) == -1.0 and float(updates["fc"]["input_scale"]) == 0.0
     # NNX state: the same labels.
     model = nnx_quant.quantize_nnx(NNXNet(), W4A4)
     nnx_labels = param_labels(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    assert nnx_labels["stem"]["weight_scale"] == "quantizer" and nnx_labels["stem"]["kernel"] == "weights"
+    assert (
+        nnx_labels["stem"]["weight_scale"] == "quantizer"
+        and nnx_labels["stem"]["kernel"] == "weights"
+    )

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from oscqat_jax import dampening, quant
+from oscqat_jax import dampening
 from oscqat_jax.nn import nnx_quant
 from oscqat_jax.nn.intercept import ActQuant, quantize_model
 from oscqat_jax.nn.rules import QuantRule
@@ -118,9 +118,7 @@ class Scanned(nn.Module):
     @nn.compact
     def __call__(self, x):
         block = nn.remat(Block) if self.remat else Block
-        scan = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
-        )
+        scan = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
         x, _ = scan(name="blocks")(x, None)
         return x
 
@@ -261,7 +259,9 @@ def test_an_nnx_remat_layer_trains_like_the_plain_one():
         results.append((loss, nnx.to_pure_dict(grads), model.shared.prev_int[...]))
     (loss_p, grads_p, prev_p), (loss_r, grads_r, prev_r) = results
     np.testing.assert_allclose(loss_r, loss_p, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r, grads_p)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r, grads_p
+    )
     np.testing.assert_array_equal(prev_r, prev_p)
 
 
