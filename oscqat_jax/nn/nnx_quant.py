@@ -1,71 +1,28 @@
-"""Oscillation-aware QAT for ``flax.nnx`` models: rules replace ``nnx.Conv`` / ``nnx.Linear``.
+"""The NNX adapter of the quantizer state machine: quantized layers replace ``nnx.Conv`` /
+``nnx.Linear`` in place.
 
-:func:`quantize_nnx` walks a user's NNX model and replaces, in place, every ``nnx.Conv`` and
-``nnx.Linear`` whose ``'/'``-joined attribute path (``"stem"``, ``"blocks/0/conv"``,
-``"features_3/depthwise"``) matches a :class:`~oscqat_jax.nn.rules.QuantRule` by a
-:class:`QuantizedLayer` (the rule's ``weight_bits`` quantize the kernel, its ``act_bits`` the
-layer's input), and every :class:`ActQuant` hook (an identity the user places where a value
-should be quantized, e.g. after BN and the activation) that a rule gives ``output_bits`` by a
-:class:`QuantizedActivation`. A quantized layer keeps the user's ``kernel`` and ``bias``
-``nnx.Param`` objects and the layer's own forward (the float layer's ``__call__`` runs on the
-fake-quantized input and kernel), and adds the quantizer's state as attributes:
+Users reach it through :mod:`oscqat_jax.nn.verbs` (``quantize_model``, ``calibrate``,
+``plan``, ``set_mode``, ``dampening_term`` on an NNX model); the README's NNX example shows a
+training step. :func:`quantize_nnx` replaces every ``nnx.Conv`` / ``nnx.Linear`` whose
+``/``-joined attribute path (``"stem"``, ``"blocks/0/conv"``) a
+:class:`~oscqat_jax.nn.rules.QuantRule` quantizes by a :class:`QuantizedLayer`, and every
+:class:`ActQuant` hook a rule gives ``output_bits`` by a :class:`QuantizedActivation`. A
+quantized layer keeps the user's ``kernel`` and ``bias`` ``nnx.Param`` objects and the float
+layer's own ``__call__``, run on the fake-quantized input and kernel; the quantizers
+(:mod:`oscqat_jax.nn.quantizer`) keep their variables as its attributes, named as in Linen:
+``nnx.Param`` scales and zero points, :class:`QuantStats` (grid signedness, range
+accumulators, created zeroed at quantization since a jitted call cannot add variables),
+:class:`Oscillation` (so ``nnx.state(model, Oscillation)`` is exactly the tracking and
+freezing state) and a :class:`Dampening` term overwritten at every call (0 outside
+``"train"``, so it never accumulates).
 
-- ``weight_scale`` (float32, ``()`` or ``(1, ..., 1, C_out)`` per channel), ``input_scale``
-  (``output_scale`` on a hook; ``()``) and, for asymmetric quantizers, ``<q>_zero_point``:
-  ``nnx.Param``.
-- ``prev_int``, ``prev_dir``, ``ema_osc``, ``ema_int``, ``frozen``, ``frozen_int``,
-  ``freezing_started`` for a tracked weight: :class:`Oscillation` variables holding the
-  fields of :class:`oscqat_jax.oscillation.OscillationState`, so that
-  ``nnx.state(model, Oscillation)`` is exactly the tracking and freezing state.
-- ``input_signed`` (``output_signed`` on a hook; bool scalars, the grid's signedness learnt at
-  calibration) and ``<q>_range`` (the range estimator's accumulator, a dict of arrays with a
-  ``num_batches`` counter; fixed shapes from the start so calibration compiles once):
-  :class:`QuantStats` variables.
-- ``dampening_term`` (float32 scalar) for a dampened weight: a :class:`Dampening` variable.
-
-How the mode and the schedules reach the layers under ``nnx.jit``: a user's model calls its
-layers as ``self.conv(x)``, so nothing can be threaded through the call. Instead
-
-- the **mode** (``"float"``, ``"calibrate"``, ``"train"``, ``"eval"``; :data:`NNX_MODES`) is a
-  static attribute of every quantized layer set by :func:`set_mode`. Like
-  ``QuantContext.mode`` in Linen, another mode is another compiled program (``nnx.jit``
-  keys its cache on the graph's static attributes, so each mode compiles once);
-- the **freezing threshold** and the **EMA momentum** are float32 scalars held in
-  :class:`QuantControl` variables (``freeze_threshold``, ``osc_momentum``) of every quantized
-  layer. They are state, so a jitted step sees them as traced inputs: set them before the
-  step with :func:`set_mode` (or inside it, with a traced value, via
-  :func:`set_schedule`) and the step does not recompile when they change.
-
-Modes compute what the Linen layers compute for the same ``QuantContext`` mode (see
-``oscqat_jax.nn.config.MODES``): ``"float"`` is ``float_train`` / ``float_eval`` (quantizers
-off), ``"calibrate"``, ``"train"`` and ``"eval"`` are the Linen modes of the same name.
-BatchNorm and Dropout stay the user's (``model.train()`` / ``model.eval()``), except that
-:func:`calibrate_nnx` puts the model in ``eval()`` as the Linen ``calibrate`` mode uses running
-statistics. In ``"train"`` tracking and freezing advance at every call; the dampening term
-of each dampened weight is *overwritten* at every call (0 outside ``"train"``), so
-:func:`dampening_loss` is the term of the last forward pass and can never accumulate.
-
-Quantizer scales and zero points are ``nnx.Param`` like the weights, but must not share the
-weights' optimizer (a large momentum step drives a scale below zero): give every Param whose
-name ends in ``_scale`` / ``_zero_point`` its own transformation, e.g. with
-``optax.multi_transform`` over labels from those names. A typical step::
-
-    quantize_nnx(model, rules)
-    calibrate_nnx(model, batches)          # MSE ranges from data; leaves mode "eval"
-    set_mode(model, "train"); model.train()
-
-    @nnx.jit
-    def step(model, optimizer, x, y):
-        def loss_fn(model):
-            task = cross_entropy(model(x), y)
-            return task + dampening_weight * dampening_loss(model)
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    for i in range(steps):
-        set_mode(model, "train", freeze_threshold=schedule(i))   # no recompile
-        step(model, optimizer, x, y)
+Under ``nnx.jit`` nothing can be threaded through ``self.conv(x)``, so the **mode**
+(:data:`NNX_MODES`) and the static settings (:data:`SETTINGS`) are static attributes set by
+:func:`set_mode` (each combination compiles once), while the **freezing threshold** and the
+**EMA momentum** are :class:`QuantControl` variables, traced inputs of a jitted step
+(:func:`set_schedule`; changing them never recompiles). A layer starts uncalibrated (calls
+raise) until :func:`calibrate_nnx` has run. BatchNorm and Dropout stay the model's own
+(``model.train()`` / ``model.eval()``); calibration puts the model in ``eval()``.
 """
 
 from __future__ import annotations
@@ -543,9 +500,10 @@ def set_mode(
     set_schedule(model, freeze_threshold=freeze_threshold, osc_momentum=osc_momentum)
 
 
-def dampening_loss(model: nnx.Module) -> jax.Array:
+def dampening_term(model: nnx.Module) -> jax.Array:
     """Sum over dampened kernels of their dampening terms from the last forward pass
-    (float32 scalar, ``kernel_mean`` aggregation per kernel, docs/method.md §7).
+    (float32 scalar; each reduced as ``set_mode``'s ``dampening_aggregation`` says,
+    docs/method.md §7).
 
     Call it inside the loss function after the forward pass, so its gradient reaches the
     weights; it is 0 when that pass was not in ``"train"`` mode. Each pass overwrites the
@@ -599,7 +557,7 @@ __all__ = [
     "QuantizedActivation",
     "QuantizedLayer",
     "calibrate_nnx",
-    "dampening_loss",
+    "dampening_term",
     "is_depthwise",
     "plan_nnx",
     "quantize_nnx",

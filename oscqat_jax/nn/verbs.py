@@ -272,7 +272,7 @@ def dampening_term(source) -> jax.Array:
     if isinstance(source, intercept.QuantAux):
         return source.dampening
     if isinstance(source, nnx.Module):
-        return nnx_quant.dampening_loss(source)
+        return nnx_quant.dampening_term(source)
     if isinstance(source, Mapping):
         return collect.dampening_total(source)
     raise ValueError(

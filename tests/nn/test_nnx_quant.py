@@ -28,7 +28,7 @@ from flax import nnx
 from oscqat_jax import oscillation
 from oscqat_jax.nn import nnx_quant
 from oscqat_jax.nn.intercept import quantize_model
-from oscqat_jax.nn.nnx_quant import Oscillation, QuantStats, dampening_loss, set_mode
+from oscqat_jax.nn.nnx_quant import Oscillation, QuantStats, dampening_term, set_mode
 from oscqat_jax.nn.rules import QuantRule
 
 FEATURES = 8
@@ -213,7 +213,7 @@ def _nnx_step(model, x, labels, dampening_weight):
 
     def loss_fn(model):
         logits = model(x)
-        damp = dampening_loss(model)
+        damp = dampening_term(model)
         return _ce(logits, labels) + dampening_weight * damp, (logits, damp)
 
     (loss, (logits, damp)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
@@ -403,14 +403,14 @@ def test_float_mode_is_the_float_model_and_dampening_does_not_accumulate():
     model = _calibrated_nnx()
     set_mode(model, "float")
     np.testing.assert_array_equal(_nnx_eval(model, x), float_logits)
-    assert float(dampening_loss(model)) == 0.0
+    assert float(dampening_term(model)) == 0.0
     set_mode(model, "eval")
     assert _rel(_nnx_eval(model, x), float_logits) > 1e-3  # quantization is on again
     set_mode(model, "train")
     _nnx_eval(model, x)
-    first = float(dampening_loss(model))
+    first = float(dampening_term(model))
     _nnx_eval(model, x)
-    assert first > 0 and float(dampening_loss(model)) == pytest.approx(first, rel=1e-6)
+    assert first > 0 and float(dampening_term(model)) == pytest.approx(first, rel=1e-6)
 
 
 def test_bad_input_errors():

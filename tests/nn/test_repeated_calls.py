@@ -218,7 +218,7 @@ def test_an_nnx_tied_layer_tracks_and_dampens_once_per_step(jit):
     nnx_quant.set_mode(model, "train", osc_momentum=M)
 
     def loss_fn(model):
-        return jnp.sum(model(X) ** 2) + nnx_quant.dampening_loss(model)
+        return jnp.sum(model(X) ** 2) + nnx_quant.dampening_term(model)
 
     def step(model):
         return nnx.value_and_grad(loss_fn)(model)
@@ -226,7 +226,7 @@ def test_an_nnx_tied_layer_tracks_and_dampens_once_per_step(jit):
     (nnx.jit(step) if jit else step)(model)
     np.testing.assert_allclose(shared.ema_osc[...], M, rtol=1e-6)
     want = one_term(shared.kernel[...], shared.weight_scale[...])
-    np.testing.assert_allclose(nnx_quant.dampening_loss(model), want, rtol=1e-6)
+    np.testing.assert_allclose(nnx_quant.dampening_term(model), want, rtol=1e-6)
     # The next step (a new kernel value after an update) tracks again.
     shared.kernel[...] = shared.kernel[...] + 0.0
     (nnx.jit(step) if jit else step)(model)
@@ -253,7 +253,7 @@ def test_an_nnx_remat_layer_trains_like_the_plain_one():
         nnx_quant.set_mode(model, "train", osc_momentum=M)
         loss, grads = nnx.jit(
             lambda m: nnx.value_and_grad(
-                lambda m: jnp.sum(m(X) ** 2) + nnx_quant.dampening_loss(m)
+                lambda m: jnp.sum(m(X) ** 2) + nnx_quant.dampening_term(m)
             )(m)
         )(model)
         results.append((loss, nnx.to_pure_dict(grads), model.shared.prev_int[...]))
