@@ -147,12 +147,13 @@ def export_model(
             "quant_setup of one of the package's models."
         )
     path = check_suffix(path)
+    input_shape = export_manifest.check_input_shape(input_shape)
+    export_manifest.check_variables(variables)
     quant_setup = QuantSetup(name=quant_setup) if isinstance(quant_setup, str) else quant_setup
     model = create_model(
         model_name, num_classes=num_classes, quant_setup=quant_setup, **model_kwargs
     )
-    input_shape = tuple(int(d) for d in input_shape)
-    plan = quant_plan(model, (1, *input_shape))
+    plan = export_manifest.fitting(input_shape, lambda: quant_plan(model, (1, *input_shape)))
     variables = flax.core.unfreeze(variables)
     params = traverse_util.flatten_dict(variables["params"], sep="/")
     quant_stats = traverse_util.flatten_dict(variables.get(QUANT_STATS, {}), sep="/")
@@ -279,12 +280,7 @@ def _nested(variables: Mapping[str, dict], *, keep_empty: bool = True) -> dict:
 
 def check_suffix(path: str | os.PathLike) -> pathlib.Path:
     """``path`` as a Path if its suffix names a supported format; one sentence otherwise."""
-    path = pathlib.Path(path)
-    if path.suffix.lower() not in SUFFIXES:
-        raise ValueError(
-            f"Export file {path} has the suffix {path.suffix!r}; use one of {', '.join(SUFFIXES)}."
-        )
-    return path
+    return export_manifest.check_output_path(path, SUFFIXES)
 
 
 def _manifest_model(path: pathlib.Path, manifest: dict) -> nn.Module:
@@ -666,8 +662,16 @@ def _export_rules_model(
     """:func:`export_model` of a model quantized by rules (module docstring)."""
     _check_rules_model(qmodel, "export_model")
     path = check_suffix(path)
-    input_shape = tuple(int(d) for d in input_shape)
+    input_shape = export_manifest.check_input_shape(input_shape)
+    export_manifest.check_variables(variables)
     image = np.zeros((1, *input_shape), np.float32)
+    x = jax.ShapeDtypeStruct(image.shape, jnp.float32)
+    export_manifest.fitting(
+        input_shape,
+        lambda: jax.eval_shape(
+            lambda v, x: qmodel.model.apply(v, x, **call_kwargs), variables, x
+        ),
+    )
     plan = {site: (RULES_KIND, lq) for site, lq in qmodel.plan(image, **call_kwargs).items()}
     variables = flax.core.unfreeze(variables)
     params = traverse_util.flatten_dict(variables["params"], sep="/")

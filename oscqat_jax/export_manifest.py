@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -43,6 +44,85 @@ REQUIRED = ("model", "quant_setup", "input_shape", "weights", "activations", DIG
 MODEL_KEYS = ("name", "num_classes", "options")
 WEIGHT_KEYS = ("n_bits", "kernel_shape", "tracked")
 _AGAIN = "export the model again"
+
+
+def check_input_shape(input_shape: Any) -> tuple[int, ...]:
+    """``input_shape`` of an export as ``(H, W, C)`` ints; one sentence unless it is three
+    positive whole numbers."""
+    try:
+        dims = tuple(input_shape)
+    except TypeError:
+        dims = None
+    if (
+        dims is None
+        or isinstance(input_shape, (str, bytes))
+        or len(dims) != 3
+        or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims)
+        or not all(d > 0 for d in dims)
+    ):
+        raise ValueError(
+            f"input_shape must be the shape (H, W, C) of one image, three positive ints, "
+            f"got {input_shape!r}."
+        )
+    return tuple(int(d) for d in dims)
+
+
+def check_output_path(path: Any, suffixes: tuple[str, ...]) -> pathlib.Path:
+    """``path`` of a file to write as a Path; one sentence unless it is a str or
+    ``os.PathLike`` ending in one of ``suffixes`` that is not a folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(
+            f"path must be a file name ending in {' or '.join(suffixes)}, got "
+            f"{type(path).__name__}."
+        )
+    path = pathlib.Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(
+            f"Export file {path} has the suffix {path.suffix!r}; use one of {', '.join(suffixes)}."
+        )
+    if path.is_dir():
+        raise ValueError(f"Export file {path} is a folder; name a file to write.")
+    return path
+
+
+def fitting(input_shape: tuple[int, ...], trace: Callable[[], Any]) -> Any:
+    """``trace()``, which traces the model on one image of ``input_shape``. When the model
+    refuses it from inside Flax or JAX (a kernel of another input-channel count, a rank it
+    cannot take), one sentence naming ``input_shape``; the package's own errors, already
+    sentences (an uncalibrated quantizer), pass unchanged."""
+    try:
+        return trace()
+    except Exception as err:
+        if _raised_by_package(err):
+            raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"input_shape {input_shape} does not fit the model with its variables and the "
+            f"keyword arguments given ({reason.rstrip('.')}); pass the (H, W, C) of the images "
+            "the model was trained on."
+        ) from None
+
+
+def _raised_by_package(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is in this package."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def check_variables(variables: Any) -> None:
+    """One sentence unless ``variables`` is a Linen model's variables (a mapping with a
+    ``params`` collection)."""
+    if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
+        keys = f" with keys {sorted(variables)}" if isinstance(variables, Mapping) else ""
+        raise ValueError(
+            "variables must be the model's variables (a dict with a 'params' collection, from "
+            f"init and calibrate), got {type(variables).__name__}{keys}."
+        )
 
 
 def to_json(name: str, value: Any) -> Any:

@@ -127,6 +127,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from oscqat_jax import export_manifest
 from oscqat_jax.deploy._graph import Graph
 from oscqat_jax.deploy._lowering import CONTAINERS, Lowering
 from oscqat_jax.deploy._values import Const, Tensor
@@ -164,15 +165,21 @@ def export_onnx(
     Returns:
       The ``onnx.ModelProto``, checked by ``onnx.checker`` (full check, with shape inference).
     """
+    if path is not None:
+        path = export_manifest.check_output_path(path, (".onnx",))
+    if not callable(fn):
+        raise ValueError(f"fn must be a function images -> logits, got {type(fn).__name__}.")
     if container not in CONTAINERS:
         raise ValueError(f"container must be one of {', '.join(CONTAINERS)}, got {container!r}.")
-    if not isinstance(opset, int) or opset < MIN_OPSET:
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an int >= {MIN_OPSET} (int4 Q/DQ), got {opset!r}.")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string (the graph's name), got {name!r}.")
     shape = tuple(np.shape(example))
-    if len(shape) != 4 or np.asarray(example).dtype != np.float32:
+    if len(shape) != 4 or np.asarray(example).dtype != np.float32 or min(shape) < 1:
         raise ValueError(
-            f"example must be a float32 NHWC array (N, H, W, C), got shape {shape} and dtype "
-            f"{np.asarray(example).dtype}."
+            f"example must be a float32 NHWC array (N, H, W, C) of positive dimensions, got "
+            f"shape {shape} and dtype {np.asarray(example).dtype}."
         )
     with depthwise.exporting():
         traced = [
@@ -233,6 +240,7 @@ def _out_dyn(value, var) -> tuple[bool, ...]:
 
 def _write_atomically(model: onnx.ModelProto, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)  # as the native export does
     fd, tmp = tempfile.mkstemp(prefix=".onnx-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -269,8 +277,15 @@ def export_model_onnx(
     Returns:
       The ``onnx.ModelProto``.
     """
+    if path is not None:
+        path = export_manifest.check_output_path(path, (".onnx",))
+    input_shape = export_manifest.check_input_shape(input_shape)
     fn = _inference_function(model, variables, model_kwargs)
     example = np.zeros((1, *input_shape), np.float32)
+    with depthwise.exporting():  # the trace the export makes, so nothing else is cached
+        export_manifest.fitting(
+            input_shape, lambda: jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(example.shape, jnp.float32))
+        )
     return export_onnx(fn, example, path, opset=opset, name=name, container=container)
 
 
@@ -300,6 +315,8 @@ def _inference_function(model, variables, model_kwargs: dict):
         raise ValueError(
             f"export_model_onnx needs the variables of the {type(model).__name__} to export."
         )
+    if isinstance(model, nn.Module | QuantizedModel):
+        export_manifest.check_variables(variables)
     if isinstance(model, QuantizedModel):
         return lambda x: model.apply(variables, x, mode="eval", **model_kwargs)
     if isinstance(model, nn.Module):
