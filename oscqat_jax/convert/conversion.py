@@ -332,9 +332,20 @@ def _template(model_name: str, num_classes: int, width_multiplier: float) -> dic
     return jax.eval_shape(model.init, jax.random.key(0), x, QuantContext.create("float_eval"))
 
 
+USAGE = "python -m oscqat_jax.convert --model=NAME [--layout=L] SRC DST.npz"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one sentence on stderr (exit status 2), not the
+    usage block followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message.rstrip('.')}; usage: {USAGE} (--help for more).\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m oscqat_jax.convert --model=NAME [--layout=L] SRC DST.npz``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m oscqat_jax.convert",
         description="Convert a PyTorch checkpoint into an .npz of oscqat_jax float weights.",
     )
@@ -350,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("src", help=".pth, .pt, .pth.tar, .safetensors or .npz checkpoint")
     parser.add_argument("dst", help="output .npz")
     args = parser.parse_args(argv)
+    if not args.dst.endswith(".npz") or os.path.isdir(args.dst):
+        parser.error(f"DST must be a file name ending in .npz, got {args.dst!r}")
     try:
         template = _template(args.model, args.num_classes, args.width_multiplier)
         state_dict = load_torch_state_dict(args.src)

@@ -151,6 +151,8 @@ def _session(model_path: str | os.PathLike):
             "The check needs ONNX Runtime: pip install 'oscqat_jax[deploy]'."
         ) from None
     path = os.fspath(model_path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; pass the ONNX file written by train.py --mode=export.")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} does not exist; pass the file written by train.py --mode=export --format=onnx."
@@ -252,9 +254,17 @@ def main(argv: Sequence[str]) -> int:
         getattr(config, "lock", None)  # ml_collections defers a config file's error to first use
         if not isinstance(config, ml_collections.ConfigDict):
             raise ValueError(f"--config: get_config() returned {config!r}, not a ConfigDict.")
+        if not 0 <= values.min_agreement < float("inf"):  # NaN would pass every file
+            raise ValueError(
+                f"--min_agreement must be a percent of at least 0 (above 100 no file passes), "
+                f"got {values.min_agreement:g}."
+            )
         result = check(positional[0], config, values.workdir, values.checkpoint)
     except (flags.Error, ValueError, OSError, RuntimeError, KeyError, AttributeError) as err:
-        print(f"Error: {_first_line(err)}", file=sys.stderr)
+        text = _first_line(err).rstrip(".")
+        if isinstance(err, flags.Error):  # absl says what is wrong, not what is valid
+            text += "; python -m oscqat_jax.deploy check --help lists the flags and their values"
+        print(f"Error: {text}.", file=sys.stderr)
         return 1
     print(result.report())
     if result.agreement < values.min_agreement:
