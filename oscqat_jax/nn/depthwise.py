@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -259,3 +259,23 @@ def depthwise_conv(
     if resolve_impl(impl) == "shifted":
         return depthwise_conv_shifted(x, kernel, strides=strides, padding=padding)
     return depthwise_conv_lax(x, kernel, strides=strides, padding=padding)
+
+
+def conv_general_dilated_with(impl: str, original: Callable | None = None) -> Callable:
+    """A drop-in for ``lax.conv_general_dilated`` (a Flax conv's ``conv_general_dilated``
+    field) that convolves a depth-wise NHWC conv (one input channel per group, no dilation)
+    with :func:`depthwise_conv` and ``impl``, and anything else with ``original`` (default
+    ``lax.conv_general_dilated``). Only the summation order differs from the grouped conv."""
+    fallback = original or jax.lax.conv_general_dilated
+
+    def conv(lhs, rhs, window_strides, padding, *args, **kwargs):
+        dilated = any(
+            d is not None and any(int(v) != 1 for v in d)
+            for d in (kwargs.get("lhs_dilation"), kwargs.get("rhs_dilation"))
+        )
+        if dilated or args or lhs.ndim != 4 or rhs.shape[2] != 1:
+            return fallback(lhs, rhs, window_strides, padding, *args, **kwargs)
+        return depthwise_conv(lhs, rhs, strides=tuple(window_strides), padding=padding, impl=impl)
+
+    return conv
+

@@ -168,20 +168,7 @@ def _depthwise_fast_path(module: nn.Module, impl: str):
         yield
         return
     original = module.conv_general_dilated
-
-    def conv(lhs, rhs, window_strides, padding, *args, **kwargs):
-        dilated = any(
-            d is not None and any(int(v) != 1 for v in d)
-            for d in (kwargs.get("lhs_dilation"), kwargs.get("rhs_dilation"))
-        )
-        if dilated or args or lhs.ndim != 4 or rhs.shape[2] != 1:
-            return (original or jax.lax.conv_general_dilated)(
-                lhs, rhs, window_strides, padding, *args, **kwargs
-            )
-        return depthwise.depthwise_conv(
-            lhs, rhs, strides=tuple(window_strides), padding=padding, impl=impl
-        )
-
+    conv = depthwise.conv_general_dilated_with(impl, original)
     object.__setattr__(module, "conv_general_dilated", conv)
     try:
         yield

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from oscqat_jax import oscillation
-from oscqat_jax.nn import quantizer
+from oscqat_jax.nn import depthwise, quantizer
 from oscqat_jax.nn.api import check_scales
 from oscqat_jax.nn.config import LayerQuant, QuantContext, QuantizerSpec
 from oscqat_jax.nn.quantizer import OSCILLATION, PARAMS, QUANT_STATS
@@ -237,7 +237,9 @@ class QuantizedLayer(_Quantized):
       float_attributes: names of the attributes taken over from the float layer.
     """
 
-    def __init__(self, layer: nnx.Module, quant_spec: LayerQuant, *, path: str):
+    def __init__(
+        self, layer: nnx.Module, quant_spec: LayerQuant, *, path: str, depthwise_impl="auto"
+    ):
         if quant_spec.track_oscillations and not quant_spec.weight.enabled:
             raise ValueError(
                 f"Layer {path} has track_oscillations=True but its weight is not quantized; "
@@ -249,6 +251,9 @@ class QuantizedLayer(_Quantized):
             setattr(self, name, getattr(layer, name))
         self.float_type = type(layer)
         self.float_attributes = names
+        # Quantized depth-wise convs convolve as the Linen path's (oscqat_jax.nn.depthwise).
+        depthwise.resolve_impl(depthwise_impl)  # one sentence for a bad value
+        self.depthwise_impl = depthwise_impl if is_depthwise(layer) else None
         self.quant = quant_spec
         self._init_quantized(path)
         store, ctx = _Store(self, creating=True), QuantContext.create("eval")
@@ -290,6 +295,11 @@ class QuantizedLayer(_Quantized):
         ctx, store = self._context(), _Store(self)
         x = quantizer.quantize_activation(store, "input", x, self.quant.input, ctx)
         view = types.SimpleNamespace(**{n: getattr(self, n) for n in self.float_attributes})
+        if ctx.quantize and self.depthwise_impl is not None and self.float_type is nnx.Conv:
+            if depthwise.resolve_impl(self.depthwise_impl) == "shifted":
+                view.conv_general_dilated = depthwise.conv_general_dilated_with(
+                    "shifted", self.conv_general_dilated
+                )
         if not self.quant.weight.enabled:
             return self.float_type.__call__(view, x, *args, **kwargs)
         repeat = self._is_repeat(self.kernel.get_value(), ctx)
@@ -371,7 +381,9 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
         setattr(parent, path[-1], new)
 
 
-def quantize_nnx(model: nnx.Module, rules: Sequence[QuantRule]) -> nnx.Module:
+def quantize_nnx(
+    model: nnx.Module, rules: Sequence[QuantRule], *, depthwise_impl: str = "auto"
+) -> nnx.Module:
     """Replaces, in place, each ``nnx.Conv`` / ``nnx.Linear`` / :class:`ActQuant` of ``model``
     that a rule quantizes.
 
@@ -382,6 +394,9 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[QuantRule]) -> nnx.Module:
       rules: :class:`~oscqat_jax.nn.rules.QuantRule` objects; the first rule whose
         ``module_path`` regex fully matches a site's path (and whose ``depthwise`` filter
         agrees) decides how it is quantized; sites that no rule matches stay float.
+      depthwise_impl: how quantized depth-wise ``nnx.Conv`` layers convolve (``auto``:
+        shifted slices on CPU, where XLA's grouped convolution is slow; ``shifted``;
+        ``lax``), as in Linen (:mod:`oscqat_jax.nn.depthwise`); exports always trace ``lax``.
 
     Returns:
       ``model`` itself, its matched layers now :class:`QuantizedLayer` (hooks
@@ -406,7 +421,7 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[QuantRule]) -> nnx.Module:
         if isinstance(module, ActQuant):
             new = QuantizedActivation(plan[name].output, path=name, plan=plan[name])
         else:
-            new = QuantizedLayer(module, plan[name], path=name)
+            new = QuantizedLayer(module, plan[name], path=name, depthwise_impl=depthwise_impl)
         _replace(model, path, new)
     return model
 

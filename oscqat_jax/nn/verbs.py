@@ -79,22 +79,18 @@ def quantize_model(model, rules: Sequence[QuantRule], *, depthwise_impl: str = "
     :func:`~oscqat_jax.nn.rules.paper_rules`): the first rule matching a site's
     ``/``-joined path decides how it is quantized; sites no rule matches stay float.
 
-    A ``flax.linen`` model is left unchanged and wrapped: the result is a
-    :class:`~oscqat_jax.nn.intercept.QuantizedModel` (``init``, ``apply``), and
-    ``depthwise_impl`` is how its quantized depth-wise convs convolve (``auto``, ``shifted``,
-    ``lax``; see :mod:`oscqat_jax.nn.depthwise`). An ``nnx.Module`` is changed in place and
+    ``depthwise_impl`` is how quantized depth-wise convs convolve (``auto``: shifted slices on
+    CPU, where XLA's grouped convolution is slow; ``shifted``; ``lax``; see
+    :mod:`oscqat_jax.nn.depthwise`; exports always trace ``lax``). A ``flax.linen`` model is
+    left unchanged and wrapped: the result is a
+    :class:`~oscqat_jax.nn.intercept.QuantizedModel` (``init``, ``apply``). An ``nnx.Module`` is changed in place and
     returned: its matched ``nnx.Conv`` / ``nnx.Linear`` / :class:`ActQuant` modules become
     quantized ones (:mod:`oscqat_jax.nn.nnx_quant`). Either way, rules that do not fit the
     model are refused in one sentence (``QuantRule.sites``) and quantizers must be
     calibrated (:func:`calibrate`) before ``train`` or ``eval``.
     """
     if isinstance(model, nnx.Module):
-        if depthwise_impl != "auto":
-            raise ValueError(
-                "depthwise_impl is an option of Linen models; an NNX model convolves with "
-                "its own nnx.Conv."
-            )
-        return nnx_quant.quantize_nnx(model, rules)
+        return nnx_quant.quantize_nnx(model, rules, depthwise_impl=depthwise_impl)
     return intercept.quantize_model(model, rules, depthwise_impl=depthwise_impl)
 
 

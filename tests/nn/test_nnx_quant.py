@@ -26,7 +26,7 @@ import pytest
 from flax import nnx
 
 from oscqat_jax import oscillation
-from oscqat_jax.nn import nnx_quant
+from oscqat_jax.nn import depthwise, nnx_quant
 from oscqat_jax.nn.intercept import quantize_model
 from oscqat_jax.nn.nnx_quant import Oscillation, QuantStats, dampening_term, set_mode
 from oscqat_jax.nn.rules import QuantRule
@@ -248,8 +248,8 @@ def _run_both(case: str = "mixed"):
     ``(nnx, linen)`` and, per step, ``(nnx results, linen results)``."""
     rules, settings = CASES[case]
     model = _nnx_model()
-    # nnx.Conv convolves depth-wise with XLA's grouped conv: the Linen side does the same.
-    qm = quantize_model(LinenNet(), rules, depthwise_impl="lax")
+    # Both sides convolve the quantized depth-wise conv the same way (shifted slices on CPU).
+    qm = quantize_model(LinenNet(), rules)
     variables = _linen_variables(qm, model)
     nnx_quant.quantize_nnx(model, rules)
     calib = [_batch(seed)[0] for seed in CALIBRATION]
@@ -428,6 +428,31 @@ def test_bad_input_errors():
         set_mode(model, "float_train")
     with pytest.raises(ValueError, match="flax.nnx Module"):
         nnx_quant.quantize_nnx(LinenNet(), RULES)
+
+
+def _grouped_convs(model, x) -> int:
+    """How many grouped (feature_group_count > 1) convolutions the forward traces."""
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(x))(state)
+    return str(jaxpr).count(f"feature_group_count={FEATURES}")
+
+
+def test_quantized_depthwise_convs_take_the_fast_path_and_exports_the_grouped_one():
+    x = _batch(5)[0]
+    for impl, grouped in (("auto", 0), ("shifted", 0), ("lax", 1)):
+        model = nnx_quant.quantize_nnx(_nnx_model(), RULES, depthwise_impl=impl)
+        nnx_quant.calibrate_nnx(model, [x])
+        assert _grouped_convs(model, x) == grouped, impl
+        with depthwise.exporting():
+            assert _grouped_convs(model, x) == 1  # what an export traces
+        logits = _nnx_eval(model, x)
+        if impl == "auto":
+            fast = logits
+    np.testing.assert_allclose(fast, logits, rtol=1e-5, atol=1e-5)  # summation order only
+    set_mode(model, "float")
+    assert _grouped_convs(model, x) == 1  # the float model is the user's, untouched
+    with pytest.raises(ValueError, match="depthwise_impl must be one of"):
+        nnx_quant.quantize_nnx(_nnx_model(), RULES, depthwise_impl="fast")
 
 
 class _ListNet(nnx.Module):
