@@ -21,8 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from user_models import RULES, SHAPE, LinenNet, NNXNet, images
 
-from oscqat_jax.nn import QuantRule, calibrate, paper_rules, quantize_model
-from oscqat_jax.nn import nnx_quant
+from oscqat_jax.nn import QuantRule, calibrate, nnx_quant, paper_rules, quantize_model
 
 FEW = settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
