@@ -86,11 +86,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from flax import nnx, traverse_util
 
-from oscqat_jax import export_manifest, oscillation, quant, weight_files
+from oscqat_jax import export_manifest, export_nnx, oscillation, quant, weight_files
 from oscqat_jax.models import create_model, quant_plan
-from oscqat_jax.nn import batchnorm, collect
+from oscqat_jax.nn import batchnorm, collect, nnx_quant
 from oscqat_jax.nn.config import QuantContext, QuantizerSpec
 from oscqat_jax.nn.intercept import QuantizedModel
 from oscqat_jax.nn.quantizer import OSCILLATION, QUANT_STATS, split_quantizer_param
@@ -112,9 +112,9 @@ _RESIDUAL_ROLES = ("residual", "head_residual")
 
 def export_model(
     path: str | os.PathLike,
-    variables: Mapping[str, Any],
+    variables: Mapping[str, Any] | None = None,
     *,
-    model: QuantizedModel | None = None,
+    model: QuantizedModel | nnx.Module | None = None,
     model_name: str | None = None,
     num_classes: int | None = None,
     quant_setup: QuantSetup | str | None = None,
@@ -128,7 +128,8 @@ def export_model(
       variables: the model's variables: ``params``, ``batch_stats``, ``quant_stats`` and
         ``oscillation`` (its frozen weights are exported at their frozen integers).
       model: a ``QuantizedModel`` (``oscqat_jax.nn.quantize_model``); then ``model_kwargs``
-        are the model's own keyword arguments for inference (e.g. ``train=False``).
+        are the model's own keyword arguments for inference (e.g. ``train=False``). Or an
+        NNX model quantized by ``quantize_model`` (its variables are its own: pass none).
       model_name, num_classes, quant_setup, **model_kwargs: without ``model``, the
         arguments of :func:`oscqat_jax.models.create_model` that build one of the package's
         models (e.g. ``width_multiplier``, ``fold_bn``, ``block_setting``); they go into
@@ -139,6 +140,8 @@ def export_model(
     Returns:
       The manifest written into the file.
     """
+    if isinstance(model, nnx.Module):
+        return _export_nnx_model(path, model, variables, input_shape, model_kwargs)
     if model is not None:
         return _export_rules_model(path, model, variables, input_shape, model_kwargs)
     if model_name is None or num_classes is None or quant_setup is None:
@@ -224,7 +227,10 @@ def load_export(
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: its manifest is not valid JSON ({err}).") from None
     export_manifest.check_manifest(path, manifest, arrays, name=FORMAT, versions=READ_VERSIONS)
-    rules_file = manifest["model"].get("kind") == RULES_KIND
+    kind = manifest["model"].get("kind")
+    if kind == export_nnx.NNX_KIND or isinstance(model, nnx.Module):
+        return model, _load_nnx_model(path, model, arrays, manifest)
+    rules_file = kind == RULES_KIND
     if model is not None or rules_file:
         return model, _load_rules_model(path, model, arrays, manifest)
     arrays, packed_layers = export_manifest.unpacked_kernels(path, arrays, manifest)
@@ -668,9 +674,7 @@ def _export_rules_model(
     x = jax.ShapeDtypeStruct(image.shape, jnp.float32)
     export_manifest.fitting(
         input_shape,
-        lambda: jax.eval_shape(
-            lambda v, x: qmodel.model.apply(v, x, **call_kwargs), variables, x
-        ),
+        lambda: jax.eval_shape(lambda v, x: qmodel.model.apply(v, x, **call_kwargs), variables, x),
     )
     plan = {site: (RULES_KIND, lq) for site, lq in qmodel.plan(image, **call_kwargs).items()}
     variables = flax.core.unfreeze(variables)
@@ -678,23 +682,112 @@ def _export_rules_model(
     quant_stats = traverse_util.flatten_dict(variables.get(QUANT_STATS, {}), sep="/")
     _check_calibrated(plan, params, quant_stats)
     weights = collect.quantized_weights(qmodel, variables, image, **call_kwargs)
-    oscillation_state = traverse_util.flatten_dict(variables.get(OSCILLATION, {}), sep="/")
+    return _write_by_rules(
+        path,
+        {"kind": RULES_KIND, "name": type(qmodel.model).__name__},
+        _rules_json(qmodel),
+        {k: export_manifest.to_json(k, v) for k, v in call_kwargs.items()},
+        input_shape,
+        plan,
+        params,
+        quant_stats,
+        weights,
+        traverse_util.flatten_dict(variables.get(OSCILLATION, {}), sep="/"),
+        traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/"),
+    )
+
+
+def _export_nnx_model(path, model, variables, input_shape, model_kwargs: dict) -> dict:
+    """:func:`export_model` of an NNX model quantized by rules (:mod:`oscqat_jax.export_nnx`)."""
+    export_nnx.check_model(model, "export_model")
+    if variables is not None or model_kwargs:
+        raise ValueError(
+            "export_model of an NNX model takes no variables or model arguments: the model "
+            "holds its variables; call export_model(path, model=model, input_shape=...)."
+        )
+    path = check_suffix(path)
+    input_shape = export_manifest.check_input_shape(input_shape)
+    pieces = export_nnx.export_pieces(model, input_shape)
+    _check_calibrated(pieces["plan"], pieces["params"], pieces["quant_stats"])
+    return _write_by_rules(
+        path,
+        {"kind": export_nnx.NNX_KIND, "name": type(model).__name__},
+        export_nnx.rules_json(model),
+        {},
+        input_shape,
+        pieces["plan"],
+        pieces["params"],
+        pieces["quant_stats"],
+        pieces["weights"],
+        pieces["oscillation"],
+        pieces["batch_stats"],
+    )
+
+
+def _load_nnx_model(path: pathlib.Path, model, arrays: Mapping, manifest: dict):
+    """Writes a (digest-checked) NNX export into ``model`` after checking that the file is
+    one of it: its kind, rules, tensors and bit widths. Returns the model's state."""
+    name = manifest["model"].get("name")
+    if manifest["model"].get("kind") != export_nnx.NNX_KIND:
+        raise ValueError(
+            f"{path} holds the model {name}, not an NNX model quantized by rules; pass the "
+            "model it was exported from (or none for the package's models)."
+        )
+    if model is None:
+        raise ValueError(
+            f"{path} holds the NNX model {name} quantized by rules; pass that model, "
+            "quantized with the same rules: load_export(path, model=model)."
+        )
+    modules = export_nnx.check_model(model, "load_export")
+    if manifest.get("rules") != export_nnx.rules_json(model):
+        raise ValueError(
+            f"{path} was exported with other quantization rules than the model given; pass "
+            "a model quantized by the rules it was exported with."
+        )
+    arrays, packed_layers = export_manifest.unpacked_kernels(path, arrays, manifest)
+    shapes = export_nnx.stored_shapes(model, manifest["weights"], KERNEL_INT)
+    export_manifest.check_tensors(path, arrays, shapes)
+    bits = {
+        site: plan.weight.n_bits
+        for site, plan in map(
+            lambda item: (item[0], nnx_quant.site_plan_of(item[1])), modules.items()
+        )
+        if plan.weight.enabled
+    }
+    export_manifest.check_bits(path, manifest["weights"], bits, arrays)
+    export_manifest.check_packing(path, manifest, packed_layers)
+    params, collections = _stored_collections(arrays)
+    variables = _with_kernels(path, model, manifest, arrays, params, collections)
+    export_nnx.load_into(model, variables)
+    return nnx.state(model)
+
+
+def _write_by_rules(
+    path,
+    model_entry: dict,
+    rules_json: list,
+    call_kwargs: dict,
+    input_shape,
+    plan: Mapping,
+    params: Mapping,
+    quant_stats: Mapping,
+    weights: Mapping,
+    oscillation_state: Mapping,
+    batch_stats: Mapping,
+) -> dict:
+    """Writes the file of a model quantized by rules (Linen or NNX; flat ``/``-keyed
+    collections, ``plan`` as ``{site: (kind, SitePlan)}``); returns its manifest."""
     arrays, weight_entries = _weight_arrays(weights, plan, oscillation_state, {})
     float_arrays, activation_entries = _param_arrays(params, set(weights), plan, quant_stats)
     arrays.update(float_arrays)
-    for key, value in traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/").items():
+    for key, value in batch_stats.items():
         arrays[f"batch_stats/{key}"] = np.asarray(value, np.float32)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {
-            "kind": RULES_KIND,
-            "name": type(qmodel.model).__name__,
-            "num_classes": None,
-            "options": {},
-        },
-        "rules": _rules_json(qmodel),
-        "call_kwargs": {k: export_manifest.to_json(k, v) for k, v in call_kwargs.items()},
+        "model": {**model_entry, "num_classes": None, "options": {}},
+        "rules": rules_json,
+        "call_kwargs": call_kwargs,
         "quant_setup": None,
         "input_shape": list(input_shape),
         "weights": weight_entries,

@@ -100,20 +100,26 @@ def quantized_weights(
 
     array_args = [leaf for leaf, a in zip(leaves, is_array, strict=True) if a]
     mutated = jax.jit(sow_weights)(variables, array_args)
-    out = {}
-    for path, values in _sown(mutated.get(QUANTIZED_WEIGHTS, {}), "kernel").items():
-        sown = values[0]
-        n_bits = int(sown["n_bits"])
-        int_dtype = np.int8 if n_bits <= 8 else np.int16
-        zero_point = sown.get("zero_point")
-        out[path] = QuantizedWeight(
-            int_weight=np.asarray(sown["int_weight"]).astype(int_dtype),
-            scale=np.asarray(sown["scale"], np.float32),
-            zero_point=None if zero_point is None else np.asarray(zero_point).astype(np.int32),
-            n_bits=n_bits,
-            signed=True,
-        )
-    return out
+    return {
+        path: quantized_weight(values[0])
+        for path, values in _sown(mutated.get(QUANTIZED_WEIGHTS, {}), "kernel").items()
+    }
+
+
+def quantized_weight(record: Mapping[str, Any]) -> QuantizedWeight:
+    """The :class:`QuantizedWeight` of an eval forward's record of one kernel (``int_weight``,
+    ``scale``, ``n_bits`` and, for asymmetric grids, ``zero_point``), as the quantizer state
+    machine hands it to its front end (Linen sows it, NNX records it)."""
+    n_bits = int(record["n_bits"])
+    int_dtype = np.int8 if n_bits <= 8 else np.int16
+    zero_point = record.get("zero_point")
+    return QuantizedWeight(
+        int_weight=np.asarray(record["int_weight"]).astype(int_dtype),
+        scale=np.asarray(record["scale"], np.float32),
+        zero_point=None if zero_point is None else np.asarray(zero_point).astype(np.int32),
+        n_bits=n_bits,
+        signed=True,
+    )
 
 
 def _plain_tree(tree) -> dict:

@@ -27,6 +27,7 @@ raise) until :func:`calibrate_nnx` has run. BatchNorm and Dropout stay the model
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import types
 import weakref
@@ -85,6 +86,11 @@ class Dampening(nnx.Variable):
 
 _VARIABLE_TYPES = {PARAMS: nnx.Param, QUANT_STATS: QuantStats, OSCILLATION: Oscillation}
 
+_EXPORT_RECORDS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "oscqat_nnx_export_records", default=None
+)
+"""While set (by :func:`quantized_weight_records`), ``eval`` calls record their integers."""
+
 _TRACKED_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Per quantized layer, a weak reference to the kernel value its last ``train`` call tracked:
 a later call that sees the very same value runs in the same step (see ``_is_repeat``)."""
@@ -130,7 +136,9 @@ class _Store:
             self.layer.dampening_term[...] = value
 
     def export_record(self, record: dict) -> None:
-        del record
+        records = _EXPORT_RECORDS.get()
+        if records is not None:
+            records[self.path] = record
 
 
 class ActQuant(nnx.Module):
@@ -424,6 +432,27 @@ def quantize_nnx(
             new = QuantizedLayer(module, plan[name], path=name, depthwise_impl=depthwise_impl)
         _replace(model, path, new)
     return model
+
+
+@nnx.jit
+def _recorded_forward(model: nnx.Module, x: jax.Array) -> dict:
+    token = _EXPORT_RECORDS.set({})
+    try:
+        model(x)
+        return _EXPORT_RECORDS.get()
+    finally:
+        _EXPORT_RECORDS.reset(token)
+
+
+def quantized_weight_records(model: nnx.Module, x: jax.Array) -> dict[str, dict]:
+    """``{layer path: {"int_weight", "scale", "n_bits"[, "zero_point"]}}``: the integers
+    each quantized kernel has in an ``eval`` forward of ``x`` (frozen values applied), as
+    the Linen layers sow them for the export. Leaves the model in eval (BatchNorm too)."""
+    modules = _quantized_or_error(model)
+    set_mode(model, "eval")
+    model.eval()
+    records = _recorded_forward(model, x)
+    return {path: records[path] for path in modules if path in records}
 
 
 def site_plan_of(module: QuantizedLayer | QuantizedActivation) -> SitePlan:

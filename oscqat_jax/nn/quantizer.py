@@ -185,8 +185,11 @@ def estimate_range(x, stored: dict | None, spec: QuantizerSpec, *, channel_axis,
     if stored is not None and not set(fields) <= set(stored):
         # A marker without this method's accumulator (a loaded export's): start afresh.
         stored = None
+    # A count of 0 is an empty accumulator; below 0, scales set elsewhere (a loaded export)
+    # with an empty accumulator: both start afresh.
     count = jnp.zeros((), jnp.int32) if stored is None else stored["num_batches"]
-    first = None if stored is None else count == 0
+    first = None if stored is None else count <= 0
+    count = jnp.maximum(count, 0)
     if spec.range_method == "current_minmax":
         return ranges.current_minmax(x, channel_axis=channel_axis), {"num_batches": count + 1}
     if spec.range_method == "running_minmax":
