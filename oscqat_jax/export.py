@@ -188,6 +188,12 @@ def export_model(
         "weights": weight_entries,
         "activations": activation_entries,
     }
+    return _write(path, arrays, manifest)
+
+
+def _write(path: pathlib.Path, arrays: Mapping, manifest: dict) -> dict:
+    """Writes ``arrays`` with ``manifest`` (its digest added) into ``path``; returns the
+    manifest."""
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     manifest[export_manifest.DIGEST_KEY] = export_manifest.digest(arrays, manifest)
     weight_files.write(path, arrays, metadata_key=MANIFEST_KEY, metadata=manifest)
@@ -793,10 +799,7 @@ def _write_by_rules(
         "weights": weight_entries,
         "activations": activation_entries,
     }
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    manifest[export_manifest.DIGEST_KEY] = export_manifest.digest(arrays, manifest)
-    weight_files.write(path, arrays, metadata_key=MANIFEST_KEY, metadata=manifest)
-    return manifest
+    return _write(path, arrays, manifest)
 
 
 def _load_rules_model(path: pathlib.Path, qmodel, arrays: Mapping, manifest: dict) -> dict:
