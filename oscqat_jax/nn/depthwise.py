@@ -278,4 +278,3 @@ def conv_general_dilated_with(impl: str, original: Callable | None = None) -> Ca
         return depthwise_conv(lhs, rhs, strides=tuple(window_strides), padding=padding, impl=impl)
 
     return conv
-

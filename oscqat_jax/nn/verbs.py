@@ -140,9 +140,8 @@ def _describe(args: tuple) -> str:
 
 def _checked_batches(batches, model, variables: tuple, kwargs: dict, fits) -> Iterator:
     """``batches``, each checked as it is drawn (see :func:`calibrate`)."""
-    if (
-        isinstance(batches, (str, bytes, Mapping, np.ndarray, jax.Array))
-        or not isinstance(batches, Iterable)
+    if isinstance(batches, (str, bytes, Mapping, np.ndarray, jax.Array)) or not isinstance(
+        batches, Iterable
     ):
         raise ValueError(
             "batches must be an iterable of batches (e.g. a list of arrays, [x[:32], x[32:]]), "
