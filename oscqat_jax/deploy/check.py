@@ -152,7 +152,9 @@ def _session(model_path: str | os.PathLike):
         ) from None
     path = os.fspath(model_path)
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder; pass the ONNX file written by train.py --mode=export.")
+        raise ValueError(
+            f"{path} is a folder; pass the ONNX file written by train.py --mode=export."
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} does not exist; pass the file written by train.py --mode=export --format=onnx."

@@ -284,7 +284,8 @@ def export_model_onnx(
     example = np.zeros((1, *input_shape), np.float32)
     with depthwise.exporting():  # the trace the export makes, so nothing else is cached
         export_manifest.fitting(
-            input_shape, lambda: jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(example.shape, jnp.float32))
+            input_shape,
+            lambda: jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(example.shape, jnp.float32)),
         )
     return export_onnx(fn, example, path, opset=opset, name=name, container=container)
 

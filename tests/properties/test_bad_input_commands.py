@@ -93,8 +93,15 @@ CHECK_ARGS = st.fixed_dictionaries(
         "config": st.sampled_from([f"--config={CONFIG}", "--config=nope.py", None]),
         "workdir": st.sampled_from(["--workdir=WD", None]),
         "extra": st.sampled_from(
-            [[], ["--min_agreement=nan"], ["--min_agreement=-1"], ["--min_agreement=abc"],
-             ["--bogus=1"], ["--config.nope=3"], ["second.onnx"]]
+            [
+                [],
+                ["--min_agreement=nan"],
+                ["--min_agreement=-1"],
+                ["--min_agreement=abc"],
+                ["--bogus=1"],
+                ["--config.nope=3"],
+                ["second.onnx"],
+            ]
         ),
     }
 )
@@ -128,13 +135,27 @@ def test_a_min_agreement_that_no_agreement_is_compared_with_is_named(files, caps
     [
         ["-m", "oscqat_jax.convert", "--model=resnet18", "SRC/bad.npz", "SRC/old.npz"],
         ["-m", "oscqat_jax.convert", "--model=resnet18", "SRC/other.npz", "SRC/old.npz"],
-        ["-m", "oscqat_jax.convert", "--model=resnet18", "--num-classes=0", "SRC/other.npz", "SRC/old.npz"],
+        [
+            "-m",
+            "oscqat_jax.convert",
+            "--model=resnet18",
+            "--num-classes=0",
+            "SRC/other.npz",
+            "SRC/old.npz",
+        ],
         ["-m", "oscqat_jax.convert", "--model=resnet18", "SRC/other.npz", "SRC/out.txt"],
         ["-m", "oscqat_jax.convert", "--width-multiplier=abc", "SRC/other.npz", "SRC/old.npz"],
         ["-m", "oscqat_jax.deploy", "check", "SRC/x.onnx", f"--config={CONFIG}", "--workdir=SRC"],
         ["-m", "oscqat_jax.deploy", "check", "SRC", f"--config={CONFIG}", "--workdir=SRC"],
-        ["-m", "oscqat_jax.deploy", "check", "SRC/x.onnx", f"--config={CONFIG}", "--workdir=SRC",
-         "--min_agreement=nan"],
+        [
+            "-m",
+            "oscqat_jax.deploy",
+            "check",
+            "SRC/x.onnx",
+            f"--config={CONFIG}",
+            "--workdir=SRC",
+            "--min_agreement=nan",
+        ],
     ],
 )
 def test_commands_in_a_subprocess_end_with_one_sentence(files, argv):

@@ -110,9 +110,11 @@ BAD_ONNX_ARGS = {
 
 
 @FEW
-@given(arg=st.sampled_from(sorted(BAD_ONNX_ARGS)).flatmap(
-    lambda a: st.tuples(st.just(a), BAD_ONNX_ARGS[a])
-))
+@given(
+    arg=st.sampled_from(sorted(BAD_ONNX_ARGS)).flatmap(
+        lambda a: st.tuples(st.just(a), BAD_ONNX_ARGS[a])
+    )
+)
 def test_a_bad_onnx_option_is_named_and_no_file_changes(linen, existing, arg):
     qmodel, variables = linen
     name, value = arg

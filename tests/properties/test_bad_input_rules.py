@@ -71,9 +71,11 @@ BAD_FIELDS = {
 
 
 @FEW
-@given(field_value=st.sampled_from(sorted(BAD_FIELDS)).flatmap(
-    lambda f: st.tuples(st.just(f), BAD_FIELDS[f])
-))
+@given(
+    field_value=st.sampled_from(sorted(BAD_FIELDS)).flatmap(
+        lambda f: st.tuples(st.just(f), BAD_FIELDS[f])
+    )
+)
 def test_a_bad_rule_field_is_named_in_one_sentence(field_value):
     field, value = field_value
     with pytest.raises(ValueError) as info:
@@ -103,7 +105,10 @@ def test_a_module_path_is_a_valid_regex_or_refused_in_one_sentence(pattern):
 
 PATTERN_ARGS = ("first_conv", "classifier", "head_output", "logits")
 bad_pattern = st.one_of(
-    st.integers(), st.just(["stem"]), st.binary(max_size=2), st.sampled_from(["(", "[", "a{99999999999}"])
+    st.integers(),
+    st.just(["stem"]),
+    st.binary(max_size=2),
+    st.sampled_from(["(", "[", "a{99999999999}"]),
 )
 
 
@@ -118,9 +123,11 @@ def test_paper_rules_names_its_own_bad_pattern_argument(arg, value):
 
 
 @FEW
-@given(setup=st.one_of(st.text(max_size=6), st.integers(), st.none()).filter(
-    lambda s: s not in ("LSQ_paper", "all", "FP_logits", "LSQ", "fc4", "fc4_dw8", "float")
-))
+@given(
+    setup=st.one_of(st.text(max_size=6), st.integers(), st.none()).filter(
+        lambda s: s not in ("LSQ_paper", "all", "FP_logits", "LSQ", "fc4", "fc4_dw8", "float")
+    )
+)
 def test_paper_rules_names_a_bad_setup(setup):
     with pytest.raises(ValueError) as info:
         paper_rules(setup, 4, first_conv="stem", classifier="head")
@@ -149,8 +156,9 @@ bad_rules = st.one_of(
     st.text(min_size=1, max_size=4),
     st.just({"module_path": ".*"}),
     st.just(RULES[0]),
-    st.lists(st.one_of(st.none(), st.integers(), st.text(max_size=2)), min_size=1, max_size=3)
-    .map(lambda xs: [*RULES, *xs]),
+    st.lists(st.one_of(st.none(), st.integers(), st.text(max_size=2)), min_size=1, max_size=3).map(
+        lambda xs: [*RULES, *xs]
+    ),
 )
 
 
