@@ -178,3 +178,22 @@ def collect_imports(package_dir: pathlib.Path) -> tuple[dict[str, pathlib.Path],
             lazy = node.lineno in lazy_lines
             imports += [Import(source, t, node.lineno, lazy) for t in dict.fromkeys(targets)]
     return files, imports
+
+
+def run_pickling_script(code: str, output: str, *, timeout: int = 900):
+    """Runs ``python -c code output`` (a script that pickles its results into the file
+    ``output``, e.g. one that sets XLA flags before importing JAX) and returns what it
+    pickled; fails the test with the script's stderr when it exits non-zero."""
+    import pickle
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", code, output],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(output, "rb") as f:
+        return pickle.load(f)

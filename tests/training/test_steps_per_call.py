@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,14 @@ import types
 import jax
 import numpy as np
 import pytest
-from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
+from testkit import (
+    ROOT,
+    TESTS,
+    assert_trees_equal,
+    restore_final,
+    run_pickling_script,
+    tiny_config,
+)
 
 from oscqat_jax.training import build, calls, context, data, loop, phases, trainer
 from oscqat_jax.training import step as step_lib
@@ -440,17 +446,8 @@ FOUR_DEVICES = textwrap.dedent(
 
 @pytest.mark.slow
 def test_four_devices_split_each_step_of_a_call_and_end_where_one_step_per_call_ends(tmp_path):
-    output = str(tmp_path / "runs.pkl")
-    result = subprocess.run(
-        [sys.executable, "-c", FOUR_DEVICES.format(root=ROOT, tests=TESTS), output],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(output, "rb") as f:
-        runs = pickle.load(f)
+    code = FOUR_DEVICES.format(root=ROOT, tests=TESTS)
+    runs = run_pickling_script(code, str(tmp_path / "runs.pkl"))
     for name in ("device", "host"):
         run = runs[name]
         assert run["compiles"] == 1, name

@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,6 +14,7 @@ from testkit import (
     assert_trees_equal,
     qat_schedules_with_model_lr,
     restore_final,
+    run_pickling_script,
     tiny_config,
 )
 
@@ -354,20 +353,8 @@ def _parts(flat_state: dict, part: str) -> dict:
 
 @pytest.mark.slow
 def test_four_devices_match_one_device_on_the_same_global_batch(tmp_path):
-    import pickle
-
     script = SHARDED_SCRIPT.format(root=ROOT, tests=TESTS)
-    output = str(tmp_path / "runs.pkl")
-    result = subprocess.run(
-        [sys.executable, "-c", script, output],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(output, "rb") as f:
-        runs = pickle.load(f)
+    runs = run_pickling_script(script, str(tmp_path / "runs.pkl"))
     four, one = runs["four"], runs["one"]
     # The global batch of 8 rows really is split: one quarter per device, in order.
     assert sorted(s[1:] for s in four["shards"]) == [
