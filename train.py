@@ -138,6 +138,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
                 f"--config={path}: the file {path.split(':', 1)[0]!r} does not exist; name a "
                 "config file such as configs/default.py."
             )
+        if path is not None:
+            from oscqat_jax.training.config import check_config_file
+
+            check_config_file(path)
         config_flags.DEFINE_config_file(
             "config",
             DEFAULT_CONFIG,

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from oscqat_jax.nn.config import QuantContext
 from oscqat_jax.training import trainer
+from oscqat_jax.training.config import check_config_file
 from oscqat_jax.training.context import close_run, open_run
 
 USAGE = (
@@ -237,6 +238,8 @@ def main(argv: Sequence[str]) -> int:
                     f"--config={file.group(1)}: the file does not exist; name the config file "
                     "of the run, such as configs/default.py."
                 )
+            if file:
+                check_config_file(file.group(1) + (file.group(2) or ""))
         try:
             values, positional = _flags(argv)
         except (KeyError, AttributeError) as err:  # an override naming no config field

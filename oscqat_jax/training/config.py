@@ -8,6 +8,8 @@ What each field may hold, and how a config becomes objects, is
 
 from __future__ import annotations
 
+import runpy
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -157,3 +159,28 @@ def _sgd(*, lr: float, weight_decay: float) -> ml_collections.ConfigDict:
     o.quant_lr = 1e-5  # Adam learning rate of the quantizer scales
     o.quant_weight_decay = 0.0
     return o
+
+
+def check_config_file(spec: str, flag: str = "--config") -> None:
+    """Loads the config file ``spec`` (``FILE`` or ``FILE:ARG``, as ``--config`` takes it) and
+    raises one sentence naming the flag and the file when running it or its
+    ``get_config([ARG])`` fails or returns no ConfigDict (ml_collections would report such an
+    error late, or as a bare KeyError of the file's own code)."""
+    file, has_arg, arg = spec.partition(":")
+    try:
+        get_config = runpy.run_path(file).get("get_config")
+        if not callable(get_config):
+            raise ValueError("it defines no get_config function")
+        config = get_config(arg) if has_arg else get_config()
+    except Exception as err:  # noqa: BLE001 -- any error of the user's file is reported as such
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        what = f"{type(err).__name__}: {text}" if text else type(err).__name__
+        raise ValueError(
+            f"{flag}={spec}: loading the config file failed ({what.rstrip('.')}); fix the file "
+            "or name another, such as configs/default.py."
+        ) from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(
+            f"{flag}={spec}: get_config() returned {type(config).__name__}, not a ConfigDict; "
+            "return one (see configs/default.py)."
+        )

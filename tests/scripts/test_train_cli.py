@@ -139,3 +139,52 @@ def test_train_py_runs_the_whole_program_end_to_end(digits_run):
     assert any("eval/top1_post_bn" in r for r in rows)
     assert (workdir / "checkpoints" / "22").is_dir()
     assert (workdir / "accuracy.png").stat().st_size > 0
+
+
+CONFIG_FILES = {
+    "raises": ("def get_config():\n    return {}['missing']\n", "KeyError: 'missing'"),
+    "no_function": ("X = 1\n", "defines no get_config function"),
+    "not_a_config": ("def get_config():\n    return 3\n", "returned int, not a ConfigDict"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIG_FILES))
+def test_a_config_file_that_fails_is_named_in_one_sentence(kind, tmp_path):
+    from oscqat_jax.training.config import check_config_file
+
+    text, expected = CONFIG_FILES[kind]
+    path = tmp_path / "mine.py"
+    path.write_text(text)
+    with pytest.raises(
+        ValueError, match=rf"^--config={re.escape(str(path))}: .*{re.escape(expected)}"
+    ):
+        check_config_file(str(path))
+    check_config_file(os.path.join(ROOT, "configs", "tiny.py") + ":quick")  # a good one passes
+
+
+@pytest.mark.slow
+def test_train_py_and_the_check_name_a_failing_config_file(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(CONFIG_FILES["raises"][0])
+    sentence = _one_sentence(_train(f"--config={path}", workdir=tmp_path / "run"))
+    assert f"--config={path}" in sentence and "KeyError: 'missing'" in sentence
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "oscqat_jax.deploy",
+            "check",
+            str(onnx_file),
+            f"--config={path}",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--config={path}" in result.stderr and "KeyError: 'missing'" in result.stderr
