@@ -35,11 +35,17 @@ def copy_of(workdir: str, destination) -> str:
     return str(destination)
 
 
-def flip_16_bytes(path: str) -> bytes:
+FLIP_AT = (0.5, 0.25, 0.75, 0.125, 0.375, 0.625, 0.875)
+"""Where in a data file the probes flip bytes (fractions of its length), in order: the
+layout of an OCDBT data file (array chunks beside CRC-checked b-tree nodes) varies between
+runs, so one place is not always array data."""
+
+
+def flip_16_bytes(path: str, at: float = 0.5) -> bytes:
     with open(path, "r+b") as f:
         data = bytearray(f.read())
-        middle = len(data) // 2
-        data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+        start = int(len(data) * at)
+        data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
         f.seek(0)
         f.write(data)
     return bytes(data)
@@ -57,24 +63,27 @@ def data_files(step_dir: str) -> list[str]:
     return sorted(names, key=lambda name: -os.path.getsize(os.path.join(step_dir, name)))
 
 
-def largest_data_file_orbax_reads(workdir: str, config, scratch) -> tuple[str, dict]:
-    """The largest data file of the newest checkpoint whose flipped bytes orbax restores
-    without a complaint as other values, and that state. (OCDBT's data files also keep the
-    b-tree nodes of superseded versions, which a restore never reads; the nodes it reads
-    carry their own CRC-32C.)"""
+def largest_data_file_orbax_reads(workdir: str, config, scratch) -> tuple[str, float, dict]:
+    """The largest data file of the newest checkpoint, and a place in it (:data:`FLIP_AT`),
+    whose flipped bytes orbax restores without a complaint as other values, and that state.
+    (OCDBT's data files also keep the b-tree nodes of superseded versions, which a restore
+    never reads; the nodes it reads carry their own CRC-32C.)"""
     _, expected = restore_final(workdir, config)
     step_dir = os.path.join(workdir, "checkpoints", str(QAT_STEPS))
-    for i, name in enumerate(data_files(step_dir)):
-        probe = os.path.join(scratch, str(i), "checkpoints", str(QAT_STEPS))
-        shutil.copytree(step_dir, probe)
-        flip_16_bytes(os.path.join(probe, name))
-        try:
-            _, state = restore_final(os.path.dirname(os.path.dirname(probe)), config)
-            assert_trees_equal(state, expected)
-        except AssertionError:
-            return name, state
-        except Exception:  # a node with a CRC-32C: orbax notices this one itself
-            continue
+    probes = 0
+    for name in data_files(step_dir):
+        for at in FLIP_AT:
+            probe = os.path.join(scratch, str(probes), "checkpoints", str(QAT_STEPS))
+            probes += 1
+            shutil.copytree(step_dir, probe)
+            flip_16_bytes(os.path.join(probe, name), at)
+            try:
+                _, state = restore_final(os.path.dirname(os.path.dirname(probe)), config)
+                assert_trees_equal(state, expected)
+            except AssertionError:
+                return name, at, state
+            except Exception:  # a node with a CRC-32C: orbax notices this one itself
+                continue
     raise AssertionError(f"no data file of {step_dir} is read unchecked")
 
 
@@ -85,11 +94,11 @@ def test_a_bit_flip_in_the_newest_checkpoint_is_reported_and_resumed_past(
     workdir = copy_of(uninterrupted, tmp_path / "flipped")
     checkpoints = os.path.join(workdir, "checkpoints")
     # Negative control: read without the checksums, the flipped step is another state.
-    name, silently_read = largest_data_file_orbax_reads(workdir, config, tmp_path / "probes")
+    name, at, silently_read = largest_data_file_orbax_reads(workdir, config, tmp_path / "probes")
     _, expected = restore_final(uninterrupted, config)
     with pytest.raises(AssertionError):
         assert_trees_equal(silently_read, expected)
-    flipped = flip_16_bytes(os.path.join(checkpoints, str(QAT_STEPS), name))
+    flipped = flip_16_bytes(os.path.join(checkpoints, str(QAT_STEPS), name), at)
 
     capsys.readouterr()
     with caplog.at_level(logging.WARNING):
