@@ -179,6 +179,12 @@ def test_bad_input_gets_one_sentence(trained, tmp_path, capsys):
     assert "--config=configs/nope.py: the file does not exist" in sentence
     sentence = _one_sentence(check_lib.main([str(not_onnx), *CONFIG_FLAGS]), capsys)
     assert "check needs --workdir" in sentence
+    failing = tmp_path / "failing_config.py"
+    failing.write_text("def get_config():\n    return {}['missing']\n")
+    sentence = _one_sentence(
+        check_lib.main([str(not_onnx), f"--config={failing}", workdir_flag]), capsys
+    )
+    assert f"--config={failing}: loading the config file failed (KeyError: 'missing')" in sentence
     sentence = _one_sentence(deploy_main.main(["verify"]), capsys)
     assert "takes a command, one of check (got 'verify')" in sentence
     assert not os.path.exists(tmp_path / "run")
