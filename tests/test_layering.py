@@ -29,7 +29,6 @@ FLOORS = {
     "models": 2,
     "convert": 3,
     "export": 3,
-    "export_nnx": 3,  # the native export's NNX side, beside export.py
     "training": 4,
     # Deployment reads checkpoints through the training program (deploy check) and the
     # trainer writes ONNX files through it: one floor, no cycle between the two.

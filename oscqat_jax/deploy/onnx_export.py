@@ -127,7 +127,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from oscqat_jax import export_manifest
+from oscqat_jax.export import fileformat
 from oscqat_jax.deploy._graph import Graph
 from oscqat_jax.deploy._lowering import CONTAINERS, Lowering
 from oscqat_jax.deploy._values import Const, Tensor
@@ -166,7 +166,7 @@ def export_onnx(
       The ``onnx.ModelProto``, checked by ``onnx.checker`` (full check, with shape inference).
     """
     if path is not None:
-        path = export_manifest.check_output_path(path, (".onnx",))
+        path = fileformat.check_output_path(path, (".onnx",))
     if not callable(fn):
         raise ValueError(f"fn must be a function images -> logits, got {type(fn).__name__}.")
     if container not in CONTAINERS:
@@ -278,12 +278,12 @@ def export_model_onnx(
       The ``onnx.ModelProto``.
     """
     if path is not None:
-        path = export_manifest.check_output_path(path, (".onnx",))
-    input_shape = export_manifest.check_input_shape(input_shape)
+        path = fileformat.check_output_path(path, (".onnx",))
+    input_shape = fileformat.check_input_shape(input_shape)
     fn = _inference_function(model, variables, model_kwargs)
     example = np.zeros((1, *input_shape), np.float32)
     with depthwise.exporting():  # the trace the export makes, so nothing else is cached
-        export_manifest.fitting(
+        fileformat.fitting(
             input_shape,
             lambda: jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(example.shape, jnp.float32)),
         )
@@ -317,7 +317,7 @@ def _inference_function(model, variables, model_kwargs: dict):
             f"export_model_onnx needs the variables of the {type(model).__name__} to export."
         )
     if isinstance(model, nn.Module | QuantizedModel):
-        export_manifest.check_variables(variables)
+        fileformat.check_variables(variables)
     if isinstance(model, QuantizedModel):
         return lambda x: model.apply(variables, x, mode="eval", **model_kwargs)
     if isinstance(model, nn.Module):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from user_models import SHAPE, LinenNet, images, linen_quantized
 
-from oscqat_jax import export, export_manifest, quant, weight_files
+from oscqat_jax import export, quant, weight_files
+from oscqat_jax.export import fileformat
 from oscqat_jax.nn.intercept import quantize_model
 from oscqat_jax.nn.rules import paper_rules
 
@@ -63,7 +64,7 @@ def test_the_file_holds_the_frozen_integers_packed(trained, tmp_path):
     path = tmp_path / "model.safetensors"
     export.export_model(path, variables, model=qmodel, input_shape=SHAPE, train=False)
     arrays, _ = weight_files.read(path, metadata_key=export.MANIFEST_KEY)
-    ints = export_manifest.unpack_nibbles(
+    ints = fileformat.unpack_nibbles(
         arrays[f"params/{FROZEN}/kernel_packed"], (3, 3, 1, CHANNELS)
     )
     params, state = variables["params"][FROZEN], variables["oscillation"][FROZEN]

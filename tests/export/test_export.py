@@ -20,7 +20,8 @@ import pytest
 from flax import traverse_util
 from testkit import TEST_BLOCKS
 
-from oscqat_jax import export, export_manifest, quant, weight_files
+from oscqat_jax import export, quant, weight_files
+from oscqat_jax.export import fileformat
 from oscqat_jax.models import create_model, quant_plan
 from oscqat_jax.nn import collect
 from oscqat_jax.nn.config import QuantContext
@@ -150,7 +151,7 @@ def test_the_stored_integers_are_those_of_quantized_inference(tiny, tmp_path):
             packed = stored[f"params/{layer}/kernel_packed"]
             assert packed.dtype == np.uint8 and packed.shape == ((qw.int_weight.size + 1) // 2,)
             assert f"params/{layer}/kernel_int" not in stored
-            w_int = export_manifest.unpack_nibbles(packed, qw.int_weight.shape)
+            w_int = fileformat.unpack_nibbles(packed, qw.int_weight.shape)
         else:
             w_int = stored[f"params/{layer}/kernel_int"]
             assert f"params/{layer}/kernel_packed" not in stored
@@ -175,7 +176,7 @@ def test_the_stored_integers_are_those_of_quantized_inference(tiny, tmp_path):
     # Frozen entries hold their frozen integer, not the rounding of the latent weight.
     state = at(variables["oscillation"], FROZEN_LAYER)
     frozen = state["frozen"]
-    w_int = export_manifest.unpack_nibbles(
+    w_int = fileformat.unpack_nibbles(
         stored[f"params/{FROZEN_LAYER}/kernel_packed"], frozen.shape
     )
     np.testing.assert_array_equal(w_int[frozen], state["frozen_int"][frozen])
@@ -346,7 +347,7 @@ def rewrite(path, arrays, manifest, *, sign=False):
     """Writes ``arrays`` and ``manifest`` (a dict, or raw text) as the file's content; with
     ``sign`` the digest is recomputed first (an edit the digest alone cannot catch)."""
     if sign:
-        manifest = dict(manifest, sha256=export_manifest.digest(arrays, manifest))
+        manifest = dict(manifest, sha256=fileformat.digest(arrays, manifest))
     text = manifest if isinstance(manifest, str) else json.dumps(manifest)
     if path.suffix == ".npz":
         np.savez(path, **arrays, **{export.MANIFEST_KEY: np.asarray(text)})
@@ -370,7 +371,7 @@ def test_the_untouched_file_and_the_same_content_saved_again_load(tiny, exported
     model, variables, images = tiny
     expected = forward(model, eval_variables(variables), images)
     arrays, manifest = contents(exported[".safetensors"])
-    assert manifest["sha256"] == export_manifest.digest(arrays, manifest)
+    assert manifest["sha256"] == fileformat.digest(arrays, manifest)
     assert len(manifest["sha256"]) == 64
     resaved = tmp_path / "resaved.npz"  # other format, uncompressed, keys in another order
     rewrite(resaved, dict(reversed(list(arrays.items()))), manifest)
@@ -427,8 +428,8 @@ def test_a_changed_shape_is_refused_at_load(exported, tmp_path):
     arrays, manifest = contents(exported[".npz"])
     key = f"params/{FROZEN_LAYER}/kernel_packed"
     shape = tuple(manifest["weights"][FROZEN_LAYER]["kernel_shape"])
-    cut = export_manifest.unpack_nibbles(arrays[key], shape)[..., :-1]
-    arrays[key] = export_manifest.pack_nibbles(cut)
+    cut = fileformat.unpack_nibbles(arrays[key], shape)[..., :-1]
+    arrays[key] = fileformat.pack_nibbles(cut)
     manifest["weights"][FROZEN_LAYER]["kernel_shape"] = list(cut.shape)
     rewrite(path, arrays, manifest, sign=True)
     refused(path, re.escape(f"params/{FROZEN_LAYER}/kernel_int has shape {cut.shape}"))
@@ -486,12 +487,12 @@ def test_a_version_1_file_without_digest_is_refused(exported, tmp_path):
 
 def test_nibbles_are_packed_low_first_in_twos_complement():
     # Worked by hand: 1 -> 0x1, -1 -> 0xF, -8 -> 0x8, 7 -> 0x7; an odd count pads with 0.
-    packed = export_manifest.pack_nibbles(np.array([1, -1, -8], np.int8))
+    packed = fileformat.pack_nibbles(np.array([1, -1, -8], np.int8))
     np.testing.assert_array_equal(packed, np.array([0xF1, 0x08], np.uint8))
-    packed = export_manifest.pack_nibbles(np.array([[7, -8], [0, -3]], np.int32))
+    packed = fileformat.pack_nibbles(np.array([[7, -8], [0, -3]], np.int32))
     np.testing.assert_array_equal(packed, np.array([0x87, 0xD0], np.uint8))
     np.testing.assert_array_equal(
-        export_manifest.unpack_nibbles(np.array([0x87, 0xD0], np.uint8), (2, 2)),
+        fileformat.unpack_nibbles(np.array([0x87, 0xD0], np.uint8), (2, 2)),
         np.array([[7, -8], [0, -3]]),
     )
 
@@ -504,20 +505,20 @@ def test_packing_round_trips_bit_exactly(n_bits, shape):
     w_int = rng.integers(int_min, int_max + 1, size=shape).astype(np.int8)
     if w_int.size >= 2:  # both ends of the grid, negative values included
         w_int.flat[0], w_int.flat[-1] = int_min, int_max
-    packed = export_manifest.pack_nibbles(w_int)
+    packed = fileformat.pack_nibbles(w_int)
     assert packed.dtype == np.uint8 and packed.shape == ((w_int.size + 1) // 2,)
-    unpacked = export_manifest.unpack_nibbles(packed, shape)
+    unpacked = fileformat.unpack_nibbles(packed, shape)
     assert unpacked.dtype == np.int8 and unpacked.shape == shape
     np.testing.assert_array_equal(unpacked, w_int)
 
 
 def test_packing_refuses_values_off_the_4_bit_grid_and_wrong_lengths():
     with pytest.raises(ValueError, match=r"Only integers in \[-8, 7\] pack .*\[-9, 8\]"):
-        export_manifest.pack_nibbles(np.array([8, -9]))
+        fileformat.pack_nibbles(np.array([8, -9]))
     with pytest.raises(ValueError, match="got dtype float32"):
-        export_manifest.pack_nibbles(np.zeros(3, np.float32))
+        fileformat.pack_nibbles(np.zeros(3, np.float32))
     with pytest.raises(ValueError, match=r"5 packed 4-bit values need uint8 of shape \(3,\)"):
-        export_manifest.unpack_nibbles(np.zeros(2, np.uint8), (5,))
+        fileformat.unpack_nibbles(np.zeros(2, np.uint8), (5,))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
@@ -593,7 +594,7 @@ def test_a_version_2_file_with_unpacked_kernels_still_loads(tiny, exported, tmp_
     for layer, entry in manifest["weights"].items():
         packed = arrays.pop(f"params/{layer}/kernel_packed", None)
         if packed is not None:
-            arrays[f"params/{layer}/kernel_int"] = export_manifest.unpack_nibbles(
+            arrays[f"params/{layer}/kernel_int"] = fileformat.unpack_nibbles(
                 packed, tuple(entry["kernel_shape"])
             )
     path = tmp_path / "v2.npz"
@@ -606,7 +607,7 @@ def test_a_version_2_file_with_unpacked_kernels_still_loads(tiny, exported, tmp_
     refused(path, "the 4-bit kernel of .* is stored unpacked, but format version 3 packs the")
     # And a packed 8-bit kernel (its integers would fit) is refused by versions 4, 3 and 2.
     arrays, manifest = contents(exported[".npz"])
-    arrays["params/classifier/kernel_packed"] = export_manifest.pack_nibbles(
+    arrays["params/classifier/kernel_packed"] = fileformat.pack_nibbles(
         np.clip(arrays.pop("params/classifier/kernel_int"), -8, 7)
     )
     rewrite(path, arrays, manifest, sign=True)

@@ -14,6 +14,7 @@ accumulators stay empty but count as calibrated (a later calibration starts them
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oscqat_jax import export_manifest
+from oscqat_jax.export import fileformat, rules_model, tensors
 from oscqat_jax.nn import collect, nnx_quant
 
 NNX_KIND = "nnx"
@@ -65,7 +66,7 @@ def rules_json(model: nnx.Module) -> list:
     """The distinct rules that decided the model's sites, in the order they first decide."""
     seen = []
     for plan in map(nnx_quant.site_plan_of, nnx_quant.quantized_modules(model).values()):
-        entry = export_manifest.to_json("rules", dataclasses.asdict(plan.rule))
+        entry = fileformat.to_json("rules", dataclasses.asdict(plan.rule))
         if entry not in seen:
             seen.append(entry)
     return seen
@@ -84,7 +85,7 @@ def export_pieces(model: nnx.Module, input_shape: tuple) -> dict:
                 "the model after calibrate(model, batches) and training."
             )
     image = jnp.zeros((1, *input_shape), jnp.float32)
-    records = export_manifest.fitting(
+    records = fileformat.fitting(
         input_shape, lambda: nnx_quant.quantized_weight_records(model, image)
     )
     flat = {kind: {k: v for k, (_, v) in _state(model, t).items()} for kind, t in _KINDS.items()}
@@ -142,3 +143,68 @@ def load_into(model: nnx.Module, variables: Mapping[str, Mapping[str, Any]]) -> 
 
 
 __all__ = ["LOADED", "NNX_KIND", "check_model", "export_pieces", "load_into", "rules_json"]
+
+
+def export_nnx_model(path, model, variables, input_shape, model_kwargs: dict) -> dict:
+    """:func:`export_model` of an NNX model quantized by rules (:mod:`oscqat_jax.export_nnx`)."""
+    check_model(model, "export_model")
+    if variables is not None or model_kwargs:
+        raise ValueError(
+            "export_model of an NNX model takes no variables or model arguments: the model "
+            "holds its variables; call export_model(path, model=model, input_shape=...)."
+        )
+    path = tensors.check_suffix(path)
+    input_shape = fileformat.check_input_shape(input_shape)
+    pieces = export_pieces(model, input_shape)
+    tensors.check_calibrated(pieces["plan"], pieces["params"], pieces["quant_stats"])
+    return rules_model.write_by_rules(
+        path,
+        {"kind": NNX_KIND, "name": type(model).__name__},
+        rules_json(model),
+        {},
+        input_shape,
+        pieces["plan"],
+        pieces["params"],
+        pieces["quant_stats"],
+        pieces["weights"],
+        pieces["oscillation"],
+        pieces["batch_stats"],
+    )
+
+
+def load_nnx_model(path: pathlib.Path, model, arrays: Mapping, manifest: dict):
+    """Writes a (digest-checked) NNX export into ``model`` after checking that the file is
+    one of it: its kind, rules, tensors and bit widths. Returns the model's state."""
+    name = manifest["model"].get("name")
+    if manifest["model"].get("kind") != NNX_KIND:
+        raise ValueError(
+            f"{path} holds the model {name}, not an NNX model quantized by rules; pass the "
+            "model it was exported from (or none for the package's models)."
+        )
+    if model is None:
+        raise ValueError(
+            f"{path} holds the NNX model {name} quantized by rules; pass that model, "
+            "quantized with the same rules: load_export(path, model=model)."
+        )
+    modules = check_model(model, "load_export")
+    if manifest.get("rules") != rules_json(model):
+        raise ValueError(
+            f"{path} was exported with other quantization rules than the model given; pass "
+            "a model quantized by the rules it was exported with."
+        )
+    arrays, packed_layers = fileformat.unpacked_kernels(path, arrays, manifest)
+    shapes = stored_shapes(model, manifest["weights"], fileformat.KERNEL_INT)
+    fileformat.check_tensors(path, arrays, shapes)
+    bits = {
+        site: plan.weight.n_bits
+        for site, plan in map(
+            lambda item: (item[0], nnx_quant.site_plan_of(item[1])), modules.items()
+        )
+        if plan.weight.enabled
+    }
+    fileformat.check_bits(path, manifest["weights"], bits, arrays)
+    fileformat.check_packing(path, manifest, packed_layers)
+    params, collections = tensors.stored_collections(arrays)
+    variables = tensors.with_kernels(path, model, manifest, arrays, params, collections)
+    load_into(model, variables)
+    return nnx.state(model)

@@ -32,6 +32,15 @@ import numpy as np
 
 from oscqat_jax import quant
 
+FORMAT = "oscqat_jax.export"
+# 2: the manifest holds the sha256 of the file's content; 3: packed kernels; 4: BN folded.
+FORMAT_VERSION = 4
+READ_VERSIONS = (2, 3, 4)  # 3 is 4 with BN unfolded, 2 is 3 without packing
+FOLDED_SINCE = 4
+FOLDED_BIAS = "folded_bias"
+MANIFEST_KEY = "oscqat_jax_export"
+SUFFIXES = (".safetensors", ".npz")
+RULES_KIND = "rules"  # manifest model kind of a Linen model quantized by rules
 DIGEST_KEY = "sha256"
 KERNEL_INT = "kernel_int"
 KERNEL_PACKED = "kernel_packed"
