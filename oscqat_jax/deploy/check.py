@@ -29,7 +29,6 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from oscqat_jax.nn.config import QuantContext
 from oscqat_jax.training import trainer
 from oscqat_jax.training.config import check_config_file
 from oscqat_jax.training.context import close_run, open_run
@@ -106,10 +105,9 @@ def check(
     ctx = open_run(config, workdir, write_metrics=False)
     try:
         _check_signature(model_path, session, ctx.source.image_shape, ctx.source.num_classes)
-        model, step, variables = trainer.restore_for_export(ctx, checkpoint_path)
-        eval_context = QuantContext.create("eval")
+        forward, step, variables = trainer.restore_for_export(ctx, checkpoint_path)
         jax_logits = jax.jit(
-            lambda v, x: model.apply(v, x, eval_context),
+            lambda v, x: forward.logits(v, x, "eval"),
             in_shardings=(ctx.sharded.replicated, ctx.sharded.batch),
             out_shardings=ctx.sharded.replicated,
         )

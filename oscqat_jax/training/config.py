@@ -70,6 +70,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype of convs/matmuls: float32 or bfloat16
     c.model.pretrained = ""  # path of a PyTorch/npz/safetensors checkpoint to start from
     c.model.pretrained_layout = "auto"  # key layout: auto (detected), reference, torchvision, timm
+    # Your own flax.linen model: model.name = "package.module:make_model" (an import path), a
+    # function or Module class called with model.kwargs (and num_classes=<the data's>, when it
+    # takes that argument and model.kwargs does not set it); docs in training/models.py.
+    c.model.kwargs = ml_collections.ConfigDict()
+    # The keyword of its call that switches BatchNorm/dropout to training (True in train steps,
+    # False elsewhere), as in Flax's examples; "" for a model without one.
+    c.model.train_flag = "train"
+    # Its layers for quant.setup's paper rules (regexes over module paths, as the parameter
+    # tree names them): the stem conv and the classifier; the hooks that feed the pooling and
+    # the one after the logits (oscqat_jax.nn.ActQuant; None when the model has none).
+    c.model.first_conv = ""
+    c.model.classifier = ""
+    c.model.head_output = config_dict.placeholder(str)
+    c.model.logits = config_dict.placeholder(str)
 
     # Optional float training before QAT (the embedded default trains its own float model).
     c.float_train = ml_collections.ConfigDict()
@@ -90,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.quant.num_est_batches = 1  # training batches used for range initialisation
     c.quant.grad_scale = False  # LSQ gradient scaling of the scales
     c.quant.quantize_activations = True  # False: weight-only quantization
+    # Your own model's rules from a factory instead of quant.setup: "package.module:make_rules",
+    # called with quant.rules_kwargs, returning a list of oscqat_jax.nn.QuantRule; "" = none.
+    c.quant.rules = ""
+    c.quant.rules_kwargs = ml_collections.ConfigDict()
 
     c.osc_freeze = ml_collections.ConfigDict()
     c.osc_freeze.track = True  # track oscillations (for logging) even without freezing

@@ -18,8 +18,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from oscqat_jax.training import build, data, metrics, peers
+from oscqat_jax.training import build, data, metrics, models, peers
 from oscqat_jax.training import step as step_lib
+from oscqat_jax.training.forward import Forward
 
 SEED_OFFSETS = {
     "float_state": 1,  # dropout key of the float phase's train state
@@ -41,6 +42,7 @@ class Context:
     sharded: step_lib.Sharded
     writer: metrics.MetricWriter
     lock: WorkdirLock | None = None
+    forward: Forward | None = None  # the model as the steps call it (:mod:`.forward`)
 
     def seed(self, stream: str) -> int:
         """The seed of one of the run's random streams (see :data:`SEED_OFFSETS`)."""
@@ -184,7 +186,9 @@ class WorkdirLock:
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str, *, write_metrics: bool) -> Context:
-    """Validates the config, joins the cluster, opens the data and the mesh of all devices.
+    """Validates the config, joins the cluster, opens the data, builds the model's forward
+    (:func:`.models.forward_of`, which refuses an own model that does not fit) and the mesh
+    of all devices.
 
     A run that writes (``write_metrics``) takes the workdir's :class:`WorkdirLock` on process
     0 before it writes anything there (release it with :func:`close_run`); evaluation and
@@ -196,6 +200,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, *, write_metrics: 
     source = data.load_dataset(config.data)
     lock = None
     try:
+        forward = models.forward_of(config, source)  # an own model is checked before any work
         sharded = step_lib.Sharded.over_all_devices(fast_compile=config.train.fast_compile)
         _check_batch_sizes(config, sharded)
         if write_metrics:
@@ -207,7 +212,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, *, write_metrics: 
         source.close()
         raise
     writer = metrics.MetricWriter(workdir, enabled=write_metrics and jax.process_index() == 0)
-    return Context(config, workdir, source, sharded, writer, lock)
+    return Context(config, workdir, source, sharded, writer, lock, forward)
 
 
 def close_run(ctx: Context) -> None:

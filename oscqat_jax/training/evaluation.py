@@ -21,6 +21,7 @@ from oscqat_jax.nn import collect
 from oscqat_jax.nn.quantizer import split_quantizer_param
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.context import Context
+from oscqat_jax.training.forward import Forward, as_forward
 
 
 def evaluate(ctx: Context, eval_fn: Callable, variables: dict) -> dict[str, float]:
@@ -37,15 +38,19 @@ def evaluate(ctx: Context, eval_fn: Callable, variables: dict) -> dict[str, floa
     }
 
 
-def reestimate_bn(ctx: Context, bn_fn: Callable, variables: dict) -> dict:
+def reestimate_bn(
+    ctx: Context, bn_fn: Callable, variables: dict, average: Callable | None = None
+) -> dict:
     """BatchNorm statistics re-estimated on ``eval.bn_batches`` training batches
-    (docs/method.md §8)."""
+    (docs/method.md §8): ``bn_fn`` gives one batch's statistics, ``average`` (the forward's
+    ``average_bn``; the package models' by default) the running ones of all."""
     batches = ctx.train_batches(0, stream="bn_batches")
     per_batch = [
         bn_fn(variables, ctx.sharded.put_batch(next(batches)[0]))
         for _ in range(ctx.config.eval.bn_batches)
     ]
-    return ctx.sharded.replicate(collect.reestimated_batch_stats(per_batch))
+    average = average or collect.reestimated_batch_stats
+    return ctx.sharded.replicate(average(per_batch))
 
 
 def quantizer_scales(params: dict) -> dict[str, float]:
@@ -64,29 +69,38 @@ class Evaluator:
     """The evaluation passes of one quantized model, compiled once over the run's mesh."""
 
     ctx: Context
+    forward: Forward
     eval_fn: Callable
     bn_fn: Callable
 
     @classmethod
     def create(cls, ctx: Context, model) -> Evaluator:
+        """The passes of ``model``: a forward (:mod:`.forward`) or a package module."""
+        forward = as_forward(model)
         return cls(
             ctx,
-            ctx.sharded.jit_batch_fn(step_lib.make_eval_step(model, "eval")),
-            ctx.sharded.jit_batch_fn(step_lib.make_bn_stats_step(model)),
+            forward,
+            ctx.sharded.jit_batch_fn(step_lib.make_eval_step(forward, "eval")),
+            ctx.sharded.jit_batch_fn(step_lib.make_bn_stats_step(forward)),
         )
+
+    @property
+    def reestimates_bn(self) -> bool:
+        """``eval.bn_reestimate``, for a model with BatchNorm layers."""
+        return self.ctx.config.eval.bn_reestimate and self.forward.has_batchnorm
 
     def evaluate(self, variables: dict) -> dict[str, float]:
         return evaluate(self.ctx, self.eval_fn, variables)
 
     def reestimate_bn(self, variables: dict) -> dict:
-        return reestimate_bn(self.ctx, self.bn_fn, variables)
+        return reestimate_bn(self.ctx, self.bn_fn, variables, self.forward.average_bn)
 
     def pre_and_post_bn(self, variables: dict) -> tuple[dict, dict | None]:
-        """Metrics with the running statistics, and (when ``eval.bn_reestimate``) the record
+        """Metrics with the running statistics, and (when :attr:`reestimates_bn`) the record
         of re-estimation: metrics with the new statistics, the statistics themselves under
         ``"batch_stats"`` and the running-vs-re-estimated mismatch."""
         pre = self.evaluate(variables)
-        if not self.ctx.config.eval.bn_reestimate:
+        if not self.reestimates_bn:
             return pre, None
         reestimated = self.reestimate_bn(variables)
         post = self.evaluate(dict(variables, batch_stats=reestimated))

@@ -10,19 +10,20 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
-from oscqat_jax.nn.config import QuantContext
-from oscqat_jax.training import build, checkpoint, loop, reports
+from oscqat_jax.training import build, checkpoint, fingerprint, loop, reports
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.context import Context
 from oscqat_jax.training.evaluation import Evaluator
+from oscqat_jax.training.forward import as_forward
 
 
 def init_variables(model, ctx: Context) -> dict:
-    """Model variables initialised on a dummy batch (float mode, replicated)."""
+    """The float model's variables initialised on a dummy batch (replicated); ``model`` a
+    forward (:mod:`.forward`) or a package module."""
+    forward = as_forward(model)
     images = jnp.zeros((1, *ctx.source.image_shape), jnp.float32)
     init = jax.jit(
-        lambda key: model.init(key, images, QuantContext.create("float_eval")),
-        compiler_options=ctx.sharded.compiler_options,
+        lambda key: forward.init(key, images), compiler_options=ctx.sharded.compiler_options
     )
     variables = init(jax.random.PRNGKey(ctx.config.seed))
     return ctx.sharded.replicate(jax.tree_util.tree_map(jnp.asarray, dict(variables)))
@@ -31,7 +32,6 @@ def init_variables(model, ctx: Context) -> dict:
 def float_phase(ctx: Context, variables: dict) -> dict:
     """Trains the float model for ``float_train.epochs`` (or loads it from the workdir cache)."""
     config = ctx.config
-    model = build.build_model(config, ctx.source.num_classes, quantize=False)
     per_epoch = ctx.steps_per_epoch
     total = config.float_train.epochs * per_epoch
     opt = build.optimizer(config, phase="float", total_steps=total, steps_per_epoch=per_epoch)
@@ -49,7 +49,7 @@ def float_phase(ctx: Context, variables: dict) -> dict:
     if restored is not None:
         state = restored
     else:
-        step_fn = step_lib.make_train_step(model, opt.tx, build.FLOAT_STEP)
+        step_fn = step_lib.make_train_step(ctx.forward, opt.tx, build.FLOAT_STEP)
         state, _ = loop.train_phase(
             ctx,
             state=state,
@@ -69,7 +69,7 @@ def float_phase(ctx: Context, variables: dict) -> dict:
 def _float_cache(ctx: Context) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(
         os.path.join(ctx.workdir, "float_model"),
-        metadata=build.run_metadata(ctx.config, "float", ctx.source.num_classes),
+        metadata=fingerprint.run_metadata(ctx.config, "float", ctx.source.num_classes),
         max_to_keep=1,
     )
 
@@ -89,20 +89,26 @@ def _move_float_cache_aside(ctx: Context, cache, err: Exception) -> checkpoint.C
 
 def calibrate(ctx: Context, model, variables: dict) -> dict:
     """Quantizer variables added to (float) ``variables`` and their ranges initialised on
-    ``quant.num_est_batches`` training batches (docs/method.md §3)."""
-    fn = jax.jit(step_lib.make_calibrate_step(model), compiler_options=ctx.sharded.compiler_options)
+    ``quant.num_est_batches`` training batches (docs/method.md §3); ``model`` a forward or a
+    package module."""
     key = jax.random.PRNGKey(ctx.seed("calibration_init"))
+    variables = as_forward(model).calibrate(
+        variables, _calibration_images(ctx), key, ctx.sharded.compiler_options
+    )
+    return ctx.sharded.replicate(variables)
+
+
+def _calibration_images(ctx: Context):
+    """The ``quant.num_est_batches`` image batches of range initialisation, on the devices."""
     batches = ctx.train_batches(0, stream="calibration_batches")
     for _ in range(ctx.config.quant.num_est_batches):
-        images = ctx.sharded.put_batch(next(batches)[0])
-        variables = fn(variables, images, key)
-    return ctx.sharded.replicate(variables)
+        yield ctx.sharded.put_batch(next(batches)[0])
 
 
 def _qat_checkpointer(ctx: Context) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(
         os.path.join(ctx.workdir, "checkpoints"),
-        metadata=build.run_metadata(ctx.config, "qat", ctx.source.num_classes),
+        metadata=fingerprint.run_metadata(ctx.config, "qat", ctx.source.num_classes),
         max_to_keep=ctx.config.train.keep_checkpoints,
     )
 
@@ -111,7 +117,7 @@ def qat_phase(ctx: Context, variables: dict, summary: dict) -> step_lib.TrainSta
     """Range initialisation of the float ``variables``, then QAT with per-epoch evaluation
     before and after BN re-estimation."""
     config = ctx.config
-    model = build.build_model(config, ctx.source.num_classes)
+    model = ctx.forward
     per_epoch = ctx.steps_per_epoch
     total = config.train.epochs * per_epoch
     opt = build.optimizer(config, phase="qat", total_steps=total, steps_per_epoch=per_epoch)
@@ -180,7 +186,7 @@ def _checkpoint_location(workdir: str, checkpoint_path: str) -> tuple[str, int |
 
 
 def restore_qat_state(ctx: Context, checkpoint_path: str = ""):
-    """The QAT model and its train state restored from a checkpoint (``checkpoint_path``: a
+    """The QAT model's forward and its train state restored from a checkpoint (``checkpoint_path``: a
     checkpoints directory or one ``<step>`` in it; empty for the workdir's newest)."""
     config = ctx.config
     directory, step = _checkpoint_location(ctx.workdir, checkpoint_path)
@@ -191,24 +197,21 @@ def restore_qat_state(ctx: Context, checkpoint_path: str = ""):
     if not os.path.isdir(directory):  # opening a Checkpointer would create it
         raise FileNotFoundError(missing)
     ckpt = checkpoint.Checkpointer(
-        directory, metadata=build.run_metadata(config, "qat", ctx.source.num_classes)
+        directory, metadata=fingerprint.run_metadata(config, "qat", ctx.source.num_classes)
     )
     if ckpt.latest_step() is None:
         ckpt.close()
         raise FileNotFoundError(missing)
-    model = build.build_model(config, ctx.source.num_classes)
+    model = ctx.forward
     per_epoch = ctx.steps_per_epoch
     opt = build.optimizer(
         config, phase="qat", total_steps=config.train.epochs * per_epoch, steps_per_epoch=per_epoch
     )
-    # The variable layout the checkpoint was written with, without computing anything.
-    float_model = build.build_model(config, ctx.source.num_classes, quantize=False)
-    key = jax.random.PRNGKey(0)
-    images = jax.ShapeDtypeStruct((1, *ctx.source.image_shape), jnp.float32)
-    float_variables = jax.eval_shape(
-        lambda k, x: dict(float_model.init(k, x, QuantContext.create("float_eval"))), key, images
+    # The variable layout the checkpoint was written with (abstractly for the package's
+    # models; an own model's range estimators appear only with one calibration batch).
+    template = model.template(
+        jax.random.PRNGKey(0), ctx.source.image_shape, lambda: _first_calibration_batch(ctx)
     )
-    template = jax.eval_shape(step_lib.make_calibrate_step(model), float_variables, images, key)
     abstract = jax.eval_shape(
         lambda t: step_lib.create_state(t, opt.tx, jax.random.PRNGKey(0)), template
     )
@@ -220,3 +223,7 @@ def restore_qat_state(ctx: Context, checkpoint_path: str = ""):
     ckpt.close()
     print(f"Restored step {int(state.step)} from {directory}.")
     return model, state
+
+
+def _first_calibration_batch(ctx: Context) -> jax.Array:
+    return next(_calibration_images(ctx))

@@ -27,10 +27,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oscqat_jax import oscillation
 from oscqat_jax.nn import api, collect
-from oscqat_jax.nn.batchnorm import BN_BATCH_STATS
-from oscqat_jax.nn.config import QuantContext
-from oscqat_jax.nn.quantizer import DAMPENING, OSCILLATION, QUANT_STATS
+from oscqat_jax.nn.quantizer import OSCILLATION, QUANT_STATS
 from oscqat_jax.training import optim
+from oscqat_jax.training.forward import as_forward
 
 DATA_AXIS = "data"
 COLLECTIONS = ("batch_stats", OSCILLATION, QUANT_STATS)
@@ -147,45 +146,38 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, cfg: StepConfig
+    model, tx: optax.GradientTransformation, cfg: StepConfig
 ) -> Callable[[TrainState, tuple, dict], tuple[TrainState, dict]]:
     """``step(state, (images, labels), hparams) -> (state, metrics)``, not yet jitted.
 
+    ``model`` is a forward (:mod:`.forward`; a package module is wrapped in one).
     ``hparams`` holds float32 scalars ``model_lr``, ``quant_lr``, ``freeze_threshold`` and
     ``dampening_weight`` (see :meth:`Schedules.table`); ``tx`` gives update directions that
     the step scales by the learning rates (:func:`optim.apply_learning_rates`).
     """
+    model = as_forward(model)
     osc = cfg.oscillations
     dampen = osc.dampen and cfg.mode == "train"
     track = osc.track and cfg.mode == "train"
-    mutable = ["batch_stats"]
-    if track:
-        mutable.append(OSCILLATION)
-    if dampen:
-        mutable.append(DAMPENING)
 
     def step(state: TrainState, batch: tuple, hparams: dict) -> tuple[TrainState, dict]:
         images, labels = batch
         lam = hparams["dampening_weight"] if dampen else jnp.zeros((), jnp.float32)
-        ctx = QuantContext.create(
-            cfg.mode,
-            freeze_threshold=hparams["freeze_threshold"],
-            osc_momentum=osc.momentum,
-            use_ema_freeze=osc.use_ema_freeze,
-            dampening_aggregation=osc.dampening_aggregation,
-            # Static: the layers check that the collections these need are mutable.
-            dampen=dampen,
-            track_oscillations=track,
-        )
         rng, dropout_rng = jax.random.split(state.rng)
 
         def loss_fn(params):
             variables = dict(state.variables, params=params)
-            logits, mutated = model.apply(
-                variables, images, ctx, mutable=mutable, rngs={"dropout": dropout_rng}
+            logits, mutated, damp = model.train(
+                variables,
+                images,
+                mode=cfg.mode,
+                osc=osc,
+                freeze_threshold=hparams["freeze_threshold"],
+                dampen=dampen,
+                track=track,
+                rng=dropout_rng,
             )
             task = cross_entropy(logits, labels)
-            damp = collect.dampening_total(mutated) if dampen else jnp.zeros((), jnp.float32)
             return task + lam * damp, (task, damp, logits, mutated)
 
         grads, (task, damp, logits, mutated) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -196,7 +188,7 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
-            batch_stats=mutated["batch_stats"],
+            batch_stats=mutated.get("batch_stats", state.batch_stats),
             oscillation=mutated.get(OSCILLATION, state.oscillation),
             opt_state=opt_state,
             rng=rng,
@@ -250,13 +242,14 @@ def make_multi_step(step: Callable, fetch: Callable) -> Callable:
     return multi
 
 
-def make_eval_step(model: nn.Module, mode: str) -> Callable:
-    """``eval(variables, (images, labels, mask)) -> sums`` of loss, top-1, top-5 and count."""
-    ctx = QuantContext.create(mode)
+def make_eval_step(model, mode: str) -> Callable:
+    """``eval(variables, (images, labels, mask)) -> sums`` of loss, top-1, top-5 and count;
+    ``mode`` ``"eval"`` or ``"float_eval"``, ``model`` a forward or a package module."""
+    model = as_forward(model)
 
     def step(variables: dict, batch: tuple) -> dict:
         images, labels, mask = batch
-        logits = model.apply(variables, images, ctx)
+        logits = model.logits(variables, images, mode)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
         return {
             "loss": jnp.sum(losses * mask),
@@ -268,20 +261,15 @@ def make_eval_step(model: nn.Module, mode: str) -> Callable:
     return step
 
 
-def make_bn_stats_step(model: nn.Module) -> Callable:
-    """``bn(variables, images) -> bn_batch_stats``: one batch's BN means and unbiased variances."""
-    ctx = QuantContext.create("bn_stats")
-
-    def step(variables: dict, images: jax.Array) -> dict:
-        _, mutated = model.apply(variables, images, ctx, mutable=[BN_BATCH_STATS])
-        return mutated[BN_BATCH_STATS]
-
-    return step
+def make_bn_stats_step(model) -> Callable:
+    """``bn(variables, images) -> statistics``: one batch's BN means and unbiased variances,
+    which the forward's ``average_bn`` turns into ``batch_stats``."""
+    return as_forward(model).bn_statistics
 
 
 def make_calibrate_step(model: nn.Module) -> Callable:
     """``calibrate(variables, images, key) -> variables``: one range-initialisation batch
-    (docs/method.md §3).
+    (docs/method.md §3) of a package module.
 
     ``variables`` may be those of the float model: the quantizer variables it lacks are
     created on the first batch (``key`` seeds their initialisers) and then calibrated.

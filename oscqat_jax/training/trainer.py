@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from oscqat_jax.training import build, evaluation, metrics, phases, reports
+from oscqat_jax.training import evaluation, metrics, phases, reports
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.context import Context, close_run, open_run
 from oscqat_jax.training.evaluation import Evaluator
@@ -40,23 +40,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train(ctx) -> dict:
-    config, source = ctx.config, ctx.source
+    config, source, forward = ctx.config, ctx.source, ctx.forward
     print(
-        f"{config.model.name} (width {config.model.width_multiplier}) on {source.name}: "
+        f"{forward.description} on {source.name}: "
         f"{source.num_train} training / {source.num_val} validation images, "
         f"{ctx.sharded.num_devices} device(s) in {jax.process_count()} process(es)."
     )
-    float_model = build.build_model(config, source.num_classes, quantize=False)
-    variables = phases.init_variables(float_model, ctx)
+    if config.eval.bn_reestimate and not forward.has_batchnorm:
+        print("The model has no BatchNorm layer: BN re-estimation (eval.bn_reestimate) is skipped.")
+    variables = phases.init_variables(forward, ctx)
     if config.model.pretrained:
-        from oscqat_jax import convert
-
         variables = ctx.sharded.replicate(
-            convert.load_pretrained(
-                config.model.pretrained,
-                float_model,
-                variables,
-                layout=config.model.pretrained_layout,
+            forward.load_pretrained(
+                config.model.pretrained, variables, config.model.pretrained_layout
             )
         )
     if config.float_train.epochs:
@@ -65,7 +61,7 @@ def _train(ctx) -> dict:
         from oscqat_jax import convert
 
         convert.save_variables(config.float_train.save_weights, jax.device_get(variables))
-    float_eval = ctx.sharded.jit_batch_fn(step_lib.make_eval_step(float_model, "float_eval"))
+    float_eval = ctx.sharded.jit_batch_fn(step_lib.make_eval_step(forward, "float_eval"))
     summary: dict = {"float": evaluation.evaluate(ctx, float_eval, variables)["top1"]}
     print(f"Float model: top-1 {summary['float']:.2f} %")
     phases.qat_phase(ctx, variables, summary)
@@ -137,17 +133,16 @@ def export_checkpoint(
 
 
 def restore_for_export(ctx: Context, checkpoint_path: str = "") -> tuple[Any, int, dict]:
-    """``(model, step, variables)`` of the checkpoint that an export writes and a deployment
+    """``(forward, step, variables)`` of the checkpoint that an export writes and a deployment
     check compares against: the BN statistics are the re-estimated ones when
-    ``eval.bn_reestimate`` is set (as the final evaluation of training uses them), else the
-    checkpoint's running ones."""
-    model, state = phases.restore_qat_state(ctx, checkpoint_path)
+    ``eval.bn_reestimate`` is set and the model has BatchNorm (as the final evaluation of
+    training uses them), else the checkpoint's running ones."""
+    forward, state = phases.restore_qat_state(ctx, checkpoint_path)
     variables = state.variables
-    if ctx.config.eval.bn_reestimate:
-        variables = dict(
-            variables, batch_stats=Evaluator.create(ctx, model).reestimate_bn(variables)
-        )
-    return model, int(state.step), variables
+    evaluator = Evaluator.create(ctx, forward)
+    if evaluator.reestimates_bn:
+        variables = dict(variables, batch_stats=evaluator.reestimate_bn(variables))
+    return forward, int(state.step), variables
 
 
 def _exporter(output: str, export_format: str, container: str = "int4"):
@@ -176,15 +171,9 @@ def _exporter(output: str, export_format: str, container: str = "int4"):
             )
         export.check_suffix(output)
 
-        def write_native(model, variables, ctx):
+        def write_native(forward, variables, ctx):
             manifest = export.export_model(
-                output,
-                variables,
-                model_name=ctx.config.model.name,
-                num_classes=ctx.source.num_classes,
-                quant_setup=build.quant_setup(ctx.config),
-                input_shape=ctx.source.image_shape,
-                **build.model_options(ctx.config),
+                output, variables, input_shape=ctx.source.image_shape, **forward.native_export()
             )
             return manifest, f"{len(manifest['weights'])} quantized layers"
 
@@ -199,9 +188,15 @@ def _exporter(output: str, export_format: str, container: str = "int4"):
             "(onnx and onnxruntime)."
         ) from None
 
-    def write_onnx(model, variables, ctx):
+    def write_onnx(forward, variables, ctx):
+        model, model_kwargs = forward.onnx_export()
         proto = onnx_export.export_model_onnx(
-            model, variables, output, input_shape=ctx.source.image_shape, container=container
+            model,
+            variables,
+            output,
+            input_shape=ctx.source.image_shape,
+            container=container,
+            **model_kwargs,
         )
         return proto, (
             f"ONNX opset {proto.opset_import[0].version}, {container} container, "

@@ -42,6 +42,11 @@ BAD = {
     "model.fold_bn": "False",
     "model.dtype": "float16",
     "model.pretrained_layout": "keras",
+    "model.train_flag": "1train",
+    "model.first_conv": 3,
+    "model.classifier": None,
+    "model.head_output": 3,
+    "model.logits": ("head",),
     "float_train.epochs": -1,
     "float_train.optimizer.lr": -0.1,
     "float_train.optimizer.lr_final": -1e-6,
@@ -61,6 +66,7 @@ BAD = {
     "quant.num_est_batches": 0,
     "quant.grad_scale": 0,
     "quant.quantize_activations": "True",
+    "quant.rules": "my_rules",  # not an import path module:function
     "osc_freeze.track": 1,
     "osc_freeze.threshold": 1.5,  # frequencies lie in [0, 1]: nothing could ever freeze
     "osc_freeze.threshold_final": 1.0001,
@@ -206,6 +212,7 @@ def _load_recipe(name: str, arg: str | None):
 PAPER_VARIANTS = [f"w{bits}_{method}" for bits in (3, 4) for method in ("lsq", "damp", "freeze")]
 RECIPES = [
     ("default", None),
+    ("own_model", None),
     ("tiny", "test"),
     ("tiny", "quick"),
     ("bn_study", "mobilenet_v2"),
