@@ -194,6 +194,8 @@ def _run():
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # jax's own setting
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
+    if os.getcwd() not in sys.path:  # a config's model import path finds modules here
+        sys.path.append(os.getcwd())
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or os.path.join(_HERE, "workdir", "default")
     if flags.FLAGS.mode == "evaluate":

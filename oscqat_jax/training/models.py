@@ -7,8 +7,8 @@ with ``num_classes=<the data's class count>`` when it takes that argument and th
 set it; it must return an unbound ``flax.linen.Module`` that maps one float32 image batch
 ``(N, H, W, C)`` to logits ``(N, classes)``. Its keyword ``config.model.train_flag`` (Flax's
 examples: ``train``) is True in train steps and False elsewhere; "" for a model without one.
-The module is found on the Python path (``python train.py`` from the repository root finds
-``demos/``; the current folder is searched too).
+The module is found on the Python path (``python train.py`` adds the current folder to it,
+as ``python -m`` does, and its own folder holds ``demos/``).
 
 Its rules: ``config.quant.setup`` (the paper's setups, :func:`oscqat_jax.nn.paper_rules`,
 with ``quant.n_bits``, ``n_bits_act``, ``per_channel``, the range methods, ``grad_scale``,
@@ -29,8 +29,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import os
-import sys
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -92,8 +90,6 @@ def _first_line(err: BaseException) -> str:
 def _import(path: str, field: str, what: str):
     """The attribute ``module:attr`` names; one sentence naming ``field`` when it cannot."""
     module_name, _, attr = path.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())  # as python -m does: your modules beside your configs
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 -- any error of the user's module is reported as such

@@ -438,14 +438,14 @@ def test_export_mode_writes_the_integer_model_of_the_checkpoint(full_run, tmp_pa
     model, variables = export.load_export(output)
     # The exported model computes what the checkpoint computes after BN re-estimation.
     ctx = context.open_run(config, workdir, write_metrics=False)
-    qat_model, state = phases.restore_qat_state(ctx)
-    bn_fn = ctx.sharded.jit_batch_fn(step_lib.make_bn_stats_step(qat_model))
+    forward, state = phases.restore_qat_state(ctx)
+    bn_fn = ctx.sharded.jit_batch_fn(step_lib.make_bn_stats_step(forward))
     reference = dict(
         state.variables, batch_stats=evaluation.reestimate_bn(ctx, bn_fn, state.variables)
     )
     images = next(ctx.eval_batches())[0]
     eval_context = QuantContext.create("eval")
-    want = qat_model.apply(reference, images, eval_context)
+    want = forward.logits(reference, images, "eval")
     got = model.apply(variables, images, eval_context)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     with pytest.raises(ValueError, match="suffix"):

@@ -1,0 +1,396 @@
+"""Your own Flax model in the training program (training/models.py, training/forward.py):
+``configs/own_model.py`` (the Flax-examples ResNet of ``demos/flax_resnet.py``) run end to end
+through ``python train.py`` at tiny sizes, resumed exactly, exported to both formats and
+checked; and every model or rule list the program cannot take refused at start-up in one
+sentence. The odd models and rules factories are in ``own_models.py`` beside this file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from testkit import ROOT, assert_trees_equal, restore_final, tiny_config
+
+from oscqat_jax.nn import paper_rules, reestimate_bn
+from oscqat_jax.training import build, fingerprint, models, trainer
+from oscqat_jax.training.config import check_config_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIG_FILE = os.path.join(ROOT, "configs", "own_model.py")
+# The shipped config at tiny sizes: 8x8 digits, a width-4 ResNet, one float epoch of 12
+# steps, two QAT epochs of 12 steps each with checkpoints every 6.
+TINY = {
+    "data.image_size": 8,
+    "data.batch_size": 128,
+    "model.kwargs.width": 4,
+    "float_train.epochs": 1,
+    "train.epochs": 2,
+    "train.log_every": 4,
+    "train.checkpoint_every": 6,
+    "eval.bn_batches": 2,
+}
+TOTAL_STEPS = 24
+
+
+def own_config(**overrides) -> ml_collections.ConfigDict:
+    """configs/own_model.py with :data:`TINY` and ``overrides`` (dotted field names)."""
+    config = _load(CONFIG_FILE)
+    for field, value in {**TINY, **overrides}.items():
+        *groups, name = field.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[name] = value
+    return config
+
+
+def _load(path: str) -> ml_collections.ConfigDict:
+    check_config_file(path)
+    namespace: dict = {}
+    exec(compile(open(path).read(), path, "exec"), namespace)  # noqa: S102 -- our own config
+    return namespace["get_config"]()
+
+
+def train_py(workdir, *flags: str, extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``python train.py --config=configs/own_model.py`` with :data:`TINY`, from the root."""
+    overrides = {**TINY, **(extra or {})}
+    command = [
+        sys.executable,
+        "train.py",
+        f"--config={CONFIG_FILE}",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+        *flags,
+    ]
+    env = dict(os.environ, PYTHONPATH=HERE)  # own_models.py, for the refusals
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeSource:
+    """What :func:`models.forward_of` reads of a data source."""
+
+    num_classes: int = 10
+    image_shape: tuple = (8, 8, 1)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("own_run"))
+    result = train_py(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result.stdout
+
+
+def _rows(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_a_run_logs_float_qat_oscillations_and_pre_and_post_bn_evaluations(own_run):
+    workdir, stdout = own_run
+    assert "demos.flax_resnet:make_model(stage_sizes=(1, 1), width=4) on digits" in stdout
+    rows = _rows(workdir)
+    assert any("float/loss" in r for r in rows)
+    qat = [r for r in rows if "qat/loss" in r]
+    assert qat[-1]["step"] == TOTAL_STEPS
+    assert all("qat/osc/oscillating" in r and "qat/osc/frozen" in r for r in qat)
+    assert any(r["qat/osc/oscillating"] > 0 for r in qat)  # 4-bit weights do oscillate
+    evals = [r for r in rows if "eval/top1_pre_bn" in r]
+    assert [r["step"] for r in evals] == [12, 24]
+    for r in evals:
+        assert 0 <= r["eval/top1_post_bn"] <= 100
+        assert any(k.startswith("eval/layer/") and k.endswith("/frozen") for k in r)
+        assert any(k.startswith("eval/bn_mean_shift/") for k in r)
+    # Chance is 10 %: the ResNet learnt digits through train.py.
+    assert evals[-1]["eval/top1_post_bn"] > 30
+    for name in ("accuracy.png", "oscillations.png", "threshold_distance.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == str(TOTAL_STEPS)
+
+
+@pytest.mark.slow
+def test_a_stopped_and_resumed_run_ends_exactly_in_the_uninterrupted_state(own_run, tmp_path):
+    workdir, _ = own_run
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(workdir, "float_model"), os.path.join(resumed, "float_model"))
+    stopped = train_py(resumed, extra={"train.stop_at_step": 9})
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "Float model: loaded from" in stopped.stdout  # an own model's float cache
+    config = own_config()
+    assert restore_final(resumed, config)[0] == 9
+    finished = train_py(resumed)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "Resuming QAT from step 9" in finished.stdout
+    step_a, state_a = restore_final(workdir, config)
+    step_b, state_b = restore_final(resumed, config)
+    assert step_a == step_b == TOTAL_STEPS
+    assert_trees_equal(state_a, state_b)  # exactly
+    last = {k: v for k, v in _rows(workdir)[-1].items() if k.startswith("eval/")}
+    again = {k: v for k, v in _rows(resumed)[-1].items() if k.startswith("eval/")}
+    assert last and last == again
+
+
+@pytest.mark.slow
+def test_four_steps_per_call_end_in_the_state_of_one(own_run, tmp_path):
+    workdir, _ = own_run
+    other = str(tmp_path / "k4")
+    os.makedirs(other)
+    shutil.copytree(os.path.join(workdir, "float_model"), os.path.join(other, "float_model"))
+    result = train_py(other, extra={"train.steps_per_call": 4})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "up to 4 steps per call" in result.stdout
+    config = own_config()
+    _, state_a = restore_final(workdir, config)
+    _, state_b = restore_final(other, config)
+    frozen = lambda s: jax.tree_util.tree_map(np.asarray, s["oscillation"])  # noqa: E731
+    assert_trees_equal(frozen(state_a), frozen(state_b), atol=1e-5)
+    assert_trees_equal(state_a["params"], state_b["params"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_exports_agree_with_jax_and_the_export_check_passes(own_run, tmp_path, capsys):
+    from oscqat_jax import export
+    from oscqat_jax.deploy import check, onnx_export
+    from oscqat_jax.training import context
+
+    workdir, _ = own_run
+    config = own_config()
+    native, onnx_file = str(tmp_path / "model.npz"), str(tmp_path / "model.onnx")
+    manifest = trainer.export_checkpoint(config, workdir, native)
+    assert manifest["model"]["kind"] == "rules" and manifest["call_kwargs"] == {"train": False}
+    trainer.export_checkpoint(config, workdir, onnx_file, export_format="onnx")
+
+    ctx = context.open_run(config, workdir, write_metrics=False)
+    try:
+        forward, step, variables = trainer.restore_for_export(ctx)
+        images = np.concatenate([batch[0] for batch in ctx.eval_batches()])
+    finally:
+        context.close_run(ctx)
+    assert step == TOTAL_STEPS
+    want = np.asarray(forward.logits(variables, images, "eval"))
+    loaded = export.load_export(native, model=forward.quantized)
+    got_native = forward.quantized.apply(loaded, images, mode="eval", train=False)
+    np.testing.assert_allclose(np.asarray(got_native), want, atol=1e-5)
+    got_onnx = onnx_export.run_onnx(onnx_file, images)
+    np.testing.assert_allclose(got_onnx, want, atol=1e-4)
+    assert np.mean(got_onnx.argmax(-1) == want.argmax(-1)) > 0.99
+
+    argv = [onnx_file, f"--config={CONFIG_FILE}", f"--workdir={workdir}"]
+    argv += [f"--config.{k}={v}" for k, v in TINY.items()]
+    assert check.main(argv) == 0
+    assert "Top-1 agreement: 100.00 %" in capsys.readouterr().out
+    # The control: the check rebuilds the model from the config, so another width fails.
+    assert check.main([*argv, "--config.model.kwargs.width=6"]) == 1
+    assert "model.kwargs.width 4 → 6" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_changed_kwarg_refuses_the_resume_and_the_same_config_resumes(own_run):
+    workdir, _ = own_run
+    with pytest.raises(ValueError, match=r"changes model\.kwargs\.width 4 → 6"):
+        trainer.evaluate_checkpoint(own_config(**{"model.kwargs.width": 6}), workdir)
+    with pytest.raises(ValueError, match=r"changes model\.classifier"):
+        trainer.evaluate_checkpoint(own_config(**{"model.classifier": "head|conv_init"}), workdir)
+    result = trainer.evaluate_checkpoint(own_config(), workdir)
+    assert result["step"] == TOTAL_STEPS and result["top1_post_bn"] > 30
+
+
+# ----------------------------------------------------------------------------- no BatchNorm
+
+
+def test_a_model_without_batchnorm_trains_without_bn_reestimation(tmp_path, capsys):
+    config = own_config(
+        **{
+            "model.name": "own_models:NoBatchNorm",
+            "model.train_flag": "",
+            "model.first_conv": "stem",
+            "model.kwargs": {},
+            "float_train.epochs": 0,
+            "train.epochs": 1,
+            "data.batch_size": 256,
+            "train.checkpoint_every": 100,
+        }
+    )
+    summary = trainer.train_and_evaluate(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert (
+        "The model has no BatchNorm layer: BN re-estimation (eval.bn_reestimate) is skipped" in out
+    )
+    evals = [r for r in _rows(str(tmp_path)) if "eval/top1_pre_bn" in r]
+    assert len(evals) == 1 and "eval/top1_post_bn" not in evals[0]
+    assert summary["qat_post_bn"] is None and summary["frozen_end"] is not None
+    _, state = restore_final(str(tmp_path), config)
+    assert "batch_stats" not in state or not jax.tree_util.tree_leaves(state["batch_stats"])
+
+
+# ----------------------------------------------------------------------------- refusals
+
+REFUSALS = [
+    ({"model.name": "no_such_module:make"}, r"the module no_such_module cannot be imported"),
+    ({"model.name": "demos.flax_resnet:nope"}, r"demos.flax_resnet has no attribute 'nope'"),
+    ({"model.name": "own_models:NOT_CALLABLE"}, r"is a int, not a function or class"),
+    ({"model.name": "own_models:not_a_module"}, r"returned a int, not a flax\.linen\.Module"),
+    ({"model.name": "own_models:broken"}, r"calling it .* failed \(RuntimeError: the factory"),
+    ({"model.name": "own_models:NNXNet"}, r"gives a flax\.nnx model, but train\.py takes"),
+    ({"model.name": "own_models:nnx_factory"}, r"gives a flax\.nnx model"),
+    ({"model.name": "own_models:TwoInputs"}, r"takes 2 inputs \(x, mask\), but train\.py feeds"),
+    ({"model.name": "own_models:NoInput"}, r"takes no input, but train\.py feeds it one image"),
+    (
+        {"model.name": "own_models:Tokens"},
+        r"cannot take the data's float32 image batch \(N, 8, 8, 1\)",
+    ),
+    (
+        {"model.name": "own_models:wrong_classes", "model.train_flag": ""},
+        r"returns \(2, 3\) .* has 10 classes",
+    ),
+    (
+        {"model.name": "own_models:NoTrainFlag"},
+        r"has no argument 'train' \(config\.model\.train_flag\)",
+    ),
+    ({"model.classifier": "fc"}, r"do not fit .*rules\[0\] \(module_path 'fc'\) matches no site"),
+    ({"model.first_conv": ""}, r"model\.first_conv is empty: .*conv_init, head"),
+    ({"model.first_conv": "conv_init|head"}, r"meant for one layer but matches 2"),
+    ({"model.first_conv": "("}, r"paper rules .* cannot be written .*not a valid regular"),
+    ({"quant.setup": "float"}, r"quant\.setup = 'float' quantizes nothing"),
+    ({"quant.setup": "LSQ"}, r"setup 'LSQ' quantizes the activations that feed the pooling"),
+    ({"quant.rules": "own_models:rules_quantizing_nothing"}, r"No rule quantizes any site"),
+    ({"quant.rules": "own_models:rules_matching_nothing"}, r"'no_such_layer'\) matches no site"),
+    ({"quant.rules": "own_models:rules_not_rules"}, r"rules\[0\] must be a QuantRule, got str"),
+    ({"quant.rules": "own_models:nope"}, r"own_models has no attribute 'nope'"),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    REFUSALS,
+    ids=[",".join(f"{k}={v}" for k, v in overrides.items()) for overrides, _ in REFUSALS],
+)
+def test_what_does_not_fit_is_refused_in_one_sentence(overrides, match):
+    config = own_config(**overrides)
+    if overrides.get("model.name", "").startswith("own_models:"):
+        config.model.kwargs = {}
+    with pytest.raises(ValueError, match=match) as error:
+        models.forward_of(config, FakeSource())
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+
+
+def test_the_controls_of_the_refusals_build_forwards():
+    forward = models.forward_of(own_config(), FakeSource())
+    assert forward.has_batchnorm and forward.train_flag == "train"
+    config = own_config(**{"model.name": "own_models:NoBatchNorm", "model.train_flag": ""})
+    config.model.kwargs = {}
+    config.quant.rules = "own_models:rules_for_no_batchnorm"
+    config.quant.rules_kwargs = {"n_bits": 3}
+    forward = models.forward_of(config, FakeSource())
+    assert not forward.has_batchnorm
+    want = paper_rules("LSQ_paper", 3, first_conv="stem", classifier="head")
+    assert forward.quantized.rules == want
+
+
+def test_weight_only_quantization_leaves_every_activation_float():
+    config = own_config(**{"quant.quantize_activations": False})
+    rules = models.forward_of(config, FakeSource()).quantized.rules
+    assert rules and all(r.act_bits is None and r.output_bits is None for r in rules)
+    assert any(r.weight_bits == 4 for r in rules)
+    plan = models.forward_of(own_config(), FakeSource()).quantized.rules
+    assert any(r.act_bits == 4 for r in plan)  # the control: activations quantized by default
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.name": "no_such_module:make"}, "the module no_such_module cannot be imported"),
+        ({"model.name": "own_models:NNXNet"}, "train.py takes flax.linen models"),
+    ],
+)
+def test_train_py_refuses_in_one_sentence_and_writes_nothing(tmp_path, overrides, message):
+    workdir = tmp_path / "run"
+    result = train_py(str(workdir), extra=overrides)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
+    assert not workdir.exists()
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_own_model_fields_and_the_package_models_fields_are_not_mixed():
+    build.validate(own_config())
+    with pytest.raises(ValueError, match=r"^config\.model\.width_multiplier = 0\.5 .*package"):
+        build.validate(own_config(**{"model.width_multiplier": 0.5}))
+    with pytest.raises(ValueError, match=r"^config\.model\.kwargs = \{'width': 4\} .*import path"):
+        package = tiny_config()
+        package.model.kwargs = {"width": 4}
+        build.validate(package)
+    with pytest.raises(ValueError, match=r"^config\.quant\.rules = 'a:b' .*use quant\.setup"):
+        build.validate(tiny_config(quant__rules="a:b"))
+    with pytest.raises(ValueError, match=r"^config\.model\.name = 'demos/flax_resnet' "):
+        build.validate(own_config(**{"model.name": "demos/flax_resnet"}))
+
+
+def test_the_fingerprint_fixes_an_own_models_kwargs_and_rules():
+    config = own_config()
+    qat = fingerprint.run_metadata(config, "qat", 10)
+    float_ = fingerprint.run_metadata(config, "float", 10)
+    for name, value in {
+        "model.name": "demos.flax_resnet:make_model",
+        "model.kwargs.width": 4,
+        "model.kwargs.stage_sizes": (1, 1),
+        "model.train_flag": "train",
+        "model.first_conv": "conv_init",
+        "model.classifier": "head",
+        "quant.rules": "",
+    }.items():
+        assert qat.fixed[name] == value, name
+    # The float model does not depend on the rules: a new classifier pattern reuses it.
+    assert "model.kwargs.width" in float_.fixed and "model.classifier" not in float_.fixed
+    other = own_config(**{"model.kwargs.width": 6})
+    assert fingerprint.run_metadata(other, "float", 10).fixed != float_.fixed
+    factory = own_config(**{"quant.rules": "own_models:rules_for_no_batchnorm"})
+    factory.quant.rules_kwargs = {"n_bits": 3}
+    assert fingerprint.run_metadata(factory, "qat", 10).fixed["quant.rules_kwargs.n_bits"] == 3
+
+
+def test_the_package_models_record_none_of_the_own_model_fields():
+    for phase in ("float", "qat"):
+        metadata = fingerprint.run_metadata(tiny_config(), phase, 4)
+        recorded = {**metadata.fixed, **metadata.tunable}
+        assert not [k for k in recorded if k.startswith(("model.kwargs", "model.train_flag"))]
+        assert not [k for k in recorded if k in ("model.first_conv", "quant.rules")]
+        assert "model.width_multiplier" in recorded  # the control
+
+
+# ----------------------------------------------------------------------------- the forward
+
+
+def test_bn_reestimation_batch_by_batch_equals_the_verb_over_all_batches():
+    forward = models.forward_of(own_config(), FakeSource())
+    images = [jax.random.normal(jax.random.key(i), (16, 8, 8, 1)) for i in range(3)]
+    variables = forward.calibrate(
+        jax.jit(forward.init)(jax.random.key(0), images[0][:1]), images[:1], jax.random.key(1)
+    )
+    per_batch = [jax.jit(forward.bn_statistics)(variables, x) for x in images]
+    ours = forward.average_bn(per_batch)
+    verb = reestimate_bn(forward.quantized, variables, images, train=False)["batch_stats"]
+    assert_trees_equal(ours, verb, atol=1e-6, rtol=1e-6)
+    # The control: the running statistics were not already these.
+    diff = jax.tree_util.tree_map(
+        lambda a, b: jnp.max(jnp.abs(a - b)), ours, variables["batch_stats"]
+    )
+    assert max(jax.tree_util.tree_leaves(diff)) > 1e-3
