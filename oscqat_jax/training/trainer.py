@@ -91,7 +91,7 @@ def evaluate_checkpoint(
 
 EXPORT_FORMATS = ("native", "onnx")
 """``native``: the integer export of :mod:`oscqat_jax.export` (``.safetensors``/``.npz``);
-``onnx``: a QDQ ONNX graph (:mod:`oscqat_jax.deploy`, needs the ``deploy`` extra)."""
+``onnx``: a QDQ ONNX graph (:mod:`oscqat_jax.export.onnx`, needs the ``deploy`` extra)."""
 ONNX_CONTAINERS = ("int4", "int8")
 """How an ONNX export stores the integers: ``int4`` (the portable QDQ form, each grid in the
 narrowest type) or ``int8`` (8-bit types, run by ONNX Runtime's integer kernels)."""
@@ -110,9 +110,9 @@ def export_checkpoint(
     Args:
       export_format: ``native`` writes ``.safetensors`` or ``.npz`` (by the suffix, see
         :mod:`oscqat_jax.export`); ``onnx`` writes a ``.onnx`` file
-        (:func:`oscqat_jax.deploy.export_model_onnx`, batch dimension dynamic, NHWC input).
+        (:func:`oscqat_jax.export.onnx.export_model_onnx`, batch dimension dynamic, NHWC input).
       container: ONNX only: ``int4`` (QDQ form, integers at their bit width) or ``int8``
-        (8-bit integers for ONNX Runtime's integer kernels), see :mod:`oscqat_jax.deploy`.
+        (8-bit integers for ONNX Runtime's integer kernels), see :mod:`oscqat_jax.export.onnx`.
 
     Returns:
       The export's manifest (``native``) or the ``onnx.ModelProto`` written (``onnx``); None
@@ -181,7 +181,7 @@ def _exporter(output: str, export_format: str, container: str = "int4"):
     if suffix != ".onnx":
         raise ValueError(f"ONNX export file {output} must end in .onnx, not {suffix!r}.")
     try:
-        from oscqat_jax.deploy import onnx_export
+        from oscqat_jax.export.onnx import exporter as onnx_export
     except ImportError as err:
         raise RuntimeError(
             f"The onnx format needs the {err.name} package: pip install 'oscqat_jax[deploy]' "

@@ -41,7 +41,8 @@ from onnx import TensorProto, numpy_helper
 from testkit import TEST_BLOCKS
 
 from oscqat_jax import quant
-from oscqat_jax.deploy import _integer, export_model_onnx, export_onnx, run_onnx
+from oscqat_jax.deploy import export_model_onnx, export_onnx, run_onnx
+from oscqat_jax.export.onnx import _integer
 from oscqat_jax.models import create_model, quant_plan
 from oscqat_jax.nn.config import QuantContext
 from oscqat_jax.nn.setups import SETUPS, QuantSetup
@@ -304,7 +305,7 @@ def test_one_weight_integer_changed_by_one_step_breaks_the_comparison(w3a3, tmp_
     probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(matmul.input[0]))
     path = tmp_path / "probe.onnx"
     onnx.save(probe, path)
-    from oscqat_jax.deploy.onnx_export import inference_session
+    from oscqat_jax.export.onnx import inference_session
 
     session = inference_session(path)
     features = session.run([matmul.input[0]], {"images": images})[0]
@@ -439,7 +440,7 @@ def toy_int8():
 
 
 def _run_all(proto, images) -> list[np.ndarray]:
-    from oscqat_jax.deploy.onnx_export import inference_session
+    from oscqat_jax.export.onnx import inference_session
 
     session = inference_session(proto)
     return session.run(None, {session.get_inputs()[0].name: images})

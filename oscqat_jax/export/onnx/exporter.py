@@ -128,9 +128,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from oscqat_jax.export import fileformat
-from oscqat_jax.deploy._graph import Graph
-from oscqat_jax.deploy._lowering import CONTAINERS, Lowering
-from oscqat_jax.deploy._values import Const, Tensor
+from oscqat_jax.export.onnx._graph import Graph
+from oscqat_jax.export.onnx._lowering import CONTAINERS, Lowering
+from oscqat_jax.export.onnx._values import Const, Tensor
 from oscqat_jax.nn import depthwise
 
 MIN_OPSET = 21

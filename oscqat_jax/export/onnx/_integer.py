@@ -1,4 +1,4 @@
-"""Integer layers of the int8-container ONNX export (see :mod:`.onnx_export`): a convolution or
+"""Integer layers of the int8-container ONNX export (see :mod:`.exporter`): a convolution or
 matmul whose input is an activation quantizer's integers and whose kernel is a weight
 quantizer's integers, lowered to ONNX Runtime's integer kernels.
 
@@ -20,8 +20,8 @@ import dataclasses
 import numpy as np
 from onnx import TensorProto
 
-from oscqat_jax.deploy._graph import Graph
-from oscqat_jax.deploy._values import Affine, QInt
+from oscqat_jax.export.onnx._graph import Graph
+from oscqat_jax.export.onnx._values import Affine, QInt
 
 _I16_MAX = 32767
 """x86 AVX2/AVX-512 kernels without VNNI multiply uint8 by int8 pairwise into int16
