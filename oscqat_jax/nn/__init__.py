@@ -4,8 +4,9 @@ quantized layers, and the helpers a training loop needs.
 The public names, importable as ``from oscqat_jax.nn import ...``:
 
 - **any Flax model** (Linen or NNX; :mod:`~oscqat_jax.nn.verbs`): :class:`QuantRule` and
-  :func:`paper_rules` (which layers, how; :mod:`~oscqat_jax.nn.rules`), :class:`ActQuant` (marks
-  an activation), :func:`quantize_model`, :func:`calibrate`, :func:`plan`, :func:`set_mode` and
+  :func:`paper_rules` (which layers, how; :mod:`~oscqat_jax.nn.rules`), :func:`setup_rules`
+  and :class:`ModelSites` (a :class:`QuantSetup` as rules), :class:`ActQuant` (marks an
+  activation), :class:`ConvBN` (a conv + BatchNorm site, BN foldable), :func:`quantize_model`, :func:`calibrate`, :func:`plan`, :func:`set_mode` and
   :func:`set_schedule` (NNX), :func:`dampening_term`, :func:`reestimate_bn`,
   :func:`oscillation_summary`, :func:`depthwise_layers`; the Linen wrapper
   :class:`QuantizedModel` and its train-call result :class:`QuantAux`; the NNX variable types
@@ -39,6 +40,9 @@ from oscqat_jax.nn.setups import QuantSetup
 _LAZY = {
     "QuantRule": "oscqat_jax.nn.rules",
     "paper_rules": "oscqat_jax.nn.rules",
+    "ConvBN": "oscqat_jax.nn.convbn",
+    "ModelSites": "oscqat_jax.nn.setup_rules",
+    "setup_rules": "oscqat_jax.nn.setup_rules",
     "ActQuant": "oscqat_jax.nn.verbs",
     "quantize_model": "oscqat_jax.nn.verbs",
     "calibrate": "oscqat_jax.nn.verbs",
@@ -73,7 +77,9 @@ def __dir__() -> list[str]:
 __all__ = [
     "ActQuant",
     "BatchNorm",
+    "ConvBN",
     "LayerQuant",
+    "ModelSites",
     "Oscillation",
     "QuantAux",
     "QuantContext",
@@ -99,5 +105,6 @@ __all__ = [
     "reestimate_bn",
     "set_mode",
     "set_schedule",
+    "setup_rules",
     "strip_dampening",
 ]

@@ -106,6 +106,16 @@ def _set_argument(args: list, kwargs: dict, index: int, name: str, value) -> boo
     return True
 
 
+def _with_batch_statistics(module: nn.Module, next_fun: Callable, args, kwargs):
+    """``next_fun(*args, **kwargs)`` with ``module.use_running_average`` False for the call."""
+    original = module.use_running_average
+    object.__setattr__(module, "use_running_average", False)
+    try:
+        return next_fun(*args, **kwargs)
+    finally:
+        object.__setattr__(module, "use_running_average", original)
+
+
 def _bn_recorder(records: list) -> Callable:
     """An interceptor that records each BatchNorm call's batch mean and unbiased variance into
     ``records`` (``(path, mean, var)``) and makes the call normalise with batch statistics."""
@@ -125,19 +135,19 @@ def _bn_recorder(records: list) -> Callable:
             records.append((path, mean, unbiased))
             if _set_argument(args, kwargs, 1, "use_running_average", False):
                 return next_fun(*args, **kwargs)
-            original = module.use_running_average
-            object.__setattr__(module, "use_running_average", False)
-            try:
-                return next_fun(*args, **kwargs)
-            finally:
-                object.__setattr__(module, "use_running_average", original)
+            return _with_batch_statistics(module, next_fun, args, kwargs)
         if isinstance(module, batchnorm.BatchNorm) and context.method_name == "statistics":
             # ``statistics`` serves the layer's own call and a conv folding it alike.
             x = args[0] if args else kwargs["x"]
-            ctx = args[1] if len(args) > 1 else kwargs["ctx"]
+            ctx = args[1] if len(args) > 1 else kwargs.get("ctx")
             mean, _, unbiased = moments(x, tuple(range(x.ndim - 1)))
             records.append((path, mean, unbiased))
-            _set_argument(args, kwargs, 1, "ctx", dataclasses.replace(ctx, mode="bn_stats"))
+            if ctx is not None:
+                _set_argument(args, kwargs, 1, "ctx", dataclasses.replace(ctx, mode="bn_stats"))
+                return next_fun(*args, **kwargs)
+            # A plain model's call: use_running_average (attribute or argument) decides.
+            kwargs["use_running_average"] = None
+            return _with_batch_statistics(module, next_fun, args, kwargs)
         return next_fun(*args, **kwargs)
 
     return intercept

@@ -43,17 +43,18 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax.core import lift
 from flax.core.scope import in_filter
 from flax.errors import ScopeCollectionNotFound
 
 from oscqat_jax import oscillation
-from oscqat_jax.nn import depthwise
+from oscqat_jax.nn import convbn, depthwise
 from oscqat_jax.nn.api import CALIBRATION_COLLECTIONS, check_scales
 from oscqat_jax.nn.collect import dampening_total
-from oscqat_jax.nn.config import LayerQuant, QuantContext
-from oscqat_jax.nn.linen_store import quantize_activation, quantize_weight
+from oscqat_jax.nn.config import QuantContext
+from oscqat_jax.nn.convbn import ConvBN
+from oscqat_jax.nn.kernel_hooks import depthwise_fast_path, quantized_kernel
+from oscqat_jax.nn.linen_store import quantize_activation
 from oscqat_jax.nn.quantizer import DAMPENING, OSCILLATION, QUANT_STATS, QUANTIZED_WEIGHTS
 from oscqat_jax.nn.rules import QuantRule, Site, SitePlan, check_coverage, check_rules, site_plan
 
@@ -67,11 +68,22 @@ APPLY_MODES = {"eval": "eval", "train": "train", "float": "float_eval"}
 class ActQuant(nn.Module):
     """Marks an activation for quantization: identity ``(...) -> (...)`` in a model run
     without rules; under :func:`quantize_model` the first rule matching its path quantizes
-    the value with the rule's ``output_bits`` (per tensor, float32 grid, input dtype out)."""
+    the value with the rule's ``output_bits`` (per tensor, float32 grid, input dtype out).
+
+    Every call of a hook uses its one quantizer. ``update_range=False`` makes a call use it
+    as it stands, without feeding its range estimator in calibration (the reference's tied
+    quantizers: pooled features re-quantized with the scale of the activations pooled,
+    docs/method.md §4); other modes never update a range.
+    """
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, update_range: bool = True) -> jax.Array:
+        del update_range  # read by the interceptor
         return x
+
+
+SITE_TYPES = (*LAYER_TYPES, ConvBN, ActQuant)
+"""Modules the interceptor treats as quantization sites."""
 
 
 class QuantAux(NamedTuple):
@@ -113,67 +125,17 @@ def _check_per_channel(module: nn.Module, path: str) -> None:
     )
 
 
-@contextlib.contextmanager
-def _quantized_kernel(
-    module: nn.Module, quant: LayerQuant, ctx: QuantContext, path: str, *, seen: dict
-):
-    """Within the block, ``module`` fake-quantizes its kernel as it passes ``promote_dtype``.
-
-    ``seen`` maps a layer's path to (a weak reference to) the kernel value its last call in
-    this model call quantized: the same value again is a repeated call of the layer in the
-    same step (a tied or looped layer; under a transform that traces its body twice, such as
-    ``nn.scan``, each trace has its own values), see :func:`quantize_weight`.
-    """
-    original = module.promote_dtype
-    calls = []
-
-    def promote(inputs, kernel, *rest, **kwargs):
-        calls.append(path)
-        last = seen.get(path)
-        repeat = last is not None and last() is kernel
-        seen[path] = weakref.ref(kernel)
-        w_q = quantize_weight(
-            module,
-            jnp.asarray(kernel, jnp.float32),
-            quant.weight,
-            ctx,
-            track=quant.track_oscillations,
-            dampen=quant.dampen,
-            repeat=repeat,
-            require_calibration=True,
+def _check_tracking_state(module: nn.Module, quant: SitePlan, ctx: QuantContext, path: str):
+    if (
+        quant.track_oscillations
+        and ctx.tracking
+        and not module.is_initializing()
+        and not module.has_variable(OSCILLATION, "prev_int")
+    ):
+        raise ValueError(
+            f"Layer {path} tracks oscillations but the variables have no '{OSCILLATION}' "
+            "collection; pass the variables from init/calibrate, updated with aux.updates."
         )
-        # Float modes keep the user's kernel (and its dtype) untouched.
-        return original(inputs, w_q if ctx.quantize else kernel, *rest, **kwargs)
-
-    object.__setattr__(module, "promote_dtype", promote)
-    try:
-        yield
-    finally:
-        object.__setattr__(module, "promote_dtype", original)
-    if len(calls) != 1:
-        raise RuntimeError(
-            f"Layer {path} ({type(module).__name__}) passed its kernel through promote_dtype "
-            f"{len(calls)} times instead of once; this Flax version's layer cannot be quantized "
-            "by interception."
-        )
-
-
-@contextlib.contextmanager
-def _depthwise_fast_path(module: nn.Module, impl: str):
-    """Within the block, a depth-wise ``nn.Conv`` convolves with the package's depth-wise
-    implementation ``impl`` (:mod:`oscqat_jax.nn.depthwise`: shifted slices on CPU, where
-    XLA's grouped convolution is slow) instead of ``lax.conv_general_dilated``; dilated
-    convs fall back to the latter. Only the summation order differs between the two."""
-    if depthwise.resolve_impl(impl) == "lax" or type(module) is not nn.Conv:
-        yield
-        return
-    original = module.conv_general_dilated
-    conv = depthwise.conv_general_dilated_with(impl, original)
-    object.__setattr__(module, "conv_general_dilated", conv)
-    try:
-        yield
-    finally:
-        object.__setattr__(module, "conv_general_dilated", original)
 
 
 def _interceptor(
@@ -202,36 +164,46 @@ def _interceptor(
             record[site.path] = plan
         return plan
 
+    def hook(module: ActQuant, path: str, next_fun, args, kwargs):
+        spec = note(Site(path, "hook")).output
+        y = next_fun(*args, **kwargs)
+        if not spec.enabled:
+            return y
+        update_range = args[1] if len(args) > 1 else kwargs.get("update_range", True)
+        hook_ctx = ctx
+        if ctx.mode == "calibrate" and not update_range:
+            hook_ctx = dataclasses.replace(ctx, mode="eval")
+        return quantize_activation(
+            module, "output", y, spec, hook_ctx, require_calibration=True
+        ).astype(y.dtype)
+
     def intercept(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, (ActQuant, *LAYER_TYPES)):
+        if context.method_name != "__call__" or not isinstance(module, SITE_TYPES):
+            return next_fun(*args, **kwargs)
+        if isinstance(module.parent, ConvBN):  # quantized by its ConvBN site
             return next_fun(*args, **kwargs)
         path = "/".join(module.scope.path)
         if isinstance(module, ActQuant):
-            spec = note(Site(path, "hook")).output
-            y = next_fun(*args, **kwargs)
-            if not spec.enabled:
-                return y
-            return quantize_activation(
-                module, "output", y, spec, ctx, require_calibration=True
-            ).astype(y.dtype)
+            return hook(module, path, next_fun, args, kwargs)
         args, kwargs = list(args), dict(kwargs)
+        if isinstance(module, ConvBN):
+            x = args[0] if args else kwargs["x"]
+            quant = note(Site(path, "conv_bn", convbn.is_depthwise(module, x)))
+            folds = quant.rule is not None and quant.rule.fold_bn
+            if not (quant.quantized or folds):
+                return next_fun(*args, **kwargs)
+            _check_tracking_state(module, quant, ctx, path)
+            return convbn.quantized_call(
+                module, next_fun, args, kwargs, quant, ctx, seen=seen, depthwise_impl=depthwise_impl
+            )
         x = args[0] if args else kwargs["inputs"]
         quant = note(Site(path, "layer", _depthwise(module, x)))
         if not quant.quantized:
             return next_fun(*args, **kwargs)
         if quant.weight.per_channel:
             _check_per_channel(module, path)
-        if (
-            quant.track_oscillations
-            and ctx.tracking
-            and not module.is_initializing()
-            and not module.has_variable(OSCILLATION, "prev_int")
-        ):
-            raise ValueError(
-                f"Layer {path} tracks oscillations but the variables have no '{OSCILLATION}' "
-                "collection; pass the variables from init/calibrate, updated with aux.updates."
-            )
+        _check_tracking_state(module, quant, ctx, path)
         x = quantize_activation(module, "input", x, quant.input, ctx, require_calibration=True)
         if args:
             args[0] = x
@@ -242,9 +214,9 @@ def _interceptor(
         # Float mode runs the user's model untouched, its convolutions included.
         fast = None
         if ctx.quantize and _depthwise(module, x):
-            fast = _depthwise_fast_path(module, depthwise_impl)
+            fast = depthwise_fast_path(module, depthwise_impl)
         with (
-            _quantized_kernel(module, quant, ctx, path, seen=seen),
+            quantized_kernel(module, quant, ctx, path, seen=seen),
             fast or contextlib.nullcontext(),
         ):
             return next_fun(*args, **kwargs)

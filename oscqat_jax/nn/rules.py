@@ -5,10 +5,13 @@ A :class:`QuantRule` names layers by a regular expression that must match the wh
 ``"block1/conv"``). Rules form an ordered list; for each quantization site the **first**
 matching rule decides, and a site that no rule matches stays in floating point.
 
-Sites are of two kinds (see :mod:`oscqat_jax.nn.intercept` for how they are found):
+Sites are of three kinds (see :mod:`oscqat_jax.nn.intercept` for how they are found):
 
 - **layers** (``nn.Conv``, ``nn.Dense``, ...): the rule's ``weight_bits`` quantize the kernel
   and its ``act_bits`` the layer's *input* (the paper's ``LSQ_paper`` placement);
+- **conv + BatchNorm** (:class:`~oscqat_jax.nn.convbn.ConvBN`): as a layer (its conv's
+  kernel and its input), with BN folded into the quantized kernel when the rule says
+  ``fold_bn=True``;
 - **activation hooks** (:class:`~oscqat_jax.nn.intercept.ActQuant`, an identity module the
   user places where a value should be quantized: after BN and the activation, after a
   residual add, on the logits): the rule's ``output_bits`` quantize the value there.
@@ -95,6 +98,7 @@ class QuantRule:
     dampen: bool = True  # add this kernel's dampening term to the loss (train mode)
     max_bits: int = 4  # widest weight that is tracked and frozen (the paper: 4)
     sites: str = "some"  # sites the pattern must match: "some" (>= 1), "one" or "any" (>= 0)
+    fold_bn: bool = False  # ConvBN sites: fold BN into the quantized kernel (others ignore it)
 
     def __post_init__(self):
         check_pattern(self.module_path, "module_path")
@@ -104,6 +108,7 @@ class QuantRule:
         for name in ("per_channel", "weight_symmetric", "act_symmetric", "grad_scale"):
             _check_bool(getattr(self, name), name)
         _check_bool(self.track, "track")
+        _check_bool(self.fold_bn, "fold_bn")
         _check_bool(self.dampen, "dampen")
         for name in ("weight_range_method", "act_range_method"):
             if getattr(self, name) not in RANGE_METHODS:
@@ -181,7 +186,7 @@ def check_rules(rules: Iterable[QuantRule]) -> tuple[QuantRule, ...]:
 @dataclasses.dataclass(frozen=True)
 class SitePlan(LayerQuant):
     """How one site is quantized (the :class:`~oscqat_jax.nn.config.LayerQuant` fields), and
-    why: the site's ``kind`` (``layer`` or ``hook``), whether it is a depth-wise conv, and
+    why: the site's ``kind`` (``layer``, ``conv_bn`` or ``hook``), whether it is a depth-wise conv, and
     the first rule that matched it. Layers report ``weight``/``input``, hooks ``output``."""
 
     kind: str = "layer"
@@ -201,8 +206,8 @@ def site_plan(rules: Sequence[QuantRule], site: Site) -> SitePlan:
 
 
 class Site(NamedTuple):
-    """A place in a model that rules can quantize: a conv/dense ``layer`` or an activation
-    ``hook``, at ``path``, and whether it is a depth-wise conv."""
+    """A place in a model that rules can quantize: a conv/dense ``layer``, a conv + BatchNorm
+    (``conv_bn``) or an activation ``hook``, at ``path``, and whether it is a depth-wise conv."""
 
     path: str
     kind: str
@@ -277,6 +282,7 @@ def paper_rules(
     act_symmetric: bool = True,
     grad_scale: bool = False,
     max_bits: int = 4,
+    fold_bn: bool = False,
 ) -> tuple[QuantRule, ...]:
     """The paper's quant ``setup`` (docs/method.md §4; one of ``setups.SETUPS``) as an ordered
     rule list.
@@ -298,6 +304,7 @@ def paper_rules(
       logits: regex of the hook after the classifier, when the model has one; the setups
         with float logits (``LSQ``, ``FP_logits``) keep it float.
       per_channel ... max_bits: as the fields of :class:`QuantRule` (and of ``QuantSetup``).
+      fold_bn: fold BatchNorm into the quantized kernels of the ConvBN sites.
 
     Returns:
       Rules ordered classifier, first conv, hooks named above, depth-wise convs, then
@@ -337,6 +344,7 @@ def paper_rules(
         act_range_method=act_range_method,
         grad_scale=grad_scale,
         max_bits=max_bits,
+        fold_bn=fold_bn,
     )
 
     def rule(pattern: str, role: str, **kwargs) -> QuantRule:
