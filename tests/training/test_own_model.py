@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,8 +28,8 @@ from oscqat_jax.training.config import check_config_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_FILE = os.path.join(ROOT, "configs", "own_model.py")
-# The shipped config at tiny sizes: 8x8 digits, a width-4 ResNet, one float epoch of 12
-# steps, two QAT epochs of 12 steps each with checkpoints every 6.
+# The shipped config at tiny sizes: 8x8 digits, a width-4 ResNet, one float epoch of 11
+# steps (1437 images, batches of 128), two QAT epochs of 11 steps each, checkpoints every 6.
 TINY = {
     "data.image_size": 8,
     "data.batch_size": 128,
@@ -38,7 +40,7 @@ TINY = {
     "train.checkpoint_every": 6,
     "eval.bn_batches": 2,
 }
-TOTAL_STEPS = 24
+TOTAL_STEPS = 22
 
 
 def own_config(**overrides) -> ml_collections.ConfigDict:
@@ -60,14 +62,27 @@ def _load(path: str) -> ml_collections.ConfigDict:
     return namespace["get_config"]()
 
 
+def _readme_commands() -> list[list[str]]:
+    """The commands of the README's section "Train your own model with train.py"."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("\n## Train your own model with train.py\n", 1)[1]
+    block = re.findall(r"```bash\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)[0]
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines()]
+
+
+README_COMMANDS = _readme_commands()
+README_WORKDIR = "--workdir=/tmp/own_model"
+
+
 def train_py(workdir, *flags: str, extra: dict | None = None) -> subprocess.CompletedProcess:
-    """``python train.py --config=configs/own_model.py`` with :data:`TINY`, from the root."""
+    """The README's ``python train.py --config=configs/own_model.py ...`` in ``workdir``, with
+    :data:`TINY` and ``extra``, from the repository root."""
     overrides = {**TINY, **(extra or {})}
+    python, *readme = README_COMMANDS[0]
+    assert python == "python" and README_WORKDIR in readme, README_COMMANDS[0]
     command = [
         sys.executable,
-        "train.py",
-        f"--config={CONFIG_FILE}",
-        f"--workdir={workdir}",
+        *(f"--workdir={workdir}" if arg == README_WORKDIR else arg for arg in readme),
         *(f"--config.{k}={v}" for k, v in overrides.items()),
         *flags,
     ]
@@ -110,7 +125,7 @@ def test_a_run_logs_float_qat_oscillations_and_pre_and_post_bn_evaluations(own_r
     assert all("qat/osc/oscillating" in r and "qat/osc/frozen" in r for r in qat)
     assert any(r["qat/osc/oscillating"] > 0 for r in qat)  # 4-bit weights do oscillate
     evals = [r for r in rows if "eval/top1_pre_bn" in r]
-    assert [r["step"] for r in evals] == [12, 24]
+    assert [r["step"] for r in evals] == [11, 22]
     for r in evals:
         assert 0 <= r["eval/top1_post_bn"] <= 100
         assert any(k.startswith("eval/layer/") and k.endswith("/frozen") for k in r)
@@ -122,20 +137,26 @@ def test_a_run_logs_float_qat_oscillations_and_pre_and_post_bn_evaluations(own_r
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == str(TOTAL_STEPS)
 
 
+def _beside(workdir: str, tmp_path, name: str) -> str:
+    """A new workdir holding ``workdir``'s float model (its cache: no float phase again)."""
+    other = str(tmp_path / name)
+    os.makedirs(other)
+    shutil.copytree(os.path.join(workdir, "float_model"), os.path.join(other, "float_model"))
+    return other
+
+
 @pytest.mark.slow
-def test_a_stopped_and_resumed_run_ends_exactly_in_the_uninterrupted_state(own_run, tmp_path):
+def test_a_stopped_and_resumed_run_ends_exactly_in_the_uninterrupted_state(
+    own_run, tmp_path, capsys
+):
     workdir, _ = own_run
-    resumed = str(tmp_path / "resumed")
-    os.makedirs(resumed)
-    shutil.copytree(os.path.join(workdir, "float_model"), os.path.join(resumed, "float_model"))
-    stopped = train_py(resumed, extra={"train.stop_at_step": 9})
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert "Float model: loaded from" in stopped.stdout  # an own model's float cache
+    resumed = _beside(workdir, tmp_path, "resumed")
+    trainer.train_and_evaluate(own_config(**{"train.stop_at_step": 9}), resumed)
+    assert "Float model: loaded from" in capsys.readouterr().out  # an own model's float cache
     config = own_config()
     assert restore_final(resumed, config)[0] == 9
-    finished = train_py(resumed)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "Resuming QAT from step 9" in finished.stdout
+    trainer.train_and_evaluate(config, resumed)
+    assert "Resuming QAT from step 9" in capsys.readouterr().out
     step_a, state_a = restore_final(workdir, config)
     step_b, state_b = restore_final(resumed, config)
     assert step_a == step_b == TOTAL_STEPS
@@ -146,26 +167,22 @@ def test_a_stopped_and_resumed_run_ends_exactly_in_the_uninterrupted_state(own_r
 
 
 @pytest.mark.slow
-def test_four_steps_per_call_end_in_the_state_of_one(own_run, tmp_path):
+def test_four_steps_per_call_end_in_the_state_of_one(own_run, tmp_path, capsys):
     workdir, _ = own_run
-    other = str(tmp_path / "k4")
-    os.makedirs(other)
-    shutil.copytree(os.path.join(workdir, "float_model"), os.path.join(other, "float_model"))
-    result = train_py(other, extra={"train.steps_per_call": 4})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "up to 4 steps per call" in result.stdout
-    config = own_config()
+    other = _beside(workdir, tmp_path, "k4")
+    config = own_config(**{"train.steps_per_call": 4})
+    trainer.train_and_evaluate(config, other)
+    assert "up to 4 steps per call" in capsys.readouterr().out
     _, state_a = restore_final(workdir, config)
     _, state_b = restore_final(other, config)
-    frozen = lambda s: jax.tree_util.tree_map(np.asarray, s["oscillation"])  # noqa: E731
-    assert_trees_equal(frozen(state_a), frozen(state_b), atol=1e-5)
+    assert_trees_equal(state_a["oscillation"], state_b["oscillation"], atol=1e-5)
     assert_trees_equal(state_a["params"], state_b["params"], atol=1e-4)
 
 
 @pytest.mark.slow
-def test_exports_agree_with_jax_and_the_export_check_passes(own_run, tmp_path, capsys):
-    from oscqat_jax import export
-    from oscqat_jax.deploy import check, onnx_export
+def test_exports_agree_with_jax_and_the_export_check_passes(own_run, tmp_path, capsys, monkeypatch):
+    from oscqat_jax import deploy, export
+    from oscqat_jax.deploy import check
     from oscqat_jax.training import context
 
     workdir, _ = own_run
@@ -173,6 +190,7 @@ def test_exports_agree_with_jax_and_the_export_check_passes(own_run, tmp_path, c
     native, onnx_file = str(tmp_path / "model.npz"), str(tmp_path / "model.onnx")
     manifest = trainer.export_checkpoint(config, workdir, native)
     assert manifest["model"]["kind"] == "rules" and manifest["call_kwargs"] == {"train": False}
+    assert README_COMMANDS[1][-2:] == ["--mode=export", "--format=onnx"]  # what this writes
     trainer.export_checkpoint(config, workdir, onnx_file, export_format="onnx")
 
     ctx = context.open_run(config, workdir, write_metrics=False)
@@ -183,14 +201,18 @@ def test_exports_agree_with_jax_and_the_export_check_passes(own_run, tmp_path, c
         context.close_run(ctx)
     assert step == TOTAL_STEPS
     want = np.asarray(forward.logits(variables, images, "eval"))
-    loaded = export.load_export(native, model=forward.quantized)
+    _, loaded = export.load_export(native, model=forward.quantized)
     got_native = forward.quantized.apply(loaded, images, mode="eval", train=False)
     np.testing.assert_allclose(np.asarray(got_native), want, atol=1e-5)
-    got_onnx = onnx_export.run_onnx(onnx_file, images)
+    got_onnx = deploy.run_onnx(onnx_file, images)
     np.testing.assert_allclose(got_onnx, want, atol=1e-4)
     assert np.mean(got_onnx.argmax(-1) == want.argmax(-1)) > 0.99
 
-    argv = [onnx_file, f"--config={CONFIG_FILE}", f"--workdir={workdir}"]
+    # The README's check command, on this run's file and workdir, from the root.
+    monkeypatch.chdir(ROOT)
+    assert README_COMMANDS[2][:4] == ["python", "-m", "oscqat_jax.deploy", "check"]
+    argv = [onnx_file if a.endswith(".onnx") else a for a in README_COMMANDS[2][4:]]
+    argv = [f"--workdir={workdir}" if a == README_WORKDIR else a for a in argv]
     argv += [f"--config.{k}={v}" for k, v in TINY.items()]
     assert check.main(argv) == 0
     assert "Top-1 agreement: 100.00 %" in capsys.readouterr().out
@@ -205,7 +227,7 @@ def test_a_changed_kwarg_refuses_the_resume_and_the_same_config_resumes(own_run)
     with pytest.raises(ValueError, match=r"changes model\.kwargs\.width 4 → 6"):
         trainer.evaluate_checkpoint(own_config(**{"model.kwargs.width": 6}), workdir)
     with pytest.raises(ValueError, match=r"changes model\.classifier"):
-        trainer.evaluate_checkpoint(own_config(**{"model.classifier": "head|conv_init"}), workdir)
+        trainer.evaluate_checkpoint(own_config(**{"model.classifier": "hea[d]"}), workdir)
     result = trainer.evaluate_checkpoint(own_config(), workdir)
     assert result["step"] == TOTAL_STEPS and result["top1_post_bn"] > 30
 
