@@ -2,6 +2,7 @@
 
     python train.py                                   # the embedded default (configs/default.py)
     python train.py --config=configs/<recipe>.py --workdir=DIR [--config.quant.n_bits=3 ...]
+    python train.py --config=configs/own_model.py --workdir=DIR  # your own flax.linen model
     python train.py --config=... --workdir=DIR --mode=evaluate [--checkpoint=DIR/checkpoints/STEP]
     python train.py --config=... --workdir=DIR --mode=export [--output=model.safetensors]
     python train.py --config=... --workdir=DIR --mode=export --format=onnx [--container=int8] \

@@ -70,9 +70,11 @@ def forward_of(config: ml_collections.ConfigDict, source) -> Forward:
         qmodel = quantize_model(model, rules)
         jax.eval_shape(lambda k, x: qmodel.init(k, x, **kwargs), jax.random.key(0), images)
     except ValueError as err:
-        raise ValueError(
-            f"The rules of the config do not fit {name}: {_first_line(err)}."
-        ) from None
+        reason = _first_line(err)
+        if not config.quant.rules:  # paper_rules puts the classifier's rule first, then the stem's
+            for index, field in enumerate(("classifier", "first_conv")):
+                reason = reason.replace(f"rules[{index}] (", f"config.model.{field} (")
+        raise ValueError(f"The rules of the config do not fit {name}: {reason}.") from None
     kwargs = ", ".join(f"{k}={v!r}" for k, v in config.model.kwargs.items())
     return RulesForward(
         qmodel,

@@ -284,9 +284,15 @@ REFUSALS = [
         {"model.name": "own_models:NoTrainFlag"},
         r"has no argument 'train' \(config\.model\.train_flag\)",
     ),
-    ({"model.classifier": "fc"}, r"do not fit .*rules\[0\] \(module_path 'fc'\) matches no site"),
+    (
+        {"model.classifier": "fc"},
+        r"do not fit .*: config\.model\.classifier \(module_path 'fc'\) matches no site",
+    ),
     ({"model.first_conv": ""}, r"model\.first_conv is empty: .*conv_init, head"),
-    ({"model.first_conv": "conv_init|head"}, r"meant for one layer but matches 2"),
+    (
+        {"model.first_conv": "conv_init|head"},
+        r"config\.model\.first_conv \(module_path 'conv_init\|head'\) is meant for one",
+    ),
     ({"model.first_conv": "("}, r"paper rules .* cannot be written .*not a valid regular"),
     ({"quant.setup": "float"}, r"quant\.setup = 'float' quantizes nothing"),
     ({"quant.setup": "LSQ"}, r"setup 'LSQ' quantizes the activations that feed the pooling"),
