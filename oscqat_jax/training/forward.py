@@ -5,8 +5,8 @@ call a *forward*, an object with these methods (``variables`` as ``Module.apply`
 ``images`` a float32 batch ``(N, H, W, C)``, logits ``(N, classes)``):
 
 - ``init(key, images) -> variables``: the float model's variables (no quantizers);
-- ``train(variables, images, *, mode, osc, freeze_threshold, dampen, track, rng)
-  -> (logits, updates, dampening)``: one train forward, ``mode`` ``"train"`` (QAT) or
+- ``train(variables, images, *, mode, osc, freeze_threshold, dampen, track, rng)``, which
+  returns ``(logits, updates, dampening)``: one train forward, ``mode`` ``"train"`` (QAT) or
   ``"float_train"``; ``updates`` holds the collections the call changed (``batch_stats``,
   ``oscillation`` while ``track``), ``dampening`` the float32 dampening term (zero unless
   ``dampen``, docs/method.md §7). ``freeze_threshold`` may be traced (docs/method.md §6);

@@ -104,7 +104,7 @@ class FakeSource:
 @pytest.fixture(scope="module")
 def own_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("own_run"))
-    result = train_py(workdir)
+    result = train_py(workdir, f"--config.float_train.save_weights={workdir}/float.npz")
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result.stdout
 
@@ -230,6 +230,37 @@ def test_a_changed_kwarg_refuses_the_resume_and_the_same_config_resumes(own_run)
         trainer.evaluate_checkpoint(own_config(**{"model.classifier": "hea[d]"}), workdir)
     result = trainer.evaluate_checkpoint(own_config(), workdir)
     assert result["step"] == TOTAL_STEPS and result["top1_post_bn"] > 30
+
+
+@pytest.mark.slow
+def test_the_float_model_a_run_saved_is_a_pretrained_start(own_run, tmp_path):
+    workdir, stdout = own_run
+    float_top1 = float(re.search(r"Float model: top-1 ([\d.]+) %", stdout).group(1))
+    config = own_config(
+        **{
+            "model.pretrained": f"{workdir}/float.npz",
+            "float_train.epochs": 0,
+            "train.epochs": 1,
+        }
+    )
+    summary = trainer.train_and_evaluate(config, str(tmp_path))
+    # The float evaluation of the loaded weights is the one of the run that saved them.
+    assert round(summary["float"], 2) == float_top1
+
+
+def test_pretrained_weights_of_another_model_are_refused_in_one_sentence(tmp_path):
+    from oscqat_jax import convert
+
+    forward = models.forward_of(own_config(), FakeSource())
+    image = jnp.zeros((1, 8, 8, 1))
+    variables = forward.init(jax.random.key(0), image)
+    path = str(tmp_path / "float.npz")
+    convert.save_variables(path, forward.init(jax.random.key(1), image))
+    loaded = forward.load_pretrained(path, variables, "auto")
+    assert_trees_equal(loaded, forward.init(jax.random.key(1), image))
+    wider = models.forward_of(own_config(**{"model.kwargs.width": 6}), FakeSource())
+    with pytest.raises(ValueError, match=r"does not hold this model's weights \(batch_stats/"):
+        wider.load_pretrained(path, wider.init(jax.random.key(0), image), "auto")
 
 
 # ----------------------------------------------------------------------------- no BatchNorm
