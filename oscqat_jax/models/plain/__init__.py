@@ -1,0 +1,42 @@
+"""The package's model families as plain Flax models, quantized by rules.
+
+Each model is an ordinary ``flax.linen.Module`` called as ``model.apply(variables, images,
+train=...)``; :func:`quantize` gives it the quantizers of a :class:`QuantSetup` through the
+rules interceptor (:func:`oscqat_jax.nn.quantize_model`), using the sites the model declares
+(``model.quant_sites()``). :func:`~oscqat_jax.models.plain.mapping.from_package` maps the
+variables of the ctx models (``oscqat_jax.models``) onto these.
+
+Example::
+
+    model = MobileNetV2(num_classes=10, block_setting=SMALL_INPUT_SETTING)
+    qmodel = quantize(model, QuantSetup("LSQ_paper", n_bits=4))
+    variables = qmodel.calibrate(qmodel.init(key, images), batches, train=False)
+    logits = qmodel.apply(variables, images)
+"""
+
+from __future__ import annotations
+
+from oscqat_jax.models.plain.efficientnet_lite import EfficientNetLite
+from oscqat_jax.models.plain.mapping import from_package
+from oscqat_jax.models.plain.mobilenet_v2 import MobileNetV2
+from oscqat_jax.models.plain.mobilenet_v3 import MobileNetV3
+from oscqat_jax.models.plain.resnet import ResNet
+from oscqat_jax.nn.intercept import QuantizedModel, quantize_model
+from oscqat_jax.nn.setup_rules import setup_rules
+from oscqat_jax.nn.setups import QuantSetup
+
+
+def quantize(
+    model, setup: QuantSetup | str, *, fold_bn: bool = False, depthwise_impl: str | None = None
+) -> QuantizedModel:
+    """``model`` (a plain family model) quantized as ``setup`` says (a :class:`QuantSetup` or
+    a setup name), BN folded into the quantized kernels when ``fold_bn``. Quantized
+    depth-wise convs use ``depthwise_impl`` (default: the model's own)."""
+    if isinstance(setup, str):
+        setup = QuantSetup(name=setup)
+    rules = setup_rules(setup, model.quant_sites(), fold_bn=fold_bn)
+    impl = getattr(model, "depthwise_impl", "auto") if depthwise_impl is None else depthwise_impl
+    return quantize_model(model, rules, depthwise_impl=impl)
+
+
+__all__ = ["EfficientNetLite", "MobileNetV2", "MobileNetV3", "ResNet", "from_package", "quantize"]
