@@ -3,9 +3,11 @@
 :func:`validate` checks every field the program reads against :data:`LIMITS` (plus the few
 rules that relate two fields) and stops with one sentence naming the first bad field, before
 any data is read or anything is compiled. The other functions turn the validated config into
-what the phases use: the quant setup and the model, the oscillation settings of the QAT step
-(tracking, freezing, dampening and their schedules, held together in one frozen object), the
-optimizer and the checkpoint metadata. Nothing below this module reads ``config`` fields.
+what the phases use: the quant setup and the package's models, the oscillation settings of
+the QAT step (tracking, freezing, dampening and their schedules, held together in one frozen
+object), the optimizer and the checkpoint metadata (whose tables are :mod:`.fingerprint`'s).
+Beside it, :mod:`.models` turns ``config.model`` into the forward the steps call (a user's
+own model and its rules included). Nothing below these modules reads ``config`` fields.
 """
 
 from __future__ import annotations
