@@ -1,9 +1,9 @@
 """The package's model families as plain Flax models, quantized by rules.
 
-Each model is an ordinary ``flax.linen.Module`` called as ``model.apply(variables, images,
-train=...)``; :func:`quantize` gives it the quantizers of a :class:`QuantSetup` through the
-rules interceptor (:func:`oscqat_jax.nn.quantize_model`), using the sites the model declares
-(``model.quant_sites()``). :func:`~oscqat_jax.models.plain.mapping.from_package` maps the
+Each model is an ordinary ``flax.linen.Module``, called as
+``model.apply(variables, images, train=train)``; :func:`quantize` gives it the quantizers
+of a :class:`QuantSetup` through the rules interceptor (:func:`oscqat_jax.nn.quantize_model`),
+using the sites the model declares (``model.quant_sites()``). :func:`~oscqat_jax.models.plain.mapping.from_package` maps the
 variables of the ctx models (``oscqat_jax.models``) onto these.
 
 Example::
