@@ -104,3 +104,34 @@ def oscillation_curves(
         ax.set_ylabel("weights (%)")
         ax.legend(fontsize=7)
     return _save(fig, os.path.join(directory, "results_curves.png"))
+
+
+def bn_gap_curves(panels: dict[str, dict[str, list[list[dict]]]], directory: str) -> list[str]:
+    """``results_bn_gap.png``: post- minus pre-BN top-1 (points) at every evaluation of QAT,
+    one panel per title in ``panels``, one line per label (mean over its runs, the runs
+    thin). ``panels[title][label]`` holds each run's evaluation curve (dicts with ``step``,
+    ``top1_pre_bn`` and ``top1_post_bn``)."""
+    panels = {t: ls for t, ls in panels.items() if any(ls.values())}
+    if not panels:
+        return []
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items(), strict=True):
+        for i, (label, curves) in enumerate(lines.items()):
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            steps = [r["step"] for r in curves[0][:length]]
+            gaps = np.array(
+                [[r["top1_post_bn"] - r["top1_pre_bn"] for r in c[:length]] for c in curves]
+            )
+            for g in gaps:
+                ax.plot(steps, g, color=f"C{i}", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, gaps.mean(axis=0), "o-", color=f"C{i}", label=f"{label} ({len(gaps)})")
+        ax.axhline(0.0, color="k", linewidth=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("QAT step")
+        ax.set_ylabel("post- minus pre-BN top-1 (points)")
+        ax.legend(fontsize=7)
+    return _save(fig, os.path.join(directory, "results_bn_gap.png"))
