@@ -420,6 +420,11 @@ def test_what_does_not_fit_is_refused_in_one_sentence(overrides, match):
 def test_the_controls_of_the_refusals_build_forwards():
     forward = models.forward_of(own_config(), FakeSource())
     assert forward.has_batchnorm and forward.train_flag == "train"
+    # A Linen Module class serves as the factory too.
+    by_class = models.forward_of(
+        own_config(**{"model.name": "demos.flax_resnet:ResNet"}), FakeSource()
+    )
+    assert by_class.model == forward.model
     config = own_config(**{"model.name": "own_models:NoBatchNorm", "model.train_flag": ""})
     config.model.kwargs = {}
     config.quant.rules = "own_models:rules_for_no_batchnorm"
