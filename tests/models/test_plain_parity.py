@@ -187,14 +187,19 @@ class Case:
         return dataclasses.replace(SETUPS[self.setup], per_channel=self.per_channel)
 
 
+CORNERS = ((False, False), (True, True), (False, True), (True, False))  # (per-channel, fold)
+
+
 def all_cases(families=None) -> list[Case]:
-    """Every case, ordered so that a run cut short has covered the most: the corners
-    (per-tensor unfolded, per-channel folded) of every setup and family first."""
+    """Every case, ordered so that a run cut short has covered the most: in round ``r`` each
+    setup ``i`` takes the family and (per-channel, fold) combination ``r + i``, families
+    varying fastest, so every setup, family and combination comes early."""
+    families = list(families or FAMILIES)
+    combos = [(f, c) for c in CORNERS for f in families]
     return [
-        Case(f, s, pc, fold)
-        for pc, fold in ((False, False), (True, True), (False, True), (True, False))
-        for s in SETUPS
-        for f in families or FAMILIES
+        Case(combos[(r + i) % len(combos)][0], s, *combos[(r + i) % len(combos)][1])
+        for r in range(len(combos))
+        for i, s in enumerate(SETUPS)
     ]
 
 
@@ -504,7 +509,8 @@ def run_matrix(families=None) -> tuple[dict, dict, str]:
             records[case] = run_case(case)
         except AssertionError as err:
             failures[case] = str(err).splitlines()[0]
-        print(case, "FAILED" if case in failures else "ok", flush=True)
+        outcome = failures[case] if case in failures else "ok"
+        print(case, outcome, {k: f"{v:.1e}" for k, v in records.get(case, {}).items()}, flush=True)
     return records, failures, _report(records, failures, time.perf_counter() - start)
 
 
