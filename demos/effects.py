@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -163,6 +164,7 @@ def run_config(settings: Settings, run: Run, float_weights: str):
         c.data.image_size = 16
         c.model.block_setting = tiny.QUICK_BLOCKS
         c.train.fast_compile = True
+        c.train.log_every = c.train.steps_per_call = 5  # several records an epoch: step times
         c.eval.bn_batches = 4
         c.quant.weight_range = c.quant.act_range = "current_minmax"
     if run.kind == "float":
@@ -236,11 +238,14 @@ def curve(run_dir: str) -> list[dict]:
 
 def digits_split(config) -> tuple[int, int]:
     """Training and validation images of ``config``'s digits split."""
+    return _split_sizes(config.data.val_fraction, config.data.split_seed)
+
+
+@functools.cache
+def _split_sizes(val_fraction: float, split_seed: int) -> tuple[int, int]:
     from oscqat_jax.training.data import load_digits  # noqa: PLC0415
 
-    data = load_digits(
-        image_size=8, val_fraction=config.data.val_fraction, split_seed=config.data.split_seed
-    )
+    data = load_digits(image_size=8, val_fraction=val_fraction, split_seed=split_seed)
     return len(data.train_labels), len(data.val_labels)
 
 

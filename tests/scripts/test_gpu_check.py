@@ -12,26 +12,35 @@ from testkit import ROOT, load_script
 
 check = load_script("benchmarks/gpu_check.py", "gpu_check_script")
 bundle = check.gpu_bundle
+study = check.effects_gpu
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     """``--dry-run`` as a user runs it: a fresh process, no bundle, no network."""
     out = tmp_path_factory.mktemp("gpu_check")
-    command = [sys.executable, "benchmarks/gpu_check.py", "--dry-run", f"--out={out}"]
+    workdir = tmp_path_factory.mktemp("gpu_check_work")
+    command = [
+        sys.executable,
+        "benchmarks/gpu_check.py",
+        "--dry-run",
+        f"--out={out}",
+        f"--workdir={workdir}",
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(out / check.JSON_FILE, encoding="utf-8") as f:
         data = json.load(f, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
     assert sorted(os.listdir(out / "runs")) == sorted(
-        f"{name}.jsonl" for name in data["effects"]["results"]
+        f"{name.replace('/', '__')}.jsonl" for name in data["effects"]["results"]
     )
-    return data, (out / check.MARKDOWN_FILE).read_text(encoding="utf-8"), done.stdout
+    text = (out / check.MARKDOWN_FILE).read_text(encoding="utf-8")
+    return data, text, done.stdout, workdir
 
 
 @pytest.mark.slow
 def test_dry_run_measures_every_part(dry_run):
-    data, _, stdout = dry_run
+    data, _, stdout, _ = dry_run
     assert data["meta"]["dry_run"] and data["meta"]["total_s"] > 0
     speed = data["speed"]
     assert not speed["skipped"] and not speed["errors"]
@@ -49,42 +58,58 @@ def test_dry_run_measures_every_part(dry_run):
 
     effects = data["effects"]
     assert not effects["skipped"] and not effects["errors"]
-    assert list(effects["results"]) == [r.name for r in check.plan(check.DRY_EFFECTS)]
-    per_epoch = 4  # four synthetic training batches
+    plan = study.effects.plan(study.DRY)
+    assert list(effects["results"]) == [r.folder for r in plan]
+    assert effects["settings"]["runs"] == [r.folder for r in plan]
+    per_epoch = 359 // 32  # the dry run's digits split: 359 training images
     for name, r in effects["results"].items():
-        assert 0.0 <= r["float"] <= 100.0 and r["wall_s"] > 0
+        assert 0.0 <= r["float"] <= 100.0 and r["wall_s"] > 0 and r["step_ms"] > 0
         if r["run"]["kind"] == "float":
-            assert r["float_step_ms"] > 0
+            assert len(r["float_loss_per_epoch"]) == study.DRY.float_epochs["mobilenet_v2"]
             continue
-        assert r["steps"] == per_epoch * check.DRY_EFFECTS.qat_epochs, name
+        assert r["steps"] == per_epoch * study.DRY.regimes[0].qat_epochs, name
         assert 0.0 <= r["pre_bn"] <= 100.0 and 0.0 <= r["post_bn"] <= 100.0
-        assert r["qat_step_ms"] > 0 and r["bn_mean_shift/dw"] >= 0.0
+        assert [e["top1_pre_bn"] for e in r["curve"]][-1] == pytest.approx(r["pre_bn"])
         for key in ("osc_end/depthwise", "frozen_end/pointwise", "osc_active_end/all"):
             assert 0.0 <= r[key] <= 1.0, (name, key)
-    settings = effects["settings"]
-    assert settings["ema_momentum"] == 0.001 and settings["freeze_threshold"] == [0.1, 0.005]
     assert "[speed 2/2] mobilenet_v2 freeze+dampen" in stdout
-    assert "[effects 5/5] bn_mobilenet_v2_w3_s0: top-1 pre-BN" in stdout
+    assert f"[effects {len(plan)}/{len(plan)}] dry/w3a3_freeze_s0: top-1 pre-BN" in stdout
 
 
 @pytest.mark.slow
 def test_dry_run_report_has_the_tables(dry_run):
-    _, text, _ = dry_run
+    _, text, _, _ = dry_run
     assert "**Dry run at toy sizes**" in text
     for header in (
         "| Model | Dtype | Batch | Variant | img/s |",
         "| Target | Goal | Measured |",
+        "| Model | Epochs | Top-1 (%) | Training loss, last five epochs |",
         "| Bits | Method | Seeds | Pre-BN top-1 (%) | Post-BN top-1 (%) |",
-        "| Model | Seeds | Float top-1 (%) | Pre-BN top-1 (%) |",
-        "| Run | Wall s | Float step ms | QAT step ms |",
+        "| Model | Seeds | Float top-1 (%) | Pre-BN end (%) |",
+        "| Epoch | mobilenet_v2 | W3A3 LSQ | W3A3 LSQ + dampening | W3A3 LSQ + freezing |",
+        "| Run | Wall (s) | Step (ms) |",
     ):
         assert header in text, header
     assert "| W3A3 | LSQ + freezing | 1 |" in text and "| mobilenet_v2 | 1 |" in text
 
 
 @pytest.mark.slow
+def test_prediction_from_the_dry_runs_measured_steps(dry_run, tmp_path):
+    _, _, _, workdir = dry_run
+    out = tmp_path / "prediction"
+    argv = ["--dry-run", f"--predict={workdir}", f"--out={out}", "--effects-budget-s=100"]
+    assert check.main(argv) == 0
+    text = (out / check.PREDICTION_FILE).read_text(encoding="utf-8")
+    prediction = study.predict(study.DRY, str(workdir), 100.0)
+    assert [r["run"] for r in prediction["rows"]] == [
+        r.folder for r in study.effects.plan(study.DRY)
+    ]
+    assert f"{prediction['total_s'][1]:.0f} s (no gain from it) against a budget of 100 s" in text
+
+
+@pytest.mark.slow
 def test_write_docs_copies_the_json_and_replaces_its_own_section(dry_run, tmp_path):
-    data, _, _ = dry_run
+    data, _, _, _ = dry_run
     data = dict(data, meta=dict(data["meta"], dry_run=False, date="2026-12-01T10:00:00+00:00"))
     source = tmp_path / "gpu_check.json"
     source.write_text(json.dumps(data), encoding="utf-8")
@@ -103,7 +128,7 @@ def test_write_docs_copies_the_json_and_replaces_its_own_section(dry_run, tmp_pa
 
 @pytest.mark.slow
 def test_write_docs_refuses_a_dry_run(dry_run, tmp_path):
-    data, _, _ = dry_run
+    data, _, _, _ = dry_run
     source = tmp_path / "gpu_check.json"
     source.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(ValueError, match="dry run"):
@@ -117,14 +142,15 @@ def test_write_docs_refuses_a_dry_run(dry_run, tmp_path):
         (["--out=x", "--parts=speed,train"], "--parts=speed,train is not valid"),
         (["--out=x", "--speed-budget-s=-1"], "--speed-budget-s must be at least 0"),
         (["--out=x", "--bundle=/nonexistent"], "holds no manifest.json"),
-        (["--out=x", "--fashion-npm=/nonexistent.tgz"], "--fashion-npm=/nonexistent.tgz does"),
+        (["--out=x", "--predict=/nonexistent"], "--predict=/nonexistent holds no runs folder"),
         (["--write-docs=/nonexistent.json"], "--write-docs=/nonexistent.json does not exist"),
-        (["--out=x"], "the effects part needs Fashion-MNIST"),
+        (["--out=x", "--no-sklearn"], "the effects part reads scikit-learn's digits"),
     ],
 )
 def test_bad_arguments_stop_with_one_sentence(argv, message, capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))  # no cached or tfds-prepared Fashion-MNIST
-    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    if "--no-sklearn" in argv:
+        argv = [a for a in argv if a != "--no-sklearn"]
+        monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # its import fails
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
         check.main(argv)
@@ -138,38 +164,86 @@ def test_a_zero_budget_skips_everything_without_compiling():
     check.run_speed(check.DRY_SPEED, 0.0, speed, save=lambda: None)
     assert speed["skipped"] == [c.name for c in check.DRY_SPEED.cases] and not speed["records"]
     effects = {"results": {}, "skipped": [], "errors": {}}
-    check.run_effects(check.DRY_EFFECTS, {}, "/nonexistent", 0.0, effects, save=lambda: None)
-    assert effects["skipped"] == [r.name for r in check.plan(check.DRY_EFFECTS)]
+    study.run(study.DRY, "/nonexistent", 0.0, effects, save=lambda: None)
+    assert effects["skipped"] == [r.folder for r in study.effects.plan(study.DRY)]
 
 
-def test_the_study_uses_the_papers_oscillation_settings_and_one_float_model():
-    runs = {r.name: r for r in check.plan(check.EFFECTS)}
-    assert list(runs) == [
+def test_the_gpu_study_is_the_cpu_studys_main_regime_at_three_seeds():
+    cpu, gpu = study.effects.FULL, study.GPU
+    runs = study.effects.plan(gpu)
+    assert [r.folder for r in runs[:8]] == [
         "float_mobilenet_v2",
-        *(f"w3a3_{m}_s0" for m in ("lsq", "damp", "freeze")),
-        "bn_mobilenet_v2_w3_s0",
-        *(f"w3a3_{m}_s1" for m in ("lsq", "damp", "freeze")),
+        "constant/bn_mobilenet_v2_w3_s0",
         "float_resnet18",
-        "bn_resnet18_w3_s0",
+        "constant/bn_resnet18_w3_s0",
+        *(f"constant/w3a3_{m}_s0" for m in ("lsq", "damp", "freeze")),
+        "constant/bn_mobilenet_v2_w3_s1",
     ]
+    assert sorted({r.seed for r in runs if r.kind == "qat"}) == [0, 1, 2]
+    assert {(r.bits, r.method) for r in runs if r.kind == "qat"} == {
+        (3, m) for m in ("lsq", "damp", "freeze")
+    }
+    assert sum(r.kind == "bn" for r in runs) == 6 and gpu.float_epochs == cpu.float_epochs
+    for r in runs:  # every GPU run is configured as its CPU namesake
+        assert study.effects.run_config(gpu, r, "/f") == study.effects.run_config(cpu, r, "/f")
+    assert study.effects.run_config(gpu, runs[1], "/f").train.steps_per_call > 1
 
-    def config(name):
-        return check.run_config(check.EFFECTS, runs[name], {"cache_dir": "/b"}, "/f.npz")
 
-    freeze, damp, lsq = config("w3a3_freeze_s1"), config("w3a3_damp_s0"), config("w3a3_lsq_s0")
-    assert freeze.osc_freeze.ema_momentum == lsq.osc_freeze.ema_momentum == 0.001
-    assert (freeze.osc_freeze.threshold, freeze.osc_freeze.threshold_final) == (0.1, 0.005)
-    assert freeze.osc_freeze.threshold_final == freeze.train.osc_level
-    assert (damp.osc_damp.weight, damp.osc_damp.weight_final) == (0.0, 0.1)
-    assert lsq.osc_damp.weight is None and lsq.osc_freeze.threshold == 0.0
-    assert freeze.seed == 1 and freeze.model.pretrained == "/f.npz"
-    assert freeze.data.cache_dir == "/b" and freeze.data.name == "fashion_mnist"
-    assert freeze.train.epochs * (60_000 // check.EFFECTS.batch_size) >= 1800
-    float_run = config("float_mobilenet_v2")
-    assert float_run.float_train.save_weights == "/f.npz" and not float_run.model.pretrained
-    assert float_run.train.stop_at_step == 1 and float_run.float_train.epochs == 10
-    bn = config("bn_resnet18_w3_s0")
-    assert bn.model.name == "resnet18" and not bn.quant.quantize_activations
+def _cpu_results(directory, steps_ms: dict) -> None:
+    """``result.json`` files as a CPU study writes them, with only what a prediction reads."""
+    for folder, step in steps_ms.items():
+        name = folder.split("/")[-1]
+        kind, model, bits, method = (
+            ("float", name.removeprefix("float_"), 3, "lsq")
+            if name.startswith("float_")
+            else ("bn", name[3:].split("_w3")[0], 3, "lsq")
+            if name.startswith("bn_")
+            else ("qat", "mobilenet_v2", int(name[1]), name.split("_")[1])
+        )
+        path = os.path.join(directory, "runs", folder)
+        os.makedirs(path)
+        run = {"kind": kind, "model": model, "bits": bits, "method": method, "seed": 0}
+        with open(os.path.join(path, "result.json"), "w", encoding="utf-8") as f:
+            json.dump({"run": run, "step_ms": step}, f)
+
+
+def test_prediction_adds_steps_and_programs_as_its_constants_say(tmp_path):
+    steps = {
+        "float_mobilenet_v2": 100.0,
+        "float_resnet18": 400.0,
+        "constant/bn_mobilenet_v2_w3_s0": 150.0,
+        "constant/bn_mobilenet_v2_w3_s1": 250.0,  # the median of 150 and 250 is used
+        "constant/bn_resnet18_w3_s0": 600.0,
+        "constant/w3a3_lsq_s0": 200.0,
+        "constant/w3a3_damp_s0": 300.0,
+        "constant/w3a3_freeze_s0": 200.0,
+    }
+    _cpu_results(tmp_path, steps)
+    prediction = study.predict(study.GPU, str(tmp_path), 360.0)
+    rows = {r["run"]: r for r in prediction["rows"]}
+    new = study.RUN_OVERHEAD_S + study.NEW_PROGRAM_S * (1 + study.PROGRAMS_PER_NEW_MODE)
+    per_epoch = 1437 // 32
+    qat_steps = per_epoch * study.effects.FULL.regimes[0].qat_epochs
+    first, second = rows["constant/w3a3_damp_s0"], rows["constant/w3a3_damp_s1"]
+    assert first["ratio_to_float"] == second["ratio_to_float"] == 3.0
+    for step, i in ((study.FLOAT_STEP_MS_LAUNCH_BOUND, 0), (study.FLOAT_STEP_MS_MEASURED, 1)):
+        assert first["seconds"][i] == pytest.approx(new + 1e-3 * qat_steps * 3.0 * step)
+        assert second["seconds"][i] == pytest.approx(
+            study.RUN_OVERHEAD_S + 1e-3 * qat_steps * 3.0 * step
+        )
+    assert rows["constant/bn_mobilenet_v2_w3_s2"]["ratio_to_float"] == 2.0
+    assert rows["constant/bn_resnet18_w3_s1"]["ratio_to_float"] == 1.5
+    float_rn = rows["float_resnet18"]
+    assert float_rn["steps"] == per_epoch * study.GPU.float_epochs["resnet18"]
+    assert float_rn["new_programs"] and float_rn["ratio_to_float"] == 1.0
+    total = [sum(r["seconds"][i] for r in prediction["rows"]) for i in (0, 1)]
+    assert prediction["total_s"] == pytest.approx(total)
+    cumulative = [r["cumulative_s"][1] for r in prediction["rows"]]
+    assert cumulative == sorted(cumulative)
+    assert [r["fits"][1] for r in prediction["rows"]] == [c <= 360.0 for c in cumulative]
+    (tmp_path / "runs" / "float_resnet18" / "result.json").unlink()
+    with pytest.raises(ValueError, match="has no measured step of"):
+        study.predict(study.GPU, str(tmp_path), 360.0)
 
 
 def _wheel(directory, module: str) -> str:
