@@ -54,6 +54,10 @@ class Regime:
     lr_schedule: str  # "constant" (lr_final = lr) or "cosine" (to 0)
     bn_models: tuple[str, ...] = ()
     bn_seeds: tuple[int, ...] = ()
+    bn_acts: bool = False  # the BN study quantizes activations too (W3A3 instead of W3)
+    # A regime whose W3A3 LSQ runs of the MobileNetV2 have this regime's config and stand for
+    # its MobileNetV2 rows (so they are not run twice); "" = none.
+    bn_mobilenet_from: str = ""
     method_bits: tuple[int, ...] = ()
     method_seeds: dict = dataclasses.field(default_factory=dict)  # bits -> seeds
     methods: tuple[str, ...] = ("lsq", "damp", "freeze")
@@ -81,6 +85,18 @@ FULL = Settings(
             bn_seeds=(0, 1, 2, 3, 4),
             method_bits=(3, 4),
             method_seeds={3: (0, 1, 2, 3, 4), 4: (0, 1, 2)},
+        ),
+        Regime(
+            "constant_w3a3",
+            "the BN study with activations quantized too (W3A3 LSQ), as `python train.py`, "
+            "which shows the gap, runs; its MobileNetV2 rows are the W3A3 LSQ runs of regime "
+            "constant (the same config)",
+            qat_epochs=recipe.QAT_EPOCHS,
+            lr_schedule="constant",
+            bn_models=(RESNET,),
+            bn_seeds=(0, 1, 2, 3, 4),
+            bn_acts=True,
+            bn_mobilenet_from="constant",
         ),
         Regime(
             "cosine",
@@ -122,9 +138,12 @@ class Run:
     bits: int = 3
     method: str = "lsq"
     seed: int = 0
+    acts: bool = False  # a BN-study run that quantizes activations too
 
     @property
     def name(self) -> str:
+        if self.kind == "bn" and self.acts:
+            return f"bn_{self.model}_w{self.bits}a{self.bits}_s{self.seed}"
         return reproduce.Run(self.kind, self.model, self.bits, self.method, self.seed).name
 
     @property
@@ -133,20 +152,25 @@ class Run:
 
 
 def plan(settings: Settings) -> list[Run]:
-    """Every run in the order they run: regime by regime, seed by seed (each seed's BN-study
-    runs and then its methods runs), so that a study cut short has every kind of run of its
-    first seeds; an architecture's float model comes before its first QAT run."""
-    runs = []
-    for regime in settings.regimes:
-        seeds = sorted({*regime.bn_seeds, *(s for ss in regime.method_seeds.values() for s in ss)})
-        for bits in (3, *(b for b in regime.method_bits if b != 3)):
-            for seed in seeds:
-                if bits == 3 and seed in regime.bn_seeds:
-                    runs += [Run(regime.name, "bn", m, 3, "lsq", seed) for m in regime.bn_models]
-                if bits in regime.method_bits and seed in regime.method_seeds[bits]:
-                    runs += [Run(regime.name, "qat", MNV2, bits, m, seed) for m in regime.methods]
+    """Every run in the order they run: the 3-bit runs seed by seed, each seed's runs regime
+    by regime (BN study, then methods), then the 4-bit runs, so that a study cut short has
+    every kind of run of its first seeds; an architecture's float model comes before its
+    first QAT run."""
+    tagged = []
+    for index, regime in enumerate(settings.regimes):
+        for seed in regime.bn_seeds:
+            tagged += [
+                ((0, seed, index), Run(regime.name, "bn", m, 3, "lsq", seed, regime.bn_acts))
+                for m in regime.bn_models
+            ]
+        for bits in regime.method_bits:
+            for seed in regime.method_seeds[bits]:
+                tagged += [
+                    ((int(bits != 3), seed, index), Run(regime.name, "qat", MNV2, bits, m, seed))
+                    for m in regime.methods
+                ]
     floats, ordered = set(), []
-    for run in runs:
+    for _, run in sorted(tagged, key=lambda t: t[0]):  # stable: BN runs before methods
         if run.model not in floats:
             floats.add(run.model)
             ordered.append(Run("float", "float", run.model))
@@ -156,7 +180,7 @@ def plan(settings: Settings) -> list[Run]:
 
 def run_config(settings: Settings, run: Run, float_weights: str):
     """The trainer config of ``run``: ``configs/effects.py`` with the regime's schedule."""
-    acts = "" if run.kind in ("bn", "float") else f"a{run.bits}"
+    acts = f"a{run.bits}" if run.kind == "qat" or run.acts else ""
     c = recipe.get_config(f"{run.model}_w{run.bits}{acts}_{run.method}")
     c.seed = run.seed
     if settings.tiny:  # 359 training images (11 steps an epoch), a 16x16 two-stage model
@@ -208,8 +232,9 @@ def one_run(settings: Settings, run: Run, workdir: str) -> dict:
     started, load_before = time.time(), os.getloadavg()[0]
     summary = trainer.train_and_evaluate(config, run_dir)
     result = {
-        "run": {k: v for k, v in dataclasses.asdict(run).items() if k != "regime"},
+        "run": {k: v for k, v in dataclasses.asdict(run).items() if k not in ("regime", "acts")},
         "regime": run.regime,
+        "acts": run.acts,
         "float": summary["float"],
     }
     if run.kind == "float":

@@ -42,6 +42,22 @@ def _of(results: dict, regime: str, kind: str | None = None) -> dict:
     }
 
 
+def bn_of(results: dict, regime) -> dict:
+    """The BN-study runs of ``regime``, with the W3A3 LSQ runs of the MobileNetV2 from
+    ``regime.bn_mobilenet_from`` standing for its MobileNetV2 rows."""
+    bn = _of(results, regime.name, "bn")
+    if regime.bn_mobilenet_from:
+        partner = _of(results, regime.bn_mobilenet_from, "qat")
+        bn.update(
+            {
+                f: r
+                for f, r in partner.items()
+                if r["run"]["bits"] == 3 and r["run"]["method"] == "lsq"
+            }
+        )
+    return bn
+
+
 def _gaps(r: dict) -> list[float]:
     """Post- minus pre-BN top-1 (points) at each evaluation of a run."""
     return [e["top1_post_bn"] - e["top1_pre_bn"] for e in r["curve"]]
@@ -120,7 +136,7 @@ def regime_lines(settings, results: dict, planned: dict) -> list[str]:
     ]
     for regime in settings.regimes:
         done = _of(results, regime.name)
-        bn = _of(results, regime.name, "bn")
+        bn = bn_of(results, regime)
         end, mean = [], []
         for model in MODEL_NAMES:
             rs = [r for r in bn.values() if r["run"]["model"] == model]
@@ -265,8 +281,8 @@ def _figures(settings, results: dict, workdir: str, directory: str) -> list[str]
     paths += figures.oscillation_curves(histories, reproduce.METHODS, directory)
     panels = {}
     for regime in settings.regimes:
-        bn = _of(results, regime.name, "bn")
-        title = f"{regime.name}: weight-only 3-bit LSQ"
+        bn = bn_of(results, regime)
+        title = f"{regime.name}: {'W3A3' if regime.bn_acts else 'weight-only 3-bit'} LSQ"
         panels[title] = {
             m: [r["curve"] for r in bn.values() if r["run"]["model"] == m] for m in MODEL_NAMES
         }
@@ -356,7 +372,7 @@ def write(settings, results: dict, out: str, workdir: str, effects=None) -> None
         "",
     ]
     for regime in settings.regimes:
-        bn = _of(results, regime.name, "bn")
+        bn = bn_of(results, regime)
         if not bn:
             lines += [f"### Regime {regime.name}: no run finished", ""]
             continue
@@ -365,8 +381,16 @@ def write(settings, results: dict, out: str, workdir: str, effects=None) -> None
             columns.update(
                 {f"W{b}A{b} {reproduce.METHODS[m]}": rs for (b, m), rs in groups.items()}
             )
+        what = "W3A3 LSQ" if regime.bn_acts else "weight-only 3-bit LSQ"
+        partner = (
+            f" Its MobileNetV2 rows are the W3A3 LSQ runs of regime {regime.bn_mobilenet_from}."
+            if regime.bn_mobilenet_from
+            else ""
+        )
         lines += [
             f"### Regime {regime.name}",
+            "",
+            f"{what}, {regime.qat_epochs} epochs, lr {regime.lr_schedule}.{partner}",
             "",
             *bn_lines(bn),
             "",

@@ -51,11 +51,20 @@ def test_plan_runs_each_float_model_first_and_seeds_in_order():
 
 
 def test_run_configs_follow_the_regime():
-    main, cosine = demo.FULL.regimes
+    main = demo.FULL.regimes[0]
+    cosine = next(r for r in demo.FULL.regimes if r.lr_schedule == "cosine")
+    w3a3 = next(r for r in demo.FULL.regimes if r.bn_acts)
     bn = demo.run_config(demo.FULL, demo.Run(main.name, "bn", "resnet18", 3, "lsq", 2), "/f.npz")
     assert bn.seed == 2 and bn.model.pretrained == "/f.npz" and bn.float_train.epochs == 0
     assert not bn.quant.quantize_activations and bn.optimizer.lr_final == bn.optimizer.lr
     assert bn.train.epochs == main.qat_epochs and bn.eval.every_epochs == 1
+    act = demo.Run(w3a3.name, "bn", "resnet18", 3, "lsq", 1, acts=True)
+    assert act.folder == f"{w3a3.name}/bn_resnet18_w3a3_s1"
+    act = demo.run_config(demo.FULL, act, "/f.npz")
+    assert act.quant.quantize_activations and act.quant.n_bits_act == 3
+    partner = demo.run_config(demo.FULL, demo.Run(main.name, "qat", "mobilenet_v2", 3), "/f.npz")
+    assert w3a3.bn_mobilenet_from == main.name and partner.quant.quantize_activations
+    assert act.train.epochs == partner.train.epochs and act.optimizer == partner.optimizer
     cos = demo.run_config(demo.FULL, demo.Run(cosine.name, "bn", "resnet18", 3, "lsq", 100), "")
     assert cos.optimizer.lr_final == 0.0 and cos.optimizer.lr == 0.01
     fl = demo.run_config(demo.FULL, demo.Run("float", "float", "mobilenet_v2"), "/f.npz")
@@ -184,3 +193,19 @@ def test_quick_study_end_to_end(tmp_path):
     assert "| W3A3 | LSQ + freezing | 2 |" in text and "| quick | 3 epochs" in text
     again = demo.run_study(demo.QUICK, str(tmp_path / "work"), str(out))  # all skipped
     assert again == results
+
+
+def test_bn_rows_of_a_w3a3_regime_take_the_partners_lsq_runs():
+    w3a3 = next(r for r in demo.FULL.regimes if r.bn_acts)
+    partner = w3a3.bn_mobilenet_from
+    results = {
+        f"{partner}/w{b}a{b}_{m}_s0": dict(
+            _result("qat", "mobilenet_v2", 0, [1.0], [2.0], bits=b, method=m), regime=partner
+        )
+        for m in ("lsq", "freeze")
+        for b in (3, 4)
+    }
+    results["x/bn"] = dict(_result("bn", "resnet18", 0, [1.0], [1.0]), regime=w3a3.name)
+    results["y/bn"] = dict(_result("bn", "mobilenet_v2", 0, [1.0], [1.0]), regime=partner)
+    assert sorted(effects_report.bn_of(results, w3a3)) == sorted([f"{partner}/w3a3_lsq_s0", "x/bn"])
+    assert sorted(effects_report.bn_of(results, demo.FULL.regimes[0])) == ["y/bn"]
