@@ -44,8 +44,14 @@ def test_plan_runs_each_float_model_first_and_seeds_in_order():
     main = demo.FULL.regimes[0]
     assert main.lr_schedule == "constant" and len(main.bn_seeds) >= 5
     assert len(main.method_seeds[3]) >= 5
-    seeds = [r.seed for r in runs if r.regime == main.name and r.bits == 3]
-    assert seeds == sorted(seeds)  # seed by seed: a study cut short has whole seeds
+    for model in ("mobilenet_v2", "resnet18"):  # seed by seed: a cut study has whole seeds
+        seeds = [r.seed for r in runs if r.model == model and r.bits == 3 and r.seed < 100]
+        assert seeds == sorted(seeds) and len(set(seeds)) == 5, model
+    last_mobilenet = max(i for i, r in enumerate(runs) if r.model == "mobilenet_v2" and r.bits == 3)
+    assert all(r.model == "mobilenet_v2" for r in runs[: last_mobilenet + 1])  # mobilenet_first
+    mixed = demo.plan(demo.dataclasses.replace(demo.FULL, mobilenet_first=False))
+    assert sorted(r.folder for r in mixed) == sorted(folders)
+    assert [r.folder for r in mixed][2:4] == ["float_resnet18", "constant/bn_resnet18_w3_s0"]
     w3 = [r for r in runs if r.regime == main.name and r.kind == "qat" and r.bits == 3]
     assert len(w3) == 3 * len(main.method_seeds[3])
 
