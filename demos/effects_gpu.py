@@ -180,7 +180,7 @@ H100_FACTOR = 1.0  # the H200's numbers taken for the H100 (same chip, slower me
 
 def _mode(r) -> tuple:
     """Runs of one mode share every compiled program (seeds change only data)."""
-    return (r.kind, r.model, r.bits, r.method)
+    return (r.kind, r.model, r.bits, r.method, r.acts)
 
 
 def cpu_step_costs(cpu_workdir: str) -> dict[tuple, float]:
@@ -192,10 +192,25 @@ def cpu_step_costs(cpu_workdir: str) -> dict[tuple, float]:
         if result.get("step_ms") is None:
             continue
         run = result["run"]
-        costs.setdefault((run["kind"], run["model"], run["bits"], run["method"]), []).append(
-            result["step_ms"]
-        )
+        mode = (run["kind"], run["model"], run["bits"], run["method"], result.get("acts", False))
+        costs.setdefault(mode, []).append(result["step_ms"])
     return {mode: statistics.median(v) for mode, v in costs.items()}
+
+
+def _ratio(costs: dict, mode: tuple) -> tuple[float | None, float | None, bool]:
+    """(CPU step of ``mode``, its ratio to the float step of its model, whether that ratio
+    is the MobileNetV2's of the same kind because this model's steps were not measured)."""
+    kind, model, *rest = mode
+    if kind == "float":
+        return costs.get(mode), 1.0, False
+    cpu, float_cpu = costs.get(mode), costs.get(("float", model, 3, "lsq", False))
+    if cpu is not None and float_cpu is not None:
+        return cpu, cpu / float_cpu, False
+    mobilenet = costs.get((kind, effects.MNV2, *rest))
+    mobilenet_float = costs.get(("float", effects.MNV2, 3, "lsq", False))
+    if model != effects.MNV2 and mobilenet is not None and mobilenet_float is not None:
+        return cpu, mobilenet / mobilenet_float, True
+    return cpu, None, False
 
 
 def predict(settings: effects.Settings, cpu_workdir: str, budget_s: float) -> dict:
@@ -210,15 +225,13 @@ def predict(settings: effects.Settings, cpu_workdir: str, budget_s: float) -> di
         config = effects.run_config(settings, r, "")
         epochs = config.float_train.epochs if r.kind == "float" else config.train.epochs
         steps = epochs * effects.steps_per_epoch(config)
-        float_cpu = costs.get(("float", r.model, 3, "lsq"))
-        cpu = costs.get(_mode(r))
-        if cpu is None or float_cpu is None:
-            also = "" if r.kind == "float" else f" or of float_{r.model}"
+        cpu, ratio, assumed = _ratio(costs, _mode(r))
+        if ratio is None:
             raise ValueError(
-                f"{cpu_workdir} has no measured step of {r.folder}{also}: give the workdir "
-                "of a `python demos/effects.py` run that has finished these runs."
+                f"{cpu_workdir} has no measured step of {r.folder} (nor of the MobileNetV2's "
+                "run of its kind): give the workdir of a `python demos/effects.py` run that "
+                "has finished such runs."
             )
-        ratio = cpu / float_cpu
         new = _mode(r) not in seen
         seen.add(_mode(r))
         fixed = RUN_OVERHEAD_S + (NEW_PROGRAM_S * (1 + PROGRAMS_PER_NEW_MODE) if new else 0.0)
@@ -233,6 +246,7 @@ def predict(settings: effects.Settings, cpu_workdir: str, budget_s: float) -> di
                 "steps": steps,
                 "cpu_step_ms": cpu,
                 "ratio_to_float": ratio,
+                "ratio_assumed": assumed,
                 "new_programs": new,
                 "seconds": seconds,
                 "cumulative_s": list(totals),
@@ -251,8 +265,10 @@ def prediction_lines(prediction: dict) -> list[str]:
     ]
     for r in rows:
         low, high = r["seconds"]
+        cpu = "-" if r["cpu_step_ms"] is None else f"{r['cpu_step_ms']:.0f}"
+        ratio = f"{r['ratio_to_float']:.2f}" + (" (MobileNetV2's)" if r["ratio_assumed"] else "")
         out.append(
-            f"| {r['run']} | {r['steps']} | {r['cpu_step_ms']:.0f} | {r['ratio_to_float']:.2f} "
+            f"| {r['run']} | {r['steps']} | {cpu} | {ratio} "
             f"| {'yes' if r['new_programs'] else '-'} | {low:.0f} / {high:.0f} "
             f"| {r['cumulative_s'][0]:.0f} / {r['cumulative_s'][1]:.0f} |"
         )

@@ -241,8 +241,21 @@ def test_prediction_adds_steps_and_programs_as_its_constants_say(tmp_path):
     cumulative = [r["cumulative_s"][1] for r in prediction["rows"]]
     assert cumulative == sorted(cumulative)
     assert [r["fits"][1] for r in prediction["rows"]] == [c <= 360.0 for c in cumulative]
+    assert not any(r["ratio_assumed"] for r in prediction["rows"])
+    # Without ResNet-18's float step its BN runs take the MobileNetV2's ratio, said so.
     (tmp_path / "runs" / "float_resnet18" / "result.json").unlink()
-    with pytest.raises(ValueError, match="has no measured step of"):
+    rows = {r["run"]: r for r in study.predict(study.GPU, str(tmp_path), 360.0)["rows"]}
+    resnet = rows["constant/bn_resnet18_w3_s0"]
+    assert resnet["ratio_to_float"] == 2.0 and resnet["ratio_assumed"]
+    assert rows["float_resnet18"]["cpu_step_ms"] is None
+    assert rows["float_resnet18"]["seconds"] == float_rn["seconds"]
+    for name in (
+        "float_mobilenet_v2",
+        "constant/bn_mobilenet_v2_w3_s0",
+        "constant/bn_mobilenet_v2_w3_s1",
+    ):
+        (tmp_path / "runs" / name / "result.json").unlink()
+    with pytest.raises(ValueError, match="has no measured step of constant/bn_mobilenet_v2_w3_s0"):
         study.predict(study.GPU, str(tmp_path), 360.0)
 
 
