@@ -54,6 +54,10 @@ DAMPENING_WEIGHT = 0.1
 KERNEL_LR = 0.5
 SCALE_LR = 1e-4
 RTOL = 1e-6
+# The one difference by design: the float setup has no rules, so the plain model is plain
+# conv + BN, while the ctx model with fold_bn folds BN even in its float modes; the two
+# agree up to float32 rounding (measured 1.2e-6 on a BN bias gradient).
+FLOAT_FOLD_RTOL = 1e-5
 IMPL = "shifted"
 
 
@@ -396,6 +400,8 @@ def run_case(
     """Runs one case; raises AssertionError at the first disagreement; returns the worst
     relative difference per quantity. For the negative controls: ``rules`` replaces the plain
     model's rules, ``plain_fold_bn`` its folding, ``train=False`` stops after eval."""
+    if case.setup == "float" and case.fold_bn:
+        rtol = max(rtol, FLOAT_FOLD_RTOL)
     with FAMILIES[case.family].patch():
         fold = case.fold_bn if plain_fold_bn is None else plain_fold_bn
         return _run_case(case, rules, fold, train, rtol)
