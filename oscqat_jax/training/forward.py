@@ -286,4 +286,6 @@ def as_forward(model) -> Forward:
         return model
     if isinstance(model, nn.Module):
         return PackageForward(model)
+    if callable(getattr(model, "train", None)) and callable(getattr(model, "logits", None)):
+        return model  # a forward of its own module (nnx_forward.NNXForward imports this one)
     raise ValueError(f"Expected a forward or a package model, got {type(model).__name__}.")

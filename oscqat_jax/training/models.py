@@ -10,6 +10,14 @@ examples: ``train``) is True in train steps and False elsewhere; "" for a model 
 The module is found on the Python path (``python train.py`` adds the current folder to it,
 as ``python -m`` does, and its own folder holds ``demos/``).
 
+A ``flax.nnx`` model: the function (or ``nnx.Module`` class) takes a keyword ``rngs`` and
+returns an ``nnx.Module``; :func:`forward_of` calls it with ``rngs=nnx.Rngs(0)`` to check it,
+and the training program builds the model it trains with ``nnx.Rngs(key)``, ``key`` the
+run's ``jax.random.PRNGKey(config.seed)`` (as a Linen model's ``init`` gets it). Its
+``__call__`` takes the image batch; BatchNorm and dropout switch with ``model.train()`` /
+``model.eval()``, so ``config.model.train_flag`` is "" unless the call also takes such a
+keyword. It is quantized in place (:class:`~oscqat_jax.training.nnx_forward.NNXForward`).
+
 Its rules: ``config.quant.setup`` (the paper's setups, :func:`oscqat_jax.nn.paper_rules`,
 with ``quant.n_bits``, ``n_bits_act``, ``per_channel``, the range methods, ``grad_scale``,
 ``osc_freeze.max_bits``) over the layers that ``config.model.first_conv``, ``classifier``,
@@ -18,10 +26,10 @@ a function called with ``config.quant.rules_kwargs`` that returns a list of
 :class:`oscqat_jax.nn.QuantRule` (then the quant fields above are not read).
 
 Everything that does not fit is refused at start-up, before any work, in one sentence: an
-import path that does not import or names nothing, a result that is not a Linen module
-(``flax.nnx`` models are not taken), a call with more or fewer than one input, an input that
+import path that does not import or names nothing, a result that is not a Flax module, a call with more or fewer than one input, an input that
 is not an image batch, logits of the wrong shape, rules that do not fit the model or
-quantize nothing. A model without BatchNorm trains without BN re-estimation.
+quantize nothing, an NNX model whose function takes no ``rngs``. A model without BatchNorm
+trains without BN re-estimation.
 """
 
 from __future__ import annotations
@@ -29,21 +37,22 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from oscqat_jax.nn import paper_rules, quantize_model
 from oscqat_jax.training import build
 from oscqat_jax.training.forward import Forward, PackageForward, RulesForward
 from oscqat_jax.training.limits import is_import_path
+from oscqat_jax.training.nnx_forward import NNXForward, pure_state
 
 
-def forward_of(config: ml_collections.ConfigDict, source) -> Forward:
+def forward_of(config: ml_collections.ConfigDict, source) -> Forward | NNXForward:
     """The forward of ``config.model`` for the data ``source`` (its class count and image
     shape); one sentence (ValueError) when an own model or its rules do not fit."""
     if not is_import_path(config.model.name):
@@ -61,27 +70,65 @@ def forward_of(config: ml_collections.ConfigDict, source) -> Forward:
     model = _own_model(config, source.num_classes)
     flag = config.model.train_flag
     name = config.model.name
-    _check_call(model, name, flag)
     images = jax.ShapeDtypeStruct((2, *source.image_shape), jnp.float32)
-    variables = _check_output(model, name, flag, images, source.num_classes)
-    rules = _rules(config, name, variables)
+    if not isinstance(model, nn.Module):
+        return _nnx_forward(config, model, images, source.num_classes)
+    _check_call(model, name, flag)
     kwargs = {flag: False} if flag else {}
+
+    def trace(x):
+        variables = model.init(jax.random.key(0), x, **kwargs)
+        return model.apply(variables, x, **kwargs), variables
+
+    variables = _check_output(trace, name, images, source.num_classes)
+    rules = _rules(config, name, variables)
     try:
         qmodel = quantize_model(model, rules)
         jax.eval_shape(lambda k, x: qmodel.init(k, x, **kwargs), jax.random.key(0), images)
     except ValueError as err:
-        reason = _first_line(err)
-        if not config.quant.rules:  # paper_rules puts the classifier's rule first, then the stem's
-            for index, field in enumerate(("classifier", "first_conv")):
-                reason = reason.replace(f"rules[{index}] (", f"config.model.{field} (")
-        raise ValueError(f"The rules of the config do not fit {name}: {reason}.") from None
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in config.model.kwargs.items())
+        raise _misfit(config, err) from None
     return RulesForward(
         qmodel,
         train_flag=flag,
         has_batchnorm=bool(jax.tree_util.tree_leaves(variables.get("batch_stats", {}))),
-        description=f"{name}({kwargs})",
+        description=_description(config),
     )
+
+
+def _nnx_forward(config, build, images, num_classes: int) -> NNXForward:
+    """The forward of the NNX model ``build(rngs)`` makes, after the same checks."""
+    name, flag = config.model.name, config.model.train_flag
+    model = build(nnx.Rngs(0))
+    _check_call(model, name, flag)
+    kwargs = {flag: False} if flag else {}
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    def trace(x):
+        return nnx.merge(graphdef, state)(x, **kwargs), {"params": pure_state(model, nnx.Param)}
+
+    variables = _check_output(trace, name, images, num_classes)
+    rules = _rules(config, name, variables)
+    try:
+        return NNXForward.create(
+            build, rules, train_flag=flag, description=_description(config)
+        )
+    except ValueError as err:
+        raise _misfit(config, err) from None
+
+
+def _misfit(config, err: ValueError) -> ValueError:
+    """The sentence for rules that do not fit the model (``err`` from quantize_model)."""
+    reason = _first_line(err)
+    if not config.quant.rules:  # paper_rules puts the classifier's rule first, then the stem's
+        for index, field in enumerate(("classifier", "first_conv")):
+            reason = reason.replace(f"rules[{index}] (", f"config.model.{field} (")
+    return ValueError(f"The rules of the config do not fit {config.model.name}: {reason}.")
+
+
+def _description(config) -> str:
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in config.model.kwargs.items())
+    return f"{config.model.name}({kwargs})"
 
 
 def _first_line(err: BaseException) -> str:
@@ -110,48 +157,40 @@ def _import(path: str, field: str, what: str):
     return found
 
 
-def _own_model(config, num_classes: int) -> nn.Module:
+def _own_model(config, num_classes: int) -> nn.Module | Callable[[nnx.Rngs], nnx.Module]:
+    """The unbound Linen module, or for an NNX model the function of ``rngs`` that builds it."""
     path = config.model.name
-    factory = _import(path, "model.name", "a function or flax.linen.Module class")
-    if inspect.isclass(factory) and _is_nnx(factory):
-        raise _nnx_refusal(path)
+    factory = _import(path, "model.name", "a function or Flax Module class")
     if not callable(factory):
         raise ValueError(
             f"config.model.name = {path!r} is a {type(factory).__name__}, not a function or "
-            "class that returns a flax.linen.Module."
+            "class that returns a flax.linen or flax.nnx Module."
         )
     kwargs = config.model.kwargs.to_dict()
     if "num_classes" not in kwargs and _takes(factory, "num_classes"):
         kwargs["num_classes"] = num_classes
+    seeded = _takes(factory, "rngs")
     try:
-        model = factory(**kwargs)
+        model = factory(**kwargs, **({"rngs": nnx.Rngs(0)} if seeded else {}))
     except Exception as err:  # noqa: BLE001 -- as above
         raise ValueError(
             f"config.model.name = {path!r}: calling it with config.model.kwargs {kwargs} failed "
             f"({type(err).__name__}: {_first_line(err)}); fix the kwargs or the function."
         ) from None
-    if _is_nnx(type(model)):
-        raise _nnx_refusal(path)
+    if isinstance(model, nnx.Module):
+        if not seeded:
+            raise ValueError(
+                f"config.model.name = {path!r} returns a flax.nnx model but takes no 'rngs' "
+                "argument, so train.py cannot seed it; add the keyword rngs: nnx.Rngs and "
+                "build the layers with it."
+            )
+        return lambda rngs: factory(**kwargs, rngs=rngs)
     if not isinstance(model, nn.Module):
         raise ValueError(
             f"config.model.name = {path!r} returned a {type(model).__name__}, not a "
-            "flax.linen.Module; return the (unbound) model."
+            "flax.linen.Module or flax.nnx.Module; return the (unbound) model."
         )
     return model
-
-
-def _is_nnx(cls) -> bool:
-    from flax import nnx
-
-    return inspect.isclass(cls) and issubclass(cls, nnx.Module)
-
-
-def _nnx_refusal(path: str) -> ValueError:
-    return ValueError(
-        f"config.model.name = {path!r} gives a flax.nnx model, but train.py takes "
-        "flax.linen models; write the model with flax.linen (or quantize and train the NNX "
-        "model in your own loop, see the README)."
-    )
 
 
 def _takes(fn, name: str) -> bool:
@@ -183,16 +222,12 @@ def _check_call(model: nn.Module, name: str, flag: str) -> None:
         )
 
 
-def _check_output(model: nn.Module, name: str, flag: str, images, num_classes: int) -> dict:
+def _check_output(trace: Callable, name: str, images, num_classes: int) -> dict:
     """The float variables' shapes, after checking that an image batch gives logits
-    ``(N, num_classes)``."""
-    kwargs = {flag: False} if flag else {}
+    ``(N, num_classes)``; ``trace(images) -> (logits, variables)`` in eval."""
     shape = "(N, " + ", ".join(map(str, images.shape[1:])) + ")"
     try:
-        variables = jax.eval_shape(
-            lambda k, x: model.init(k, x, **kwargs), jax.random.key(0), images
-        )
-        out = jax.eval_shape(lambda v, x: model.apply(v, x, **kwargs), variables, images)
+        out, variables = jax.eval_shape(trace, images)
     except Exception as err:  # noqa: BLE001 -- a Flax/JAX error of tracing the user's model
         raise ValueError(
             f"The model of config.model.name = {name!r} cannot take the data's float32 image "

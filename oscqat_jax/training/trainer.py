@@ -23,6 +23,7 @@ from oscqat_jax.training import evaluation, metrics, phases, reports
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.context import Context, close_run, open_run
 from oscqat_jax.training.evaluation import Evaluator
+from oscqat_jax.training.nnx_forward import NNXForward
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -172,8 +173,12 @@ def _exporter(output: str, export_format: str, container: str = "int4"):
         export.check_suffix(output)
 
         def write_native(forward, variables, ctx):
+            if isinstance(forward, NNXForward):  # an NNX model holds its variables
+                variables, arguments = None, forward.native_export(variables)
+            else:
+                arguments = forward.native_export()
             manifest = export.export_model(
-                output, variables, input_shape=ctx.source.image_shape, **forward.native_export()
+                output, variables, input_shape=ctx.source.image_shape, **arguments
             )
             return manifest, f"{len(manifest['weights'])} quantized layers"
 
@@ -189,7 +194,10 @@ def _exporter(output: str, export_format: str, container: str = "int4"):
         ) from None
 
     def write_onnx(forward, variables, ctx):
-        model, model_kwargs = forward.onnx_export()
+        if isinstance(forward, NNXForward):
+            (model, model_kwargs), variables = forward.onnx_export(variables), None
+        else:
+            model, model_kwargs = forward.onnx_export()
         proto = onnx_export.export_model_onnx(
             model,
             variables,

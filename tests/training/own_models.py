@@ -1,6 +1,6 @@
 """Models and rules factories a user might name in a config (``"own_models:<name>"``), for
-tests/training/test_own_model.py: one that trains without BatchNorm, and one of each kind the
-training program must refuse at start-up."""
+tests/training/test_own_model.py and test_own_nnx_model.py: Linen and NNX models that train
+without BatchNorm, and one of each kind the training program must refuse at start-up."""
 
 from __future__ import annotations
 
@@ -76,6 +76,8 @@ def broken(num_classes: int) -> nn.Module:
 
 
 class NNXNet(nnx.Module):
+    """An NNX model for 3-channel images (digits have one)."""
+
     def __init__(self, num_classes: int, *, rngs: nnx.Rngs | None = None):
         self.head = nnx.Linear(3, num_classes, rngs=rngs or nnx.Rngs(0))
 
@@ -84,7 +86,29 @@ class NNXNet(nnx.Module):
 
 
 def nnx_factory(num_classes: int) -> nnx.Module:
+    """An NNX model seeded by the factory itself: train.py cannot seed it."""
     return NNXNet(num_classes)
+
+
+class NNXTwoInputs(nnx.Module):
+    def __init__(self, num_classes: int, *, rngs: nnx.Rngs):
+        self.head = nnx.Linear(1, num_classes, rngs=rngs)
+
+    def __call__(self, x, mask):
+        return self.head((x * mask).mean(axis=(1, 2)))
+
+
+class NNXNoBatchNorm(nnx.Module):
+    """Conv, ReLU, pooling, linear: an NNX model without BatchNorm, layers ``stem``/``head``."""
+
+    def __init__(self, num_classes: int, *, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.mid = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(4, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.mid(nnx.relu(self.stem(x))))
+        return self.head(x.mean(axis=(1, 2)))
 
 
 NOT_CALLABLE = 7
