@@ -298,6 +298,16 @@ def _figures(settings, results: dict, workdir: str, directory: str) -> list[str]
     return paths
 
 
+def _span(results: dict, workdir: str) -> float:
+    """Seconds from the first run's start to the last run's end, from the times of their
+    ``result.json`` files (the sum of the run times where those are missing)."""
+    paths = {f: os.path.join(workdir, "runs", f, "result.json") for f in results}
+    if not results or not all(os.path.isfile(p) for p in paths.values()):
+        return sum(r["wall_s"] for r in results.values())
+    ends = {f: os.path.getmtime(p) for f, p in paths.items()}
+    return max(ends.values()) - min(ends[f] - r["wall_s"] for f, r in results.items())
+
+
 def _gpu_sections(out: str) -> str:
     """The GPU-check sections of an existing report (written by ``gpu_check.py
     --write-docs``), kept below the study."""
@@ -319,6 +329,7 @@ def write(settings, results: dict, out: str, workdir: str, effects=None) -> None
         planned[run.regime] = planned.get(run.regime, 0) + 1
     planned.pop("float", None)
     total = sum(r["wall_s"] for r in results.values())
+    span = _span(results, workdir)
     loads = [x for r in results.values() for x in r.get("load_1min", [])]
     main = settings.regimes[0]
     qat = _of(results, main.name, "qat")
@@ -336,7 +347,8 @@ def write(settings, results: dict, out: str, workdir: str, effects=None) -> None
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.__version__} on "
         f"{jax.default_backend()}, the study at niceness {os.nice(0)}. Sum of the run times: "
-        f"{total / 60:.1f} min. 1-minute load average at the starts and ends of the runs: "
+        f"{total / 60:.1f} min; from the start of the first run to the end of the last: "
+        f"{span / 60:.1f} min. 1-minute load average at the starts and ends of the runs: "
         + (
             f"{min(loads):.1f} to {max(loads):.1f} (median {np.median(loads):.1f})"
             if loads
