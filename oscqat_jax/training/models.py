@@ -194,6 +194,8 @@ def _own_model(config, num_classes: int) -> nn.Module | Callable[[nnx.Rngs], nnx
 
 
 def _takes(fn, name: str) -> bool:
+    if inspect.isclass(fn) and issubclass(fn, nnx.Module):
+        fn = fn.__init__  # the metaclass's call hides the signature
     try:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):

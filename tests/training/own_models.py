@@ -85,8 +85,10 @@ class NNXNet(nnx.Module):
         return self.head(x.mean(axis=(1, 2)))
 
 
-def nnx_factory(num_classes: int) -> nnx.Module:
-    """An NNX model seeded by the factory itself: train.py cannot seed it."""
+def nnx_factory(num_classes: int, **kwargs) -> nnx.Module:
+    """An NNX model seeded by the factory itself, so train.py cannot seed it (``kwargs``,
+    whatever the config's, are not used)."""
+    del kwargs
     return NNXNet(num_classes)
 
 
