@@ -24,9 +24,10 @@ Variants (W4A4 ``LSQ_paper`` for all but ``fp``):
   optimizer, schedules, state and sharding as the package's case. Issue 13 asks it to run within 5 % of ``freeze+dampen`` and to compile no
   slower; the table's ``vs pkg`` column gives the step-time ratio.
 - ``nnx``: the same on the MobileNetV2 written in ``flax.nnx``
-  (``plain_mobilenet_v2.NNXMobileNetV2``), quantized in place by the same rules: the model
-  is split into its graph and state, and the step merges them, sets the freezing threshold
-  (a traced value) and updates the state as the package's step does.
+  (``plain_mobilenet_v2.NNXMobileNetV2``), quantized in place by the same rules and stepped
+  by the trainer's own step through the forward ``train.py`` uses for a user's NNX model
+  (``NNXForward``: the graph merged with the train state's collections at each call, the
+  freezing threshold a traced value).
 
 Each case prints one JSON line: the median, min and max of ``--steps`` timed steps after
 ``--warmup`` untimed ones (each step ends in ``block_until_ready``), images per second, the
@@ -54,10 +55,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.extend
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 # Run as a script from a clone: make the repository's package (and this folder's plain
@@ -73,17 +72,11 @@ from plain_mobilenet_v2 import (
     PlainMobileNetV2,
 )
 
-from oscqat_jax.nn import (
-    calibrate,
-    dampening_term,
-    paper_rules,
-    quantize_model,
-    set_mode,
-    set_schedule,
-)
-from oscqat_jax.training import build, context, data, forward, metrics, optim, phases
+from oscqat_jax.nn import paper_rules, quantize_model
+from oscqat_jax.training import build, context, data, forward, metrics, phases
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.config import base_config
+from oscqat_jax.training.nnx_forward import NNXForward
 
 VARIANTS = ("fp", "lsq", "freeze", "dampen", "freeze+dampen", "rules", "nnx")
 RULES_VARIANT, NNX_VARIANT, RULES_BASELINE = "rules", "nnx", "freeze+dampen"
@@ -213,66 +206,33 @@ def _rules(config: ml_collections.ConfigDict):
     )
 
 
-def make_nnx_train_step(graphdef, tx: optax.GradientTransformation, cfg: step_lib.StepConfig):
-    """``step(state, (images, labels), hparams) -> (state, metrics)`` of the NNX model: state
-    ``(params, rest, opt_state)`` with ``params`` the ``nnx.Param`` state; the trainer's
-    update (``step_lib.make_train_step``) with ``dampening_term(model)`` as the dampening
-    term."""
-    osc = cfg.oscillations
-
-    def step(state, batch: tuple, hparams: dict):
-        params, rest, opt_state = state
-        images, labels = batch
-        lam = hparams["dampening_weight"] if osc.dampen else jnp.zeros((), jnp.float32)
-        model = nnx.merge(graphdef, params, rest)
-        set_schedule(
-            model,
-            freeze_threshold=hparams["freeze_threshold"],
-            osc_momentum=jnp.float32(osc.momentum),
-        )
-
-        def loss_fn(model):
-            task = step_lib.cross_entropy(model(images), labels)
-            damp = dampening_term(model) if osc.dampen else jnp.zeros((), jnp.float32)
-            return task + lam * damp, (task, damp)
-
-        grad_fn = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
-        grads, (task, damp) = grad_fn(model)
-        _, _, rest = nnx.split(model, nnx.Param, ...)
-        directions, opt_state = tx.update(grads, opt_state, params)
-        steps = optim.apply_learning_rates(
-            directions, params, hparams["model_lr"], hparams["quant_lr"]
-        )
-        params = optax.apply_updates(params, steps)
-        metrics = {"loss": task + lam * damp, "task_loss": task, "dampening_loss": damp}
-        return (params, rest, opt_state), metrics
-
-    return step
-
-
 def build_nnx_case(config: ml_collections.ConfigDict, ctx, num_classes: int, total: int):
     """:func:`build_case` of the ``nnx`` variant: :class:`NNXMobileNetV2` quantized in place
-    by the rules of the ``rules`` variant, calibrated on one training batch."""
+    by the rules of the ``rules`` variant, calibrated on one training batch and stepped by
+    the trainer's own step through :class:`~oscqat_jax.training.nnx_forward.NNXForward`, the
+    forward ``train.py`` gives a user's NNX model, with the ``rules`` case's optimizer,
+    schedules, state and sharding."""
     options = build.model_options(config)
-    model = NNXMobileNetV2(
-        num_classes,
-        options["width_multiplier"],
-        in_features=config.data.channels,
-        block_setting=options.get("block_setting", INVERTED_RESIDUAL_SETTING),
-        dtype=options.get("dtype"),
-        rngs=nnx.Rngs(ctx.seed("qat_state")),
-    )
+
+    def make_model(rngs: nnx.Rngs) -> NNXMobileNetV2:
+        return NNXMobileNetV2(
+            num_classes,
+            options["width_multiplier"],
+            in_features=config.data.channels,
+            block_setting=options.get("block_setting", INVERTED_RESIDUAL_SETTING),
+            dtype=options.get("dtype"),
+            rngs=rngs,
+        )
+
+    nnx_forward = NNXForward.create(make_model, _rules(config))
     images, labels = ctx.train_batch(0)
-    quantize_model(model, _rules(config))
-    calibrate(model, [images])
-    model.train()
-    set_mode(model, "train")
+    key = jax.random.PRNGKey(ctx.seed("qat_state"))
+    variables = nnx_forward.calibrate(nnx_forward.init(key, images[:1]), [images], key)
     opt = build.optimizer(config, phase="qat", total_steps=total, steps_per_epoch=1)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    step_fn = make_nnx_train_step(graphdef, opt.tx, build.qat_step_config(config))
+    step_fn = step_lib.make_train_step(nnx_forward, opt.tx, build.qat_step_config(config))
     table = build.qat_schedules(config, opt, total).table(total)
     sharded = ctx.sharded
-    state = sharded.replicate((params, rest, opt.tx.init(params)))
+    state = sharded.replicate(step_lib.create_state(variables, opt.tx, key))
     batch = sharded.put_batch((images, labels))
     return sharded.jit_train_step(step_fn), state, batch, table
 

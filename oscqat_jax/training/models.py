@@ -110,9 +110,7 @@ def _nnx_forward(config, build, images, num_classes: int) -> NNXForward:
     variables = _check_output(trace, name, images, num_classes)
     rules = _rules(config, name, variables)
     try:
-        return NNXForward.create(
-            build, rules, train_flag=flag, description=_description(config)
-        )
+        return NNXForward.create(build, rules, train_flag=flag, description=_description(config))
     except ValueError as err:
         raise _misfit(config, err) from None
 

@@ -62,11 +62,9 @@ def pure_state(model: nnx.Module, kind: type) -> dict:
     return _str_keys(nnx.to_pure_dict(nnx.state(model, kind)))
 
 
-def _split(model: nnx.Module, kinds: Mapping[str, type]) -> tuple[nnx.GraphDef, dict, Any]:
-    """``(graphdef, {collection: pure dict}, rest)`` of ``model``."""
-    graphdef, *states, rest = nnx.split(model, *kinds.values(), ...)
-    pure = {c: _str_keys(nnx.to_pure_dict(s)) for c, s in zip(kinds, states, strict=True)}
-    return graphdef, pure, rest
+def _collections(model: nnx.Module, kinds: Mapping[str, type]) -> dict:
+    """``{collection: pure dict}`` of ``model`` for each collection of ``kinds``."""
+    return {collection: pure_state(model, kind) for collection, kind in kinds.items()}
 
 
 def _poured(state, pure: Mapping | None = None):
@@ -85,8 +83,8 @@ def _poured(state, pure: Mapping | None = None):
 
 @dataclasses.dataclass(frozen=True)
 class _Graph:
-    """One of the two models as the calls merge it: its graph, the abstract state of each
-    collection (the structure pure dicts are poured into) and the state kept as built."""
+    """One of the two models as the calls merge it: its graph, its state of each collection
+    as built (the structure pure dicts are poured into) and the rest of its state."""
 
     graphdef: nnx.GraphDef
     kinds: Mapping[str, type]
@@ -114,9 +112,7 @@ class _Graph:
         return model
 
     def pure(self, model: nnx.Module, collections: Iterable[str]) -> dict:
-        states = nnx.split(model, *self.kinds.values(), ...)[1:-1]
-        by_name = dict(zip(self.kinds, states, strict=True))
-        return {c: _str_keys(nnx.to_pure_dict(by_name[c])) for c in collections}
+        return _collections(model, {c: self.kinds[c] for c in collections})
 
 
 def _set_quantizers(model: nnx.Module, mode: str, **settings) -> None:
@@ -165,7 +161,7 @@ class NNXForward:
             tuple(rules),
             float_graph,
             graph,
-            _split(quantized, KINDS)[1],
+            _collections(quantized, KINDS),
             train_flag=train_flag,
             has_batchnorm=has_bn,
             description=description,
@@ -178,7 +174,7 @@ class NNXForward:
     def init(self, key: jax.Array, images: jax.Array) -> dict:
         """The float model's ``params`` and ``batch_stats``, its ``nnx.Rngs`` seeded by ``key``."""
         del images
-        return _split(self.build(nnx.Rngs(key)), FLOAT_KINDS)[1]
+        return _collections(self.build(nnx.Rngs(key)), FLOAT_KINDS)
 
     def train(self, variables, images, *, mode, osc, freeze_threshold, dampen, track, rng):
         if mode == "float_train":
@@ -283,4 +279,3 @@ _NO_FLAG_EXPORT = (
 
 def _no_dampening() -> jax.Array:
     return jnp.zeros((), jnp.float32)
-

@@ -44,8 +44,10 @@ def test_benchmark_times_each_variant_with_one_compilation(capsys):
     assert rules["round_ops"] == freeze_dampen["round_ops"]
     assert rules["xla_argument_bytes"] == freeze_dampen["xla_argument_bytes"]
     assert np.isfinite(rules["final_loss"])
-    # The NNX model, quantized by the same rules, rounds as often too.
+    # The NNX model, quantized by the same rules and stepped through NNXForward, rounds as
+    # often too and carries the rules case's train state (the same collections and sizes).
     assert nnx_case["round_ops"] == freeze_dampen["round_ops"]
+    assert nnx_case["xla_argument_bytes"] == rules["xla_argument_bytes"]
     assert np.isfinite(nnx_case["final_loss"])
 
 

@@ -33,12 +33,13 @@ from oscqat_jax.training.nnx_forward import NNXForward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_FILE = os.path.join(ROOT, "configs", "own_nnx_model.py")
-# The shipped config at tiny sizes: 8x8 digits, a width-4 CNN, one float epoch of 11 steps
-# (1437 images, batches of 128), two QAT epochs of 11 steps each, checkpoints every 6.
+# The shipped config at tiny sizes: 8x8 digits, a width-8 CNN (at width 4 nothing oscillates
+# in 22 steps), one float epoch of 11 steps (1437 images, batches of 128), two QAT epochs of
+# 11 steps each, checkpoints every 6.
 TINY = {
     "data.image_size": 8,
     "data.batch_size": 128,
-    "model.kwargs.width": 4,
+    "model.kwargs.width": 8,
     "float_train.epochs": 1,
     "train.epochs": 2,
     "train.log_every": 4,
@@ -97,7 +98,7 @@ def _rows(workdir: str) -> list[dict]:
 @pytest.mark.slow
 def test_a_run_logs_float_qat_oscillations_and_pre_and_post_bn_evaluations(nnx_run):
     workdir, stdout = nnx_run
-    assert "demos.nnx_cnn:make_model(depth=2, width=4) on digits" in stdout
+    assert "demos.nnx_cnn:make_model(depth=2, width=8) on digits" in stdout
     rows = _rows(workdir)
     assert any("float/loss" in r for r in rows)
     qat = [r for r in rows if "qat/loss" in r]
@@ -185,7 +186,7 @@ def test_exports_agree_with_jax_and_the_export_check_passes(nnx_run, tmp_path, c
     assert "Top-1 agreement: 100.00 %" in capsys.readouterr().out
     # The control: the check rebuilds the model from the config, so another width fails.
     assert check.main([*argv, "--config.model.kwargs.width=6"]) == 1
-    assert "model.kwargs.width 4 → 6" in capsys.readouterr().err
+    assert "model.kwargs.width 8 → 6" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- start-up
@@ -307,8 +308,8 @@ class _WithoutThreshold:
         return self.inner.logits(variables, images, mode)
 
 
-def _run(forward, variables, steps=len(THRESHOLDS)):
-    """``steps`` trainer steps from ``variables``: the losses and the final state."""
+def _run(forward, variables):
+    """A trainer step per threshold from ``variables``: the losses and the final state."""
     tx = optax.identity()
     step = jax.jit(
         step_lib.make_train_step(forward, tx, step_lib.StepConfig(oscillations=SETTINGS)),
@@ -316,7 +317,7 @@ def _run(forward, variables, steps=len(THRESHOLDS)):
     )
     state = step_lib.create_state(variables, tx, jax.random.PRNGKey(0))
     losses = []
-    for i, threshold in enumerate(THRESHOLDS[:steps]):
+    for i, threshold in enumerate(THRESHOLDS):
         hparams = {k: np.float32(v) for k, v in {**HPARAMS, "freeze_threshold": threshold}.items()}
         state, metrics = step(state, _batch(10 + i), hparams)
         losses.append(float(metrics["loss"]))
@@ -385,7 +386,9 @@ def test_bn_statistics_batch_by_batch_equal_the_nnx_verb_over_all_batches():
     images = [_batch(20 + i)[0] for i in range(3)]
     ours = forward.average_bn([jax.jit(forward.bn_statistics)(variables, x) for x in images])
     model = reestimate_bn_nnx(forward.bound(variables), images)
-    verb = {n: {"mean": getattr(model, n).mean[...], "var": getattr(model, n).var[...]} for n in BNS}
+    verb = {
+        n: {"mean": getattr(model, n).mean[...], "var": getattr(model, n).var[...]} for n in BNS
+    }
     assert_trees_equal(ours, verb, atol=1e-6, rtol=1e-6)
     # The control: the running statistics were not already these.
     assert np.max(np.abs(ours["dw_bn"]["var"] - variables["batch_stats"]["dw_bn"]["var"])) > 1e-3
