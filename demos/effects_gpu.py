@@ -169,9 +169,14 @@ FLOAT_STEP_MS_LAUNCH_BOUND = 4.0
 # A new train-step program, warm backend: trace + lower 4.3 s and XLA compile 21.3 s measured
 # for the MobileNetV2 freeze+dampen step on the H200 (the same JSON, its second case).
 NEW_PROGRAM_S = 25.6
-# A run's other programs that are new when its model or mode is (range initialisation, the
-# evaluation before and after BN re-estimation, BN re-estimation): counted as this many more.
-PROGRAMS_PER_NEW_MODE = 3
+# Programs that a quantized set-up (model, weight and activation bits) compiles once, whatever
+# the method: range initialisation, the evaluation before and after BN re-estimation, BN
+# re-estimation; counted at NEW_PROGRAM_S each. A method's train step is one more program. A
+# float run compiles its float step and evaluation, and ends with one weight-only QAT step,
+# which compiles that set-up and the LSQ step its BN-study runs then share (the H200's float
+# run: 199 s, of which 4,690 steps at 14.9 ms are 70 s, leaves 129 s for about five programs).
+PROGRAMS_PER_SETUP = 3
+FLOAT_PROGRAMS = 2
 # Every run, all programs cached: trace + lower of its four programs (4.3 s each, measured)
 # and loading them from the persistent cache.
 RUN_OVERHEAD_S = 4 * 4.3
@@ -181,6 +186,21 @@ H100_FACTOR = 1.0  # the H200's numbers taken for the H100 (same chip, slower me
 def _mode(r) -> tuple:
     """Runs of one mode share every compiled program (seeds change only data)."""
     return (r.kind, r.model, r.bits, r.method, r.acts)
+
+
+def _new_programs(r, seen: set) -> int:
+    """Programs ``r`` compiles that no run before it did (``seen``: the keys compiled so far,
+    updated): its set-up's, its train step's, and for a float run its float programs and the
+    weight-only LSQ set-up and step of its one QAT step."""
+    quantized = r.kind == "qat" or r.acts
+    setup = ("setup", r.model, r.bits, quantized)
+    step = ("step", r.model, r.bits, quantized, r.method)
+    keys = {setup: PROGRAMS_PER_SETUP, step: 1}
+    if r.kind == "float":
+        keys = {("float", r.model): FLOAT_PROGRAMS, **keys}
+    new = sum(n for key, n in keys.items() if key not in seen)
+    seen.update(keys)
+    return new
 
 
 def cpu_step_costs(cpu_workdir: str) -> dict[tuple, float]:
@@ -217,8 +237,8 @@ def predict(settings: effects.Settings, cpu_workdir: str, budget_s: float) -> di
     """Predicted GPU seconds of every run of ``settings`` (low and high), from the CPU step
     costs of ``cpu_workdir``: a GPU step costs a float step (FLOAT_STEP_MS_*) times the
     CPU's ratio of this mode's step to the float step of the same model (more quantizer
-    and tracking kernels cost more launches); a run adds RUN_OVERHEAD_S, and a mode's first
-    run its new programs."""
+    and tracking kernels cost more launches); a run adds RUN_OVERHEAD_S and NEW_PROGRAM_S
+    for each program no run before it compiled."""
     costs = cpu_step_costs(cpu_workdir)
     rows, seen, totals = [], set(), [0.0, 0.0]
     for r in effects.plan(settings):
@@ -232,9 +252,8 @@ def predict(settings: effects.Settings, cpu_workdir: str, budget_s: float) -> di
                 "run of its kind): give the workdir of a `python demos/effects.py` run that "
                 "has finished such runs."
             )
-        new = _mode(r) not in seen
-        seen.add(_mode(r))
-        fixed = RUN_OVERHEAD_S + (NEW_PROGRAM_S * (1 + PROGRAMS_PER_NEW_MODE) if new else 0.0)
+        new = _new_programs(r, seen)
+        fixed = RUN_OVERHEAD_S + NEW_PROGRAM_S * new
         seconds = [
             H100_FACTOR * (fixed + 1e-3 * steps * step * ratio)
             for step in (FLOAT_STEP_MS_LAUNCH_BOUND, FLOAT_STEP_MS_MEASURED)
@@ -269,7 +288,7 @@ def prediction_lines(prediction: dict) -> list[str]:
         ratio = f"{r['ratio_to_float']:.2f}" + (" (MobileNetV2's)" if r["ratio_assumed"] else "")
         out.append(
             f"| {r['run']} | {r['steps']} | {cpu} | {ratio} "
-            f"| {'yes' if r['new_programs'] else '-'} | {low:.0f} / {high:.0f} "
+            f"| {r['new_programs']} | {low:.0f} / {high:.0f} "
             f"| {r['cumulative_s'][0]:.0f} / {r['cumulative_s'][1]:.0f} |"
         )
     low, high = prediction["total_s"]
