@@ -56,8 +56,8 @@ SCALE_LR = 1e-4
 RTOL = 1e-6
 # The one difference by design: the float setup has no rules, so the plain model is plain
 # conv + BN, while the ctx model with fold_bn folds BN even in its float modes; the two
-# agree up to float32 rounding (measured 1.2e-6 on a BN bias gradient).
-FLOAT_FOLD_RTOL = 1e-5
+# agree up to float32 rounding (measured up to 6.2e-6, ResNet-18 train logits).
+FLOAT_FOLD_RTOL = 1e-4
 IMPL = "shifted"
 
 
