@@ -1,6 +1,7 @@
 """The paper's three effects where they appear at our scale: oscillations, BN corruption, remedies.
 
     nice -n 10 python demos/effects.py --workdir=/tmp/oscqat_effects --out=docs/results.md
+    python demos/effects.py --report-only --workdir=/tmp/oscqat_effects --out=docs/results.md
     python demos/effects.py --quick --workdir=/tmp/oscqat_effects_quick \
         --out=/tmp/oscqat_effects_quick/results.md
 
@@ -221,9 +222,18 @@ def run_config(settings: Settings, run: Run, float_weights: str):
 # --------------------------------------------------------------------------- running
 
 
-def run_study(settings: Settings, workdir: str, out: str) -> dict:
-    """Runs (or continues) every run of ``settings``; rewrites the report after each."""
+def run_study(settings: Settings, workdir: str, out: str, report_only: bool = False) -> dict:
+    """Runs (or continues) every run of ``settings``; rewrites the report after each. With
+    ``report_only``, writes the report of the runs that have finished and runs nothing."""
     results = {}
+    if report_only:
+        for run in plan(settings):
+            path = os.path.join(workdir, "runs", run.folder, "result.json")
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    results[run.folder] = json.load(f)
+        write_report(settings, results, out, workdir)
+        return results
     with reproduce._quiet():
         for run in plan(settings):
             results[run.folder] = one_run(settings, run, workdir)
@@ -327,11 +337,14 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="runs and the XLA cache")
     parser.add_argument("--out", required=True, help="the Markdown report to write")
     parser.add_argument("--quick", action="store_true", help="the tiny test version")
+    parser.add_argument(
+        "--report-only", action="store_true", help="report the finished runs, run nothing"
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    run_study(QUICK if args.quick else FULL, args.workdir, args.out)
+    run_study(QUICK if args.quick else FULL, args.workdir, args.out, args.report_only)
     return 0
 
 
