@@ -96,23 +96,25 @@ def forward_of(config: ml_collections.ConfigDict, source) -> Forward | NNXForwar
 
 
 def _nnx_forward(config, build, images, num_classes: int) -> NNXForward:
-    """The forward of the NNX model ``build(rngs)`` makes, after the same checks."""
+    """The forward of the NNX model ``build(rngs)`` makes, after the same checks; they run
+    on abstract models (``nnx.eval_shape``: nothing computed before a refusal)."""
     name, flag = config.model.name, config.model.train_flag
-    model = build(nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
     _check_call(model, name, flag)
     kwargs = {flag: False} if flag else {}
     model.eval()
     graphdef, state = nnx.split(model)
 
-    def trace(x):
+    def trace(x, state):
         return nnx.merge(graphdef, state)(x, **kwargs), {"params": pure_state(model, nnx.Param)}
 
-    variables = _check_output(trace, name, images, num_classes)
+    variables = _check_output(trace, name, images, num_classes, state)
     rules = _rules(config, name, variables)
     try:
-        return NNXForward.create(build, rules, train_flag=flag, description=_description(config))
+        nnx.eval_shape(lambda: quantize_model(build(nnx.Rngs(0)), rules))
     except ValueError as err:
         raise _misfit(config, err) from None
+    return NNXForward.create(build, rules, train_flag=flag, description=_description(config))
 
 
 def _misfit(config, err: ValueError) -> ValueError:
@@ -168,8 +170,15 @@ def _own_model(config, num_classes: int) -> nn.Module | Callable[[nnx.Rngs], nnx
     if "num_classes" not in kwargs and _takes(factory, "num_classes"):
         kwargs["num_classes"] = num_classes
     seeded = _takes(factory, "rngs")
+    made = []
+
+    def make():  # an NNX model comes out abstract: its initialisers do not run
+        made.append(factory(**kwargs, **({"rngs": nnx.Rngs(0)} if seeded else {})))
+        return made[0] if isinstance(made[0], nnx.Module) else None
+
     try:
-        model = factory(**kwargs, **({"rngs": nnx.Rngs(0)} if seeded else {}))
+        abstract = nnx.eval_shape(make)
+        model = made[0] if abstract is None else abstract
     except Exception as err:  # noqa: BLE001 -- as above
         raise ValueError(
             f"config.model.name = {path!r}: calling it with config.model.kwargs {kwargs} failed "
@@ -222,12 +231,12 @@ def _check_call(model: nn.Module, name: str, flag: str) -> None:
         )
 
 
-def _check_output(trace: Callable, name: str, images, num_classes: int) -> dict:
+def _check_output(trace: Callable, name: str, images, num_classes: int, *args) -> dict:
     """The float variables' shapes, after checking that an image batch gives logits
-    ``(N, num_classes)``; ``trace(images) -> (logits, variables)`` in eval."""
+    ``(N, num_classes)``; ``trace(images, *args) -> (logits, variables)`` in eval."""
     shape = "(N, " + ", ".join(map(str, images.shape[1:])) + ")"
     try:
-        out, variables = jax.eval_shape(trace, images)
+        out, variables = jax.eval_shape(trace, images, *args)
     except Exception as err:  # noqa: BLE001 -- a Flax/JAX error of tracing the user's model
         raise ValueError(
             f"The model of config.model.name = {name!r} cannot take the data's float32 image "
