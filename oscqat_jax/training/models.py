@@ -11,9 +11,10 @@ The module is found on the Python path (``python train.py`` adds the current fol
 as ``python -m`` does, and its own folder holds ``demos/``).
 
 A ``flax.nnx`` model: the function (or ``nnx.Module`` class) takes a keyword ``rngs`` and
-returns an ``nnx.Module``; :func:`forward_of` calls it with ``rngs=nnx.Rngs(0)`` to check it,
-and the training program builds the model it trains with ``nnx.Rngs(key)``, ``key`` the
-run's ``jax.random.PRNGKey(config.seed)`` (as a Linen model's ``init`` gets it). Its
+returns an ``nnx.Module``; :func:`forward_of` checks it built abstractly (``nnx.eval_shape``
+of a call with ``rngs=nnx.Rngs(0)``), and the training program builds the model it trains
+with ``nnx.Rngs(key)``, ``key`` the run's ``jax.random.PRNGKey(config.seed)`` (as a Linen
+model's ``init`` gets it). Its
 ``__call__`` takes the image batch; BatchNorm and dropout switch with ``model.train()`` /
 ``model.eval()``, so ``config.model.train_flag`` is "" unless the call also takes such a
 keyword. It is quantized in place (:class:`~oscqat_jax.training.nnx_forward.NNXForward`).
@@ -26,10 +27,10 @@ a function called with ``config.quant.rules_kwargs`` that returns a list of
 :class:`oscqat_jax.nn.QuantRule` (then the quant fields above are not read).
 
 Everything that does not fit is refused at start-up, before any work, in one sentence: an
-import path that does not import or names nothing, a result that is not a Flax module, a call with more or fewer than one input, an input that
-is not an image batch, logits of the wrong shape, rules that do not fit the model or
-quantize nothing, an NNX model whose function takes no ``rngs``. A model without BatchNorm
-trains without BN re-estimation.
+import path that does not import or names nothing, a result that is not a Flax module, a
+call with more or fewer than one input, an input that is not an image batch, logits of the
+wrong shape, rules that do not fit the model or quantize nothing, an NNX model whose
+function takes no ``rngs``. A model without BatchNorm trains without BN re-estimation.
 """
 
 from __future__ import annotations
