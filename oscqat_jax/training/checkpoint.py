@@ -34,7 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from oscqat_jax.training import checksums
+from oscqat_jax.training import checkpoint_checks, checksums
 
 State = TypeVar("State")
 
@@ -42,7 +42,6 @@ _STATE = "state"
 _METADATA = "metadata"
 _ITEMS = (_STATE, _METADATA)
 """The file in each item directory holding the SHA-256 of the item's other files."""
-_NOT_SET = "(not recorded)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,7 +325,7 @@ class Checkpointer:
         except Exception as err:  # orbax, tensorstore and json raise many types
             raise _unreadable(self.directory, step, "metadata", err) from err
         changes = self._check_fingerprint(step, saved)
-        _check_fits(self.directory, step, saved_tree, target)
+        checkpoint_checks.check_fits(self.directory, step, saved_tree, target)
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
@@ -345,14 +344,14 @@ class Checkpointer:
         tunable fields that changed (``"field old → new, ..."``, empty if none)."""
         if "fixed" not in saved:  # written before tunable fields were recorded
             saved = {"fixed": saved, "tunable": {}}
-        fixed = _changes(saved["fixed"], self.metadata["fixed"])
+        fixed = checkpoint_checks.changes(saved["fixed"], self.metadata["fixed"])
         if fixed:
             raise ValueError(
                 f"The checkpoint of step {step} in {self.directory} cannot be used with this "
                 f"config, which changes {fixed}: settings the saved state depends on; use "
                 "another --workdir, or set them back."
             )
-        return _changes(saved.get("tunable", {}), self.metadata["tunable"])
+        return checkpoint_checks.changes(saved.get("tunable", {}), self.metadata["tunable"])
 
     def _move_aside(self, unreadable: dict[int, UnreadableCheckpointError], restored: int):
         """Renames unreadable step directories so that orbax no longer lists them."""
@@ -386,71 +385,8 @@ class _KeepStep:
         return [info.step == self.step for info in checkpoints]
 
 
-# --------------------------------------------------------------------------- comparisons
-
-
-def _changes(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
-    """The fields whose values differ, as ``"field old → new, ..."`` (empty if none)."""
-    saved, wanted = _flatten(saved), _flatten(wanted)
-    keys = sorted(
-        k for k in saved.keys() | wanted.keys() if saved.get(k, _NOT_SET) != wanted.get(k, _NOT_SET)
-    )
-    return ", ".join(
-        f"{k} {_show(saved.get(k, _NOT_SET))} → {_show(wanted.get(k, _NOT_SET))}" for k in keys
-    )
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict with dotted keys (so messages name ``quant.n_bits``)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _check_fits(directory: str, step: int, saved_tree: Any, target: Any) -> None:
-    """Raises ValueError naming the first leaf whose path, shape or dtype differs between the
-    saved state and ``target`` (a config change no fingerprint field names)."""
-    saved, wanted = _leaf_specs(saved_tree), _leaf_specs(target, keys_as_data=True)
-    differing = [k for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
-    if not differing:
-        return
-    first = differing[0]
-    more = f"; {len(differing) - 1} more leaves differ" if len(differing) > 1 else ""
-    raise ValueError(
-        f"The checkpoint of step {step} in {directory} holds a state that does not fit this "
-        f"config ({first}: {_spec(saved.get(first))} saved, {_spec(wanted.get(first))} "
-        f"wanted{more}); use another --workdir, or the config it was written with."
-    )
-
-
-def _leaf_specs(tree: Any, keys_as_data: bool = False) -> dict[str, tuple]:
-    """``{"params.conv.kernel": (shape, dtype name)}`` of a state or of orbax's metadata of
-    one; typed PRNG keys as their key data, as orbax stores them."""
-    specs = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if keys_as_data and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.eval_shape(jax.random.key_data, leaf)
-        name = ".".join(
-            str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path
-        )
-        specs[name] = (tuple(leaf.shape), str(leaf.dtype))
-    return specs
-
-
-def _spec(spec: tuple | None) -> str:
-    return "absent" if spec is None else f"{spec[1]}{list(spec[0])}"
-
-
 def _unreadable(directory: str, step: int, item: str, err: Exception) -> UnreadableCheckpointError:
     return UnreadableCheckpointError(
         f"The {item} of the checkpoint of step {step} in {directory} cannot be read "
         f"({checksums.first_line(err)})."
     )
-
-
-def _show(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
