@@ -104,8 +104,8 @@ FULL = Settings(
         ),
         Regime(
             "cosine",
-            "the paper's schedule shape: lr cosine to 0 over the run (the current study's "
-            "choice, with a floor); weight-only 3-bit, one seed per model",
+            "the paper's schedule shape, lr cosine to 0 over the run; weight-only 3-bit, "
+            "one seed per model",
             qat_epochs=recipe.QAT_EPOCHS,
             lr_schedule="cosine",
             bn_models=(MNV2, RESNET),
@@ -267,6 +267,7 @@ def one_run(settings: Settings, run: Run, workdir: str) -> dict:
     result["step_ms"] = step_ms(run_dir, "float" if run.kind == "float" else "qat")
     result["wall_s"] = time.time() - started
     result["load_1min"] = [load_before, os.getloadavg()[0]]  # the machine's, at start and end
+    result["niceness"] = os.nice(0)
     tmp = result_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)

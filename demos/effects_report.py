@@ -330,6 +330,8 @@ def write(settings, results: dict, out: str, workdir: str, effects=None) -> None
     planned.pop("float", None)
     total = sum(r["wall_s"] for r in results.values())
     span = _span(results, workdir)
+    # Runs before the niceness was recorded ran at 10, as the docstring's command.
+    nice = ", ".join(str(n) for n in sorted({r.get("niceness", 10) for r in results.values()}))
     loads = [x for r in results.values() for x in r.get("load_1min", [])]
     main = settings.regimes[0]
     qat = _of(results, main.name, "qat")
@@ -346,7 +348,7 @@ def write(settings, results: dict, out: str, workdir: str, effects=None) -> None
         *settings_lines(effects, settings),
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.__version__} on "
-        f"{jax.default_backend()}, the study at niceness {os.nice(0)}. Sum of the run times: "
+        f"{jax.default_backend()}, the runs at niceness {nice}. Sum of the run times: "
         f"{total / 60:.1f} min; from the start of the first run to the end of the last: "
         f"{span / 60:.1f} min. 1-minute load average at the starts and ends of the runs: "
         + (
