@@ -439,6 +439,17 @@ def write(settings, results: dict, out: str, workdir: str, effects=None) -> None
         *runs_lines(results),
         "",
     ]
+    missing = [r.folder for r in effects.plan(settings) if r.folder not in results]
+    if missing:
+        lines += [
+            "## Runs not finished",
+            "",
+            f"{len(missing)} planned runs have no result yet; the study's command, run again "
+            "with the same `--workdir`, runs them and keeps the finished ones: "
+            + ", ".join(f"`{f}`" for f in missing)
+            + ".",
+            "",
+        ]
     gpu = _gpu_sections(out)
     with open(out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + ("\n" + gpu if gpu else ""))

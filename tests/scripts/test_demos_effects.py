@@ -177,6 +177,9 @@ def test_report_of_fabricated_results_has_every_section(tmp_path):
     assert "### Regime cosine: no run finished" in text
     assert "| mobilenet_v2 | 3 | 95.00 | 1.000, 0.500, 0.200 | 50 | 10 |" in text
     assert "Stopped before a result" in text
+    missing = len(demo.plan(demo.FULL)) - len(results)
+    not_run = text.split(f"{missing} planned runs have no result yet", 1)[1].split("\n")[0]
+    assert "`float_resnet18`" in not_run and "`float_mobilenet_v2`" not in not_run
     assert os.path.getsize(tmp_path / "figures" / "results_bn_gap.png") > 1000
 
 
