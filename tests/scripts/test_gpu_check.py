@@ -144,7 +144,7 @@ def test_write_docs_refuses_a_dry_run(dry_run, tmp_path):
         (["--out=x", "--bundle=/nonexistent"], "holds no manifest.json"),
         (["--out=x", "--predict=/nonexistent"], "--predict=/nonexistent holds no runs folder"),
         (["--write-docs=/nonexistent.json"], "--write-docs=/nonexistent.json does not exist"),
-        (["--out=x", "--no-sklearn"], "the effects part reads scikit-learn's digits"),
+        (["--out=x", "--parts=effects", "--no-sklearn"], "the effects part reads scikit-learn"),
     ],
 )
 def test_bad_arguments_stop_with_one_sentence(argv, message, capsys, monkeypatch, tmp_path):
@@ -157,6 +157,17 @@ def test_bad_arguments_stop_with_one_sentence(argv, message, capsys, monkeypatch
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in error and error.count(". ") == 0, error
+
+
+def test_the_default_parts_without_scikit_learn_run_the_speed_part_alone(capsys, monkeypatch):
+    # The one-call command on a device image without scikit-learn must still time the steps.
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # its import fails
+    args, _ = check.parse_args(["--out=x"])
+    assert args.parts == "speed"
+    assert "effects part (digits) is skipped" in capsys.readouterr().out
+    monkeypatch.delitem(sys.modules, "sklearn.datasets")
+    args, _ = check.parse_args(["--out=x"])  # negative control: with it, both parts run
+    assert args.parts == ",".join(check.PARTS)
 
 
 def test_a_zero_budget_skips_everything_without_compiling():
