@@ -54,14 +54,19 @@ def test_help_prints_a_usage_line_and_exits_with_status_0(command):
 
 
 def test_every_file_without_a_main_guard_is_a_module_of_its_siblings():
-    # benchmarks/ and demos/ hold scripts, and modules that those scripts import (the plain
-    # Linen MobileNetV2, the study's figures); a script that lost its main guard would
-    # otherwise drop out of the --help test above unnoticed.
+    # benchmarks/ and demos/ hold scripts, modules that those scripts import (the plain
+    # Linen MobileNetV2, the study's figures) and models that a config names by import path
+    # (demos.flax_resnet:make_model); a script that lost its main guard would otherwise drop
+    # out of the --help test above unnoticed.
     scripts = set(_scripts())
+    configs = [p.read_text() for p in (ROOT / "configs").glob("*.py")]
     for folder in SCRIPT_DIRS:
         siblings = [
             p for p in (ROOT / folder).glob("*.py") if p.relative_to(ROOT).as_posix() in scripts
         ]
         for path in (ROOT / folder).glob("*.py"):
             if path.relative_to(ROOT).as_posix() not in scripts:
-                assert any(path.stem in s.read_text() for s in siblings), path
+                named = f"{folder}.{path.stem}:"
+                assert any(path.stem in s.read_text() for s in siblings) or any(
+                    named in text for text in configs
+                ), path
