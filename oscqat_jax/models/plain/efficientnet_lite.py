@@ -22,15 +22,14 @@ import flax.linen as nn
 import jax
 
 from oscqat_jax.models.plain.layers import (
-    CONV_INIT,
     ModuleDef,
     conv_bn_act,
+    conv_bn_factory,
     dense_act,
     dropout,
     make_divisible,
     pool_and_requantize,
 )
-from oscqat_jax.nn.convbn import ConvBN
 from oscqat_jax.nn.intercept import ActQuant
 from oscqat_jax.nn.setup_rules import ModelSites
 
@@ -155,14 +154,7 @@ class EfficientNetLite(nn.Module):
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}.")
         variant, stages = VARIANTS[self.variant], self.stages or STAGES
         multiplier = variant.channel_multiplier * self.width_multiplier
-        conv_bn = functools.partial(
-            ConvBN,
-            kernel_init=CONV_INIT,
-            dtype=self.dtype,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-            depthwise_impl=self.depthwise_impl,
-        )
+        conv_bn = conv_bn_factory(self)
         x = conv_bn_act(
             conv_bn,
             x,

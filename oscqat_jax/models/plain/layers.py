@@ -4,19 +4,21 @@ the one pattern every family repeats (conv, BatchNorm, activation, output hook).
 The plain models are ordinary Flax modules (``nn.Conv``, ``nn.Dense``, the package's
 :class:`~oscqat_jax.nn.convbn.ConvBN` and :class:`~oscqat_jax.nn.intercept.ActQuant` hooks, a
 ``train`` flag); how they are quantized is decided by rules (:mod:`oscqat_jax.nn.setup_rules`).
-Each model builds one ``conv_bn`` factory (``functools.partial`` of ``ConvBN`` with the
+Each model builds one ``conv_bn`` factory (:func:`conv_bn_factory`: ``ConvBN`` with the
 model's dtype, BatchNorm settings and depth-wise implementation) and hands it to its blocks,
 as Flax's ImageNet example hands its ``conv`` and ``norm``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 
+from oscqat_jax.nn.convbn import ConvBN
 from oscqat_jax.nn.intercept import ActQuant
 
 ModuleDef = Any
@@ -26,6 +28,19 @@ Activation = Callable[[jax.Array], jax.Array]
 # when training from scratch, since QAT starts from converted pretrained weights.
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 DENSE_INIT = nn.initializers.normal(0.01)
+
+
+def conv_bn_factory(model: nn.Module) -> Callable[..., ConvBN]:
+    """``ConvBN`` with ``model``'s ``dtype``, ``bn_momentum``, ``bn_epsilon`` and (where the
+    family has depth-wise convs) ``depthwise_impl``, and the families' conv initialiser."""
+    return functools.partial(
+        ConvBN,
+        kernel_init=CONV_INIT,
+        dtype=model.dtype,
+        bn_momentum=model.bn_momentum,
+        bn_epsilon=model.bn_epsilon,
+        depthwise_impl=getattr(model, "depthwise_impl", "auto"),
+    )
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:

@@ -21,15 +21,14 @@ import flax.linen as nn
 import jax
 
 from oscqat_jax.models.plain.layers import (
-    CONV_INIT,
     ModuleDef,
     conv_bn_act,
+    conv_bn_factory,
     dense_act,
     dropout,
     make_divisible,
     pool_and_requantize,
 )
-from oscqat_jax.nn.convbn import ConvBN
 from oscqat_jax.nn.intercept import ActQuant
 from oscqat_jax.nn.setup_rules import ModelSites
 
@@ -119,14 +118,7 @@ class MobileNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv_bn = functools.partial(
-            ConvBN,
-            kernel_init=CONV_INIT,
-            dtype=self.dtype,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-            depthwise_impl=self.depthwise_impl,
-        )
+        conv_bn = conv_bn_factory(self)
         width = self.width_multiplier
         stem = make_divisible(STEM_CHANNELS * width)
         x = conv_bn_act(

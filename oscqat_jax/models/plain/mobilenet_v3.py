@@ -27,12 +27,12 @@ from oscqat_jax.models.plain.layers import (
     CONV_INIT,
     ModuleDef,
     conv_bn_act,
+    conv_bn_factory,
     dense_act,
     dropout,
     make_divisible,
     pool_and_requantize,
 )
-from oscqat_jax.nn.convbn import ConvBN
 from oscqat_jax.nn.intercept import ActQuant
 from oscqat_jax.nn.setup_rules import ModelSites
 
@@ -183,14 +183,7 @@ class MobileNetV3(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         setting = self._setting()
-        conv_bn = functools.partial(
-            ConvBN,
-            kernel_init=CONV_INIT,
-            dtype=self.dtype,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-            depthwise_impl=self.depthwise_impl,
-        )
+        conv_bn = conv_bn_factory(self)
 
         def scaled(channels: int) -> int:
             return make_divisible(channels * self.width_multiplier)

@@ -21,14 +21,13 @@ import flax.linen as nn
 import jax
 
 from oscqat_jax.models.plain.layers import (
-    CONV_INIT,
     ModuleDef,
     conv_bn_act,
+    conv_bn_factory,
     dense_act,
     dropout,
     pool_and_requantize,
 )
-from oscqat_jax.nn.convbn import ConvBN
 from oscqat_jax.nn.intercept import ActQuant
 from oscqat_jax.nn.setup_rules import ModelSites
 
@@ -118,13 +117,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         sizes = self._stage_sizes()
-        conv_bn = functools.partial(
-            ConvBN,
-            kernel_init=CONV_INIT,
-            dtype=self.dtype,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-        )
+        conv_bn = conv_bn_factory(self)
         stem = scaled_channels(STEM_CHANNELS, self.width_multiplier)
         x = conv_bn_act(
             conv_bn, x, "conv1", stem, 7, strides=2, activation=jax.nn.relu, train=train
