@@ -33,10 +33,14 @@ import numpy as np
 from oscqat_jax import quant
 
 FORMAT = "oscqat_jax.export"
-# 2: the manifest holds the sha256 of the file's content; 3: packed kernels; 4: BN folded.
-FORMAT_VERSION = 4
-READ_VERSIONS = (2, 3, 4)  # 3 is 4 with BN unfolded, 2 is 3 without packing
+# 2: the manifest holds the sha256 of the file's content; 3: packed kernels; 4: BN folded
+# (the package's models); 5: BN folded at the ConvBN sites of models quantized by rules.
+FORMAT_VERSION = 5
+# 4 is 5 with ConvBN sites unfolded (read for rules models without them), 3 is 4 with BN
+# unfolded, 2 is 3 without packing.
+READ_VERSIONS = (2, 3, 4, 5)
 FOLDED_SINCE = 4
+FOLDED_RULES_SINCE = 5
 FOLDED_BIAS = "folded_bias"
 MANIFEST_KEY = "oscqat_jax_export"
 SUFFIXES = (".safetensors", ".npz")

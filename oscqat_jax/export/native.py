@@ -6,7 +6,7 @@ the model from the file's manifest and variables whose quantized kernels are deq
 the stored integers, so the usual eval forward
 ``model.apply(variables, x, QuantContext.create("eval"))`` runs on the exported integers.
 
-File layout (format version 4), ``.safetensors`` or ``.npz`` (compressed) by suffix; keys
+File layout (format version 5), ``.safetensors`` or ``.npz`` (compressed) by suffix; keys
 follow the model's variable tree, ``<layer>`` being a ``/``-joined module path:
 
 - ``params/<layer>/kernel_packed``: the kernel of a quantized layer of at most 4 bits as
@@ -54,16 +54,24 @@ format name and version, the model (registry name, ``num_classes`` and the other
   tensor's shape and each kernel's bit width against the model the manifest describes.
   The digest is of the tensors as stored (packed), so a changed nibble is noticed too.
 
-:func:`load_export` also reads version 3 (BN stored unfolded) and version 2 (version 3 with
-every kernel as ``kernel_int``); other versions are refused with one sentence naming the
-version.
+:func:`load_export` also reads version 4 (the same layout, but the ConvBN sites of models
+quantized by rules unfolded: read for models without such sites), version 3 (BN stored
+unfolded) and version 2 (version 3 with every kernel as ``kernel_int``); other versions are
+refused with one sentence naming the version.
 
 **Models quantized by rules** (``oscqat_jax.nn.quantize_model``, a user's own Linen model):
 ``export_model(path, variables, model=qmodel, input_shape=..., **model_kwargs)`` writes the
-same layout (format version 4) for every site the rules quantize: packed or int8 kernels with
-their effective scales and zero points, activation quantizers with their signedness, every
-other ``params`` leaf and the ``batch_stats`` as float32 (BatchNorm is not folded: it is the
-user's layer, wherever the model applies it). The manifest's ``model`` entry has
+same layout for every site the rules quantize: packed or int8 kernels with their effective
+scales and zero points, activation quantizers with their signedness, every other ``params``
+leaf and the ``batch_stats`` as float32. BN is folded, as above, where the model makes a conv
+and its BN one site (a ``ConvBN``, as the package's plain families do, docs/method.md §4;
+version 5): the site's integers at ``params/<site>/kernel_packed`` (or ``kernel_int``), its
+``weight_scale`` and ``folded_bias``, with the BN's own epsilon and running statistics; no
+BN variables and no float kernel of the site are stored, and the manifest marks it
+(``"bn": "scale"``, or ``"kernel"`` under a rule's ``fold_bn``). A user's separate BatchNorm
+layer is not folded (wherever the model applies it); its variables are stored. The export
+refuses a traced call in which a ConvBN normalises with batch statistics (``train=True``).
+The manifest's ``model`` entry has
 ``"kind": "rules"`` and the model class's name, ``rules`` lists the quantization rules and
 ``call_kwargs`` the model's keyword arguments of the traced call (e.g. ``train: false``).
 ``load_export(path, model=qmodel)`` checks the file against that model (the same rules, every
@@ -149,7 +157,8 @@ def load_export(
 
     A file exported from a model quantized by rules needs that model: ``model=qmodel``
     (module docstring); the file is checked against it and the variables are built the same
-    way, for ``qmodel.apply(variables, x, **call_kwargs)``.
+    way, for ``qmodel.apply(variables, x, **call_kwargs)`` (a folded ConvBN site as above:
+    its BN made ``y * gamma + beta`` with mean 0 and ``var + eps == 1``).
 
     Returns:
       ``(model, variables)`` with collections ``params``, ``batch_stats``, ``quant_stats`` and

@@ -61,6 +61,68 @@ class Fold(NamedTuple):
     into: str
 
 
+class Unfolded(NamedTuple):
+    """A folded BN given back as variables (float32): the quantizer's ``weight_scale`` in the
+    model's shape and the BN's ``gamma``, ``beta``, running ``mean`` and ``var`` ``(out,)``."""
+
+    weight_scale: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+
+
+def unfolded_bn(
+    folded_bias: np.ndarray, stored_scale: np.ndarray, into: str, scale_shape: tuple, epsilon
+) -> Unfolded:
+    """The variables of a layer whose file folds its BN (:class:`Fold`), so that the eval
+    forward computes the folded layer with the stored integers.
+
+    BN becomes ``y * gamma + beta`` (mean 0, a variance ``v`` with ``v + epsilon == 1``
+    exactly in float32) with ``beta = folded_bias``. ``into == "scale"``: the stored scale
+    ``s`` (``(out,)``, weight scale times the BN multiplier) is split into a positive
+    quantizer scale and ``gamma``: per channel ``|s|`` and ``sign(s)`` for a per-channel
+    quantizer (``scale_shape`` with more than one element), ``max |s|`` and ``s / max |s|``
+    for a per-tensor one, so the quantizer rounds the kernel back to the stored integers and
+    the layer computes the folded product (to float rounding). ``into == "kernel"`` (the
+    model quantizes the folded kernel): ``gamma = 1``, so the multiplier is exactly 1 and the
+    stored scale stays.
+    """
+    beta = np.asarray(folded_bias, np.float32)
+    gamma = np.ones(beta.shape, np.float32)
+    scale = np.asarray(stored_scale, np.float32)
+    if into == "scale":
+        folded = scale.astype(np.float64).reshape(-1)
+        if int(np.prod(scale_shape)) > 1:
+            scale = np.where(folded != 0, np.abs(folded), 1.0)
+            gamma = np.sign(folded)
+        else:
+            peak = float(np.abs(folded).max(initial=0.0)) or 1.0
+            scale = np.asarray(peak)
+            gamma = folded / peak
+        scale, gamma = scale.astype(np.float32), gamma.astype(np.float32)
+    return Unfolded(
+        scale.reshape(scale_shape),
+        gamma,
+        beta,
+        np.zeros(beta.shape, np.float32),
+        np.full(beta.shape, _one_minus_epsilon(epsilon), np.float32),
+    )
+
+
+def _one_minus_epsilon(epsilon: float) -> np.float32:
+    """The float32 ``v`` closest to ``1 - epsilon`` with ``v + epsilon == 1`` in float32, so a
+    BN with variance ``v`` multiplies by exactly ``gamma``."""
+    eps = np.float32(epsilon)
+    v = np.float32(1) - eps
+    for _ in range(8):
+        total = v + eps
+        if total == np.float32(1):
+            return v
+        v = np.nextafter(v, np.float32(0 if total > 1 else 2), dtype=np.float32)
+    raise ValueError(f"No float32 variance makes var + {epsilon} exactly 1.")
+
+
 def stored_collections(arrays: Mapping) -> tuple[dict, dict]:
     """``(params, {"batch_stats": ..., "quant_stats": ...})`` of a file's arrays, flat and
     ``/``-keyed, the packed integer kernels left out."""
@@ -74,9 +136,19 @@ def stored_collections(arrays: Mapping) -> tuple[dict, dict]:
     return params, collections
 
 
-def with_kernels(path, model, manifest: dict, arrays: Mapping, params: dict, collections: dict):
-    """Flat loaded variables: ``params`` with the float kernels the stored integers give,
-    the other ``collections``, and a fresh oscillation state for the tracked layers."""
+def with_kernels(
+    path,
+    model,
+    manifest: dict,
+    arrays: Mapping,
+    params: dict,
+    collections: dict,
+    *,
+    kernel_keys: Mapping[str, str] | None = None,
+):
+    """Flat loaded variables: ``params`` with the float kernels the stored integers give
+    (at ``<layer>/kernel``, or at ``kernel_keys[layer]``: a ConvBN site's conv), the other
+    ``collections``, and a fresh oscillation state for the tracked layers."""
     w_ints = {
         layer: fileformat.checked_int(
             path, layer, arrays[f"params/{layer}/{fileformat.KERNEL_INT}"], entry["n_bits"]
@@ -87,7 +159,10 @@ def with_kernels(path, model, manifest: dict, arrays: Mapping, params: dict, col
     kernels, states = jax.jit(functools.partial(_inference_weights, model, manifest["weights"]))(
         w_ints, params, collections["batch_stats"]
     )
-    params.update({f"{layer}/kernel": kernel for layer, kernel in kernels.items()})
+    kernel_keys = kernel_keys or {}
+    params.update(
+        {kernel_keys.get(layer, f"{layer}/kernel"): kernel for layer, kernel in kernels.items()}
+    )
     return {"params": params, **collections, OSCILLATION: states}
 
 

@@ -62,11 +62,9 @@ def test_round_trip_gives_the_eval_logits(trained, tmp_path, suffix):
 def test_the_file_holds_the_frozen_integers_packed(trained, tmp_path):
     qmodel, variables = trained
     path = tmp_path / "model.safetensors"
-    export.export_model(path, variables, model=qmodel, input_shape=SHAPE, train=False)
+    manifest = export.export_model(path, variables, model=qmodel, input_shape=SHAPE, train=False)
     arrays, _ = weight_files.read(path, metadata_key=export.MANIFEST_KEY)
-    ints = fileformat.unpack_nibbles(
-        arrays[f"params/{FROZEN}/kernel_packed"], (3, 3, 1, CHANNELS)
-    )
+    ints = fileformat.unpack_nibbles(arrays[f"params/{FROZEN}/kernel_packed"], (3, 3, 1, CHANNELS))
     params, state = variables["params"][FROZEN], variables["oscillation"][FROZEN]
     p = quant.quant_params(
         params["weight_scale"], None, x_shape=(3, 3, 1, CHANNELS), n_bits=4, signed=True
@@ -76,7 +74,9 @@ def test_the_file_holds_the_frozen_integers_packed(trained, tmp_path):
     np.testing.assert_array_equal(ints, want)
     assert np.any(ints != rounded)  # the frozen values are not the rounded ones
     assert arrays[f"params/{FROZEN}/weight_scale"].dtype == np.float32
+    # The model's own BatchNorm layers are no ConvBN sites: stored unfolded.
     assert "batch_stats/mixer_bn/var" in arrays and "params/mixer_bn/scale" in arrays
+    assert not any("bn" in entry for entry in manifest["weights"].values())
 
 
 def test_the_file_is_checked_against_the_model(trained, tmp_path):
@@ -108,6 +108,15 @@ def test_a_changed_or_older_file_is_refused(trained, tmp_path):
     weight_files.write(edited, arrays, metadata_key=export.MANIFEST_KEY, metadata=manifest)
     with pytest.raises(ValueError, match="was changed after it was exported"):
         export.load_export(edited, model=qmodel)
+    # Version 4 left ConvBN sites unfolded; a model without them has the same layout.
+    v4 = tmp_path / "v4.safetensors"
+    arrays, manifest = weight_files.read(path, metadata_key=export.MANIFEST_KEY)
+    manifest = dict(manifest, format_version=4)
+    manifest[fileformat.DIGEST_KEY] = fileformat.digest(arrays, manifest)
+    weight_files.write(v4, arrays, metadata_key=export.MANIFEST_KEY, metadata=manifest)
+    _, loaded = export.load_export(v4, model=qmodel)
+    want = np.asarray(qmodel.apply(variables, TEST_IMAGES, train=False))
+    np.testing.assert_array_equal(np.asarray(qmodel.apply(loaded, TEST_IMAGES, train=False)), want)
     older = tmp_path / "older.safetensors"
     manifest = json.loads(json.dumps(manifest))
     manifest["format_version"] = 1

@@ -176,9 +176,7 @@ def test_the_stored_integers_are_those_of_quantized_inference(tiny, tmp_path):
     # Frozen entries hold their frozen integer, not the rounding of the latent weight.
     state = at(variables["oscillation"], FROZEN_LAYER)
     frozen = state["frozen"]
-    w_int = fileformat.unpack_nibbles(
-        stored[f"params/{FROZEN_LAYER}/kernel_packed"], frozen.shape
-    )
+    w_int = fileformat.unpack_nibbles(stored[f"params/{FROZEN_LAYER}/kernel_packed"], frozen.shape)
     np.testing.assert_array_equal(w_int[frozen], state["frozen_int"][frozen])
     assert manifest["weights"][FROZEN_LAYER]["frozen"] == int(frozen.sum()) > 0
     # Every activation quantizer: 4 bits, the classifier's input 8; signedness as learnt.
@@ -296,7 +294,7 @@ def test_files_of_another_format_version_or_without_manifest_are_refused(tmp_pat
     manifest = {"format": export.FORMAT, "format_version": 99}
     np.savez(tmp_path / "v99.npz", **{export.MANIFEST_KEY: np.asarray(json.dumps(manifest))})
     with pytest.raises(
-        ValueError, match="format version 99, but this code reads version 2, 3 or 4"
+        ValueError, match="format version 99, but this code reads version 2, 3, 4 or 5"
     ):
         export.load_export(tmp_path / "v99.npz")
     np.savez(tmp_path / "plain.npz", kernel=np.zeros(3))
@@ -479,7 +477,7 @@ def test_a_version_1_file_without_digest_is_refused(exported, tmp_path):
     del manifest["sha256"]
     manifest["format_version"] = 1
     rewrite(path, arrays, manifest)
-    refused(path, "format version 1, but this code reads version 2, 3 or 4")
+    refused(path, "format version 1, but this code reads version 2, 3, 4 or 5")
 
 
 # --------------------------------------------------------------------------- packing
@@ -569,6 +567,19 @@ def test_a_version_3_file_with_bn_unfolded_still_loads(tiny, exported, tmp_path)
     np.testing.assert_allclose(forward(loaded_model, loaded, images), expected, atol=1e-6)
 
 
+def test_a_version_4_file_loads_as_version_5(tiny, exported, tmp_path):
+    """Version 5 changed only the files of models quantized by rules: a package model's
+    version 4 file is the same layout and loads."""
+    model, variables, images = tiny
+    arrays, manifest = contents(exported[".npz"])
+    assert manifest["format_version"] == export.FORMAT_VERSION == 5
+    path = tmp_path / "v4.npz"
+    rewrite(path, arrays, dict(manifest, format_version=4), sign=True)
+    loaded_model, loaded = export.load_export(path)
+    expected = forward(model, eval_variables(variables), images)
+    np.testing.assert_allclose(forward(loaded_model, loaded, images), expected, atol=1e-6)
+
+
 def test_a_folded_layout_under_another_label_is_refused(exported, tmp_path):
     path = copy(exported, ".npz", tmp_path)
     arrays, manifest = contents(path)
@@ -605,13 +616,13 @@ def test_a_version_2_file_with_unpacked_kernels_still_loads(tiny, exported, tmp_
     # The same unpacked tensors under version 3 are refused: version 3 packs 4-bit kernels.
     rewrite(path, arrays, manifest, sign=True)
     refused(path, "the 4-bit kernel of .* is stored unpacked, but format version 3 packs the")
-    # And a packed 8-bit kernel (its integers would fit) is refused by versions 4, 3 and 2.
+    # And a packed 8-bit kernel (its integers would fit) is refused by versions 5, 3 and 2.
     arrays, manifest = contents(exported[".npz"])
     arrays["params/classifier/kernel_packed"] = fileformat.pack_nibbles(
         np.clip(arrays.pop("params/classifier/kernel_int"), -8, 7)
     )
     rewrite(path, arrays, manifest, sign=True)
-    refused(path, "8-bit kernel of classifier is stored packed, but format version 4")
+    refused(path, "8-bit kernel of classifier is stored packed, but format version 5")
     arrays, manifest = unfolded(model, variables, arrays, manifest)
     for version in (3, 2):
         rewrite(path, arrays, dict(manifest, format_version=version), sign=True)
