@@ -73,11 +73,14 @@ def _recording_conv_bns(found: dict[str, _ConvBNCall]):
 def _folded_sites(plan: Mapping, calls: Mapping[str, _ConvBNCall]) -> dict[str, _ConvBNCall]:
     """The ConvBN sites whose kernel the rules quantize (their BN is folded), with their
     calls; one sentence if one normalises with batch statistics, which no fold reproduces."""
-    sites = {
-        site: calls[site]
-        for site, lq in plan.items()
-        if lq.kind == "conv_bn" and lq.weight.enabled and site in calls
-    }
+    quantized = [s for s, lq in plan.items() if lq.kind == "conv_bn" and lq.weight.enabled]
+    unseen = sorted(set(quantized) - set(calls))
+    if unseen:
+        raise ValueError(
+            f"The ConvBN site {unseen[0]} was not called as a ConvBN module in the traced "
+            "call, so its BatchNorm cannot be folded; call ConvBN modules directly."
+        )
+    sites = {site: calls[site] for site in quantized}
     training = sorted(site for site, call in sites.items() if call.train)
     if training:
         raise ValueError(
