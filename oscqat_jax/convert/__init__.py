@@ -1,10 +1,12 @@
 """Pretrained PyTorch weights -> this package's ``params`` and ``batch_stats``.
 
 QAT starts from a pretrained float network (docs/method.md §9). This module reads a PyTorch
-state dict and places every tensor in the variables of one of our models:
+state dict and places every tensor in the variables of one of our models, the plain Flax
+models of :mod:`oscqat_jax.models.plain` (the ones the training program runs):
 
 - conv weights OIHW ``(O, I, kh, kw)`` -> HWIO ``(kh, kw, I, O)`` (depth-wise:
-  ``(C, 1, kh, kw)`` -> ``(kh, kw, 1, C)``); linear weights ``(out, in)`` -> ``(in, out)``;
+  ``(C, 1, kh, kw)`` -> ``(kh, kw, 1, C)``) at ``<layer>/conv/kernel`` of a ``ConvBN`` (or
+  ``<layer>/kernel`` of a conv without BN); linear weights ``(out, in)`` -> ``(in, out)``;
   biases as they are;
 - BatchNorm ``weight``/``bias`` -> ``params .../bn/{scale, bias}``, ``running_mean``/
   ``running_var`` -> ``batch_stats .../bn/{mean, var}``; ``num_batches_tracked`` is ignored;
@@ -23,13 +25,15 @@ mobilenet_v3_*       ``torchvision`` (``mobilenet_v3_small``, ``mobilenet_v3_lar
 resnet18, resnet50   ``torchvision``; ``reference`` is the same (the reference loads torchvision)
 efficientnet_lite*   ``timm``; ``reference`` is the same (the reference loads timm)
 every model          ``converted``: the ``.npz`` written by this module's command, keys
-                     ``params/<module path>/<name>`` and ``batch_stats/...``
+                     ``params/<module path>/<name>`` and ``batch_stats/...`` (a file written
+                     for the earlier ctx models, kernels at ``<layer>/kernel``, is read too)
 ===================  =======================================================================
 
-Where each tensor goes is in the docstring of each model file. The target tree always comes
-from the model (``jax.eval_shape(model.init, ...)`` is enough), so any quant setup works; every
-source tensor must be used exactly once with the right shape, otherwise a ``ValueError``
-names the first key that is missing, unexpected or mis-shaped.
+Where each tensor goes is in :mod:`oscqat_jax.convert.layouts`; the module trees are in the
+docstrings of the plain model files. The target tree always comes from the model
+(``jax.eval_shape(model.init, ...)`` is enough); every source tensor must be used exactly
+once with the right shape, otherwise a ``ValueError`` names the first key that is missing,
+unexpected or mis-shaped.
 
 API: :func:`load_torch_state_dict` reads ``.pth``/``.pt``/``.pth.tar`` (with torch, imported
 only then), ``.safetensors`` and ``.npz`` into ``{key: numpy array}`` through

@@ -30,10 +30,8 @@ from oscqat_jax.convert.layouts import (
     mapper_of,
     model_name_of,
 )
-from oscqat_jax.models import MODELS, create_model
-from oscqat_jax.nn.config import QuantContext
+from oscqat_jax.models import plain
 from oscqat_jax.nn.quantizer import is_quantizer_param
-from oscqat_jax.nn.setups import FLOAT_SETUP
 
 StateDict = weight_files.StateDict
 DATA_PARALLEL_PREFIX = "module."
@@ -73,7 +71,7 @@ class _Target(NamedTuple):
     """One float-weight leaf of our variables and the source key that fills it."""
 
     collection: str  # "params" or "batch_stats"
-    path: TreePath  # path inside the collection, e.g. ("features_1", "depthwise", "kernel")
+    path: TreePath  # in the collection, e.g. ("features_1", "depthwise", "conv", "kernel")
     shape: tuple[int, ...]
     dtype: Any
     key: str  # key in the source state dict
@@ -94,6 +92,7 @@ def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 _LAYER_LEAVES = (
+    ("params", ("conv", "kernel"), "conv", "weight"),
     ("params", ("kernel",), "conv", "weight"),
     ("params", ("bias",), "conv", "bias"),
     ("params", ("bn", "scale"), "bn", "weight"),
@@ -101,7 +100,18 @@ _LAYER_LEAVES = (
     ("batch_stats", ("bn", "mean"), "bn", "running_mean"),
     ("batch_stats", ("bn", "var"), "bn", "running_var"),
 )
-"""Float-weight leaves of one layer: (collection, path in the layer, PyTorch module, name)."""
+"""Float-weight leaves of one layer: (collection, path in the layer, PyTorch module, name);
+a ``ConvBN`` holds its conv's kernel at ``conv/kernel``, a conv or dense layer at ``kernel``."""
+
+
+def _layer_of(kernel_path: TreePath, params: Mapping) -> TreePath:
+    """The layer a kernel belongs to: the ``ConvBN`` around its inner ``conv`` (the module
+    beside which a ``bn`` lies), else the module holding the kernel."""
+    if len(kernel_path) >= 3 and kernel_path[-2] == "conv":
+        layer = kernel_path[:-2]
+        if (*layer, "bn", "scale") in params:
+            return layer
+    return kernel_path[:-1]
 
 
 def _plan(model_name: str, layout: str, template: Mapping) -> list[_Target]:
@@ -109,7 +119,7 @@ def _plan(model_name: str, layout: str, template: Mapping) -> list[_Target]:
     order of the params tree."""
     mapper = mapper_of(model_name, layout)
     flat = {c: traverse_util.flatten_dict(template.get(c, {})) for c in ("params", "batch_stats")}
-    layers = [path[:-1] for path in flat["params"] if path[-1] == "kernel"]
+    layers = [_layer_of(path, flat["params"]) for path in flat["params"] if path[-1] == "kernel"]
     targets = []
     for layer in layers:
         conv, bn = mapper(layer, template["params"]) if mapper else (None, None)
@@ -122,7 +132,7 @@ def _plan(model_name: str, layout: str, template: Mapping) -> list[_Target]:
             if mapper is None:
                 key, transpose = "/".join((collection, *path)), False
             else:
-                key, transpose = f"{prefixes[module]}.{name}", suffix == ("kernel",)
+                key, transpose = f"{prefixes[module]}.{name}", suffix[-1] == "kernel"
             targets.append(_Target(collection, path, _shape(leaf), leaf.dtype, key, transpose))
     covered = {(t.collection, t.path) for t in targets}
     leftover = [
@@ -182,6 +192,26 @@ class Conversion(NamedTuple):
         return "\n".join(lines)
 
 
+def _with_plain_paths(state_dict: Mapping[str, Any]) -> dict:
+    """``state_dict`` with the keys of a ``converted`` file written for the ctx models (a
+    conv's kernel at ``params/<layer>/kernel`` beside ``<layer>/bn``) moved to the plain
+    models' paths (``params/<layer>/conv/kernel``, :func:`oscqat_jax.models.plain.from_package`),
+    so such files still load; keys of PyTorch layouts and of the plain paths are kept."""
+    trees: dict[str, dict] = {}
+    for key, value in state_dict.items():
+        collection, _, path = key.partition("/")
+        if collection in ("params", "batch_stats") and path:
+            trees.setdefault(collection, {})[tuple(path.split("/"))] = value
+    if not trees:
+        return dict(state_dict)
+    mapped = plain.from_package({c: traverse_util.unflatten_dict(t) for c, t in trees.items()})
+    out = {k: v for k, v in state_dict.items() if k.partition("/")[0] not in trees}
+    for collection, tree in mapped.items():
+        for path, value in traverse_util.flatten_dict(tree).items():
+            out["/".join((collection, *path))] = value
+    return out
+
+
 def _variables_tree(variables: Mapping) -> dict:
     return {name: dict(tree) for name, tree in variables.items()}
 
@@ -195,7 +225,7 @@ def detect_layout(
     """
     model_name = model_name_of(model)
     template = _variables_tree(variables_template)
-    keys = set(state_dict)
+    keys = set(_with_plain_paths(state_dict))
     overlaps = {
         layout: len(keys & {t.key for t in _plan(model_name, layout, template)})
         for layout in layouts_of(model_name)
@@ -221,7 +251,7 @@ def convert_state_dict(
       state_dict: ``{key: array}`` (numpy, or anything ``np.asarray`` takes), e.g. from
         :func:`load_torch_state_dict`; a ``module.`` prefix is removed.
       model: a registry name (``mobilenet_v2``, ``resnet18``, ``efficientnet_lite0``, ...) or a
-        model made by ``oscqat_jax.models.create_model``.
+        plain model (``oscqat_jax.models.plain.create_model``).
       variables_template: the model's variables or their shapes (``jax.eval_shape`` of
         ``model.init``); only ``params`` and ``batch_stats`` are read.
       layout: one of :func:`layouts_of`, or ``auto`` for :func:`detect_layout`.
@@ -235,7 +265,9 @@ def convert_state_dict(
     model_name = model_name_of(model)
     state_dict = {_strip_prefix(k): v for k, v in state_dict.items()}
     ignored = tuple(k for k in state_dict if k.endswith(IGNORED_SUFFIX))
-    source = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIX)}
+    source = _with_plain_paths(
+        {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIX)}
+    )
     template = _variables_tree(variables_template)
     if layout == AUTO:
         layout = detect_layout(source, model_name, template)
@@ -321,15 +353,12 @@ def save_converted(path: str | os.PathLike, conversion: Conversion) -> None:
 
 
 def _template(model_name: str, num_classes: int, width_multiplier: float) -> dict:
-    """Variable shapes of the float model ``model_name`` (no arrays are allocated)."""
-    model = create_model(
-        model_name,
-        num_classes=num_classes,
-        quant_setup=FLOAT_SETUP,
-        width_multiplier=width_multiplier,
+    """Variable shapes of the plain model ``model_name`` (no arrays are allocated)."""
+    model = plain.create_model(
+        model_name, num_classes=num_classes, width_multiplier=width_multiplier
     )
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), x, QuantContext.create("float_eval"))
+    return jax.eval_shape(model.init, jax.random.key(0), x)
 
 
 USAGE = "python -m oscqat_jax.convert --model=NAME [--layout=L] SRC DST.npz"
@@ -349,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m oscqat_jax.convert",
         description="Convert a PyTorch checkpoint into an .npz of oscqat_jax float weights.",
     )
-    parser.add_argument("--model", required=True, choices=list(MODELS), help="registry name")
+    parser.add_argument("--model", required=True, choices=list(plain.MODELS), help="registry name")
     parser.add_argument(
         "--layout",
         default=AUTO,

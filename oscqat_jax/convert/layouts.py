@@ -1,9 +1,10 @@
 """Key layouts of pretrained checkpoints: where each of our layers sits in a PyTorch state dict.
 
-A mapper takes the module path of one of our layers (a module whose params hold a
-``kernel``) and the model's params tree, and returns the PyTorch prefix of the layer's conv
-or linear and of its BatchNorm (None when the layer has none). The layouts of each model
-family are in the table of :mod:`oscqat_jax.convert`.
+A mapper takes the module path of one of our layers (a ``ConvBN``, whose params hold
+``conv/kernel`` and ``bn/...``, or a conv or dense layer holding a ``kernel``) and the plain
+model's params tree, and returns the PyTorch prefix of the layer's conv or linear and of its
+BatchNorm (None when the layer has none). The layouts of each model family are in the table
+of :mod:`oscqat_jax.convert`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 
-from oscqat_jax.models import MODELS
+from oscqat_jax.models import plain
 
 TreePath = tuple[str, ...]
 LayerNames = tuple[str, str | None]
@@ -109,16 +110,12 @@ FAMILIES: dict[str, dict[str, Mapper]] = {
 
 
 def model_name_of(model: str | nn.Module) -> str:
-    """The registry name of ``model``: itself if a string, else that of the model's class and
-    fixed attributes (e.g. ``mobilenet_v3_small`` for ``MobileNetV3(variant="small")``)."""
+    """The registry name of ``model``: itself if a string, else that of the plain model's
+    class and fixed attributes (e.g. ``mobilenet_v3_small`` for
+    ``MobileNetV3(variant="small")``, :func:`oscqat_jax.models.plain.model_name_of`)."""
     if isinstance(model, str):
         return model
-    for name, factory in MODELS.items():
-        fixed = factory.keywords if isinstance(factory, functools.partial) else {}
-        cls = factory.func if isinstance(factory, functools.partial) else factory
-        if type(model) is cls and all(getattr(model, k) == v for k, v in fixed.items()):
-            return name
-    raise ValueError(f"{type(model).__name__} is not a model of oscqat_jax.models.MODELS.")
+    return plain.model_name_of(model)
 
 
 def family_of(model: str | nn.Module) -> str:

@@ -92,8 +92,9 @@ def param_labels(params) -> Any:
         ``nnx.State`` or its pure dict too). A leaf is a quantizer's parameter when a
         quantizer creates it: named ``<q>_scale`` or ``<q>_zero_point`` for a quantizer
         ``<q>`` of ``weight``, ``input``, ``output``, ``residual``, and for ``weight_*``
-        next to the layer's ``kernel``. Kernels, biases, BatchNorm's ``scale`` and a model's
-        own ``logit_scale`` or ``temperature_scale`` are weights.
+        next to the layer's ``kernel`` (a ConvBN's at ``conv/kernel``). Kernels, biases,
+        BatchNorm's ``scale`` and a model's own ``logit_scale`` or ``temperature_scale``
+        are weights.
 
     Returns:
       A pytree of the structure of ``params`` holding the label strings, for
@@ -101,6 +102,7 @@ def param_labels(params) -> Any:
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     with_kernel = {_layer_key(path) for path, _ in flat if _leaf_name(path) == "kernel"}
+    with_kernel |= {key[:-1] for key in with_kernel if key[-1:] == ("conv",)}  # ConvBN's conv
 
     def label(path, _):
         split = split_quantizer_param(_leaf_name(path))

@@ -15,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from oscqat_jax import models, schedules
 from oscqat_jax.convert import LAYOUTS
+from oscqat_jax.models import plain
+from oscqat_jax.nn import QuantizedModel
 from oscqat_jax.nn.config import RANGE_METHODS
 from oscqat_jax.nn.setups import SETUPS, QuantSetup
 from oscqat_jax.training import checkpoint, fingerprint, optim
@@ -92,8 +95,8 @@ LIMITS: dict[str, Limit] = {
     "data.min_crop_area": Limit(finite(lambda v: 0.0 < v <= 1.0), "use a fraction in (0, 1]"),
     "data.train_subset": Limit(whole(0), "use 0 (all images) or a number of images"),
     "model.name": Limit(
-        lambda v: v in models.MODELS or is_import_path(v),
-        f"use one of {', '.join(models.MODELS)}, or the import path package.module:function "
+        lambda v: v in plain.MODELS or is_import_path(v),
+        f"use one of {', '.join(plain.MODELS)}, or the import path package.module:function "
         "of your own flax.linen model",
     ),
     "model.train_flag": Limit(
@@ -217,6 +220,7 @@ def _validate_model_kind(config: ml_collections.ConfigDict) -> None:
             if value != default:
                 _fail(field, value, f"it applies to the package's models; leave it at {default!r}")
         return
+    _validate_block_setting(config.model.name, config.model.block_setting)
     if config.model.kwargs:
         _fail(
             "model.kwargs",
@@ -229,6 +233,26 @@ def _validate_model_kind(config: ml_collections.ConfigDict) -> None:
             config.quant.rules,
             "a rules factory applies to a model named by import path; the package's models "
             "use quant.setup",
+        )
+
+
+def _validate_block_setting(name: str, setting) -> None:
+    """``model.block_setting``: None, or MobileNetV2's stages as (expansion t, channels c,
+    repeats n, first stride s) tuples of positive ints."""
+    if setting is None:
+        return
+    if name != "mobilenet_v2":
+        _fail("model.block_setting", setting, f"it applies to mobilenet_v2, not {name}; use None")
+    stages = list(setting) if isinstance(setting, (tuple, list)) else []
+    if not stages or not all(
+        isinstance(stage, (tuple, list)) and len(stage) == 4 and all(map(whole(1), stage))
+        for stage in stages
+    ):
+        _fail(
+            "model.block_setting",
+            setting,
+            "use a non-empty tuple of (expansion, channels, repeats, stride) tuples of "
+            "positive ints, or None for the paper's",
         )
 
 
@@ -264,8 +288,26 @@ def model_options(config: ml_collections.ConfigDict) -> dict:
     return options
 
 
+def plain_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """The plain Flax model of ``config.model`` (:mod:`oscqat_jax.models.plain`), with its
+    width, block setting and compute dtype."""
+    options = dict(model_options(config))
+    del options["fold_bn"]  # a choice of the quantization, not of the model
+    return plain.create_model(config.model.name, num_classes=num_classes, **options)
+
+
+def quantized_model(config: ml_collections.ConfigDict, num_classes: int) -> QuantizedModel:
+    """:func:`plain_model` quantized by the rules of the config's quant setup, BN folded into
+    the quantized kernels when ``model.fold_bn`` (what the training program runs)."""
+    return plain.quantize(
+        plain_model(config, num_classes), quant_setup(config), fold_bn=config.model.fold_bn
+    )
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int, *, quantize: bool = True):
-    """The model of ``config.model`` with the config's quant setup (or none)."""
+    """The ctx model (``oscqat_jax.models.create_model``) of ``config.model`` with the
+    config's quant setup (or none). The training program runs :func:`quantized_model`
+    instead; this stays until the ctx models go."""
     return models.create_model(
         config.model.name,
         num_classes=num_classes,

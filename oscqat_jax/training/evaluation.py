@@ -38,18 +38,15 @@ def evaluate(ctx: Context, eval_fn: Callable, variables: dict) -> dict[str, floa
     }
 
 
-def reestimate_bn(
-    ctx: Context, bn_fn: Callable, variables: dict, average: Callable | None = None
-) -> dict:
+def reestimate_bn(ctx: Context, bn_fn: Callable, variables: dict, average: Callable) -> dict:
     """BatchNorm statistics re-estimated on ``eval.bn_batches`` training batches
     (docs/method.md §8): ``bn_fn`` gives one batch's statistics, ``average`` (the forward's
-    ``average_bn``; the package models' by default) the running ones of all."""
+    ``average_bn``) the running ones of all."""
     batches = ctx.train_batches(0, stream="bn_batches")
     per_batch = [
         bn_fn(variables, ctx.sharded.put_batch(next(batches)[0]))
         for _ in range(ctx.config.eval.bn_batches)
     ]
-    average = average or collect.reestimated_batch_stats
     return ctx.sharded.replicate(average(per_batch))
 
 

@@ -21,10 +21,12 @@ call a *forward*, an object with these methods (``variables`` as ``Module.apply`
 - ``load_pretrained(path, variables, layout)``; ``native_export`` and ``onnx_export``: the
   arguments of the two export formats; ``has_batchnorm``; ``description``.
 
-:class:`PackageForward` runs the package's own models (``model.apply(v, x, ctx)``);
 :class:`RulesForward` runs any ``flax.linen`` model quantized by rules
-(:func:`oscqat_jax.nn.quantize_model`). Once the package's models are plain Flax models
-quantized by rules, the first goes away.
+(:func:`oscqat_jax.nn.quantize_model`): the training program's forward for the package's
+families (plain Flax models, :mod:`oscqat_jax.models.plain`) and for a user's own model
+(:mod:`.models`). :class:`PackageForward` runs the package's ctx models
+(``model.apply(v, x, ctx)``); the training program no longer builds them, and it goes with
+them.
 """
 
 from __future__ import annotations
@@ -148,6 +150,9 @@ class RulesForward:
     train_flag: str = "train"
     has_batchnorm: bool = True
     description: str = ""
+    # One of the package's families: ``model.pretrained`` is a PyTorch checkpoint in one of
+    # the converter's layouts (oscqat_jax.convert); otherwise a file of float_train.save_weights.
+    pytorch_layouts: bool = False
 
     @property
     def model(self) -> nn.Module:
@@ -220,7 +225,13 @@ class RulesForward:
         return _abstract(self.calibrate(floats, [images], key))
 
     def load_pretrained(self, path: str, variables: dict, layout: str) -> dict:
-        del layout  # a file of this program (float_train.save_weights) has one layout
+        """``variables`` with the float weights of ``path``: a PyTorch checkpoint of a
+        package family in ``layout``, or a file of ``float_train.save_weights`` (which has
+        one layout) for any other model."""
+        if self.pytorch_layouts:
+            from oscqat_jax import convert
+
+            return convert.load_pretrained(path, self.model, variables, layout=layout)
         return load_saved_variables(path, variables)
 
     def native_export(self) -> dict:

@@ -1,5 +1,12 @@
 """The model of a config as the forward the steps call (:mod:`.forward`): one of the
-package's models by name, or your own ``flax.linen`` model by import path.
+package's models by name, or your own ``flax.linen`` model by import path; both are plain
+Flax models quantized by rules (:class:`~oscqat_jax.training.forward.RulesForward`).
+
+The package's models: ``config.model.name`` one of :data:`oscqat_jax.models.plain.MODELS`,
+built with ``model.width_multiplier``, ``block_setting`` and ``dtype`` and quantized by the
+rules of ``config.quant`` (:func:`.build.quantized_model`, ``model.fold_bn`` folding BN into
+the quantized kernels); ``model.pretrained`` is a PyTorch checkpoint (or a converted
+``.npz``) that :mod:`oscqat_jax.convert` places into the plain model's variables.
 
 Your own model: ``config.model.name = "package.module:make_model"`` names a function (or a
 ``flax.linen.Module`` class) that :func:`forward_of` calls with ``config.model.kwargs``, and
@@ -48,7 +55,7 @@ from flax import nnx, traverse_util
 
 from oscqat_jax.nn import paper_rules, quantize_model
 from oscqat_jax.training import build
-from oscqat_jax.training.forward import Forward, PackageForward, RulesForward
+from oscqat_jax.training.forward import Forward, RulesForward
 from oscqat_jax.training.limits import is_import_path
 from oscqat_jax.training.nnx_forward import NNXForward, pure_state
 
@@ -57,17 +64,7 @@ def forward_of(config: ml_collections.ConfigDict, source) -> Forward | NNXForwar
     """The forward of ``config.model`` for the data ``source`` (its class count and image
     shape); one sentence (ValueError) when an own model or its rules do not fit."""
     if not is_import_path(config.model.name):
-        return PackageForward(
-            build.build_model(config, source.num_classes),
-            build.build_model(config, source.num_classes, quantize=False),
-            export_arguments=dict(
-                model_name=config.model.name,
-                num_classes=source.num_classes,
-                quant_setup=build.quant_setup(config),
-                **build.model_options(config),
-            ),
-            description=f"{config.model.name} (width {config.model.width_multiplier})",
-        )
+        return package_forward(config, source.num_classes)
     model = _own_model(config, source.num_classes)
     flag = config.model.train_flag
     name = config.model.name
@@ -93,6 +90,20 @@ def forward_of(config: ml_collections.ConfigDict, source) -> Forward | NNXForwar
         train_flag=flag,
         has_batchnorm=bool(jax.tree_util.tree_leaves(variables.get("batch_stats", {}))),
         description=_description(config),
+    )
+
+
+def package_forward(config: ml_collections.ConfigDict, num_classes: int) -> RulesForward:
+    """The forward of one of the package's families (``config.model.name`` a name of
+    :data:`oscqat_jax.models.plain.MODELS`): the plain model quantized by the rules of
+    ``config.quant`` (:func:`.build.quantized_model`), called with ``train=...``; its
+    ``model.pretrained`` is a PyTorch checkpoint in ``model.pretrained_layout``."""
+    return RulesForward(
+        build.quantized_model(config, num_classes),
+        train_flag="train",
+        has_batchnorm=True,
+        description=f"{config.model.name} (width {config.model.width_multiplier})",
+        pytorch_layouts=True,
     )
 
 

@@ -92,16 +92,17 @@ def finish(ctx: Context, state, summary: dict) -> None:
 
 
 def tracked_threshold_distances(params: dict, oscillation_collection: dict) -> np.ndarray:
-    """:func:`oscqat_jax.quant.threshold_distance` of every tracked weight, flattened."""
+    """:func:`oscqat_jax.quant.threshold_distance` of every tracked weight, flattened. The
+    weight is the layer's ``kernel`` (a ``ConvBN``'s at ``conv/kernel``), before any BN
+    folding."""
     distances = []
     for path in collect.oscillation_states(oscillation_collection):
         layer = params
         for key in path.split("/"):
             layer = layer[key]
+        kernel = layer["kernel"] if "kernel" in layer else layer["conv"]["kernel"]
         distances.append(
-            quant.threshold_distance(
-                np.asarray(layer["kernel"]), np.asarray(layer["weight_scale"])
-            ).ravel()
+            quant.threshold_distance(np.asarray(kernel), np.asarray(layer["weight_scale"])).ravel()
         )
     return np.concatenate(distances)
 

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -24,10 +25,9 @@ from flax import traverse_util
 from torch_references import NETWORKS, parameter_count, state_dict_shapes
 
 from oscqat_jax import convert
-from oscqat_jax.models import MODELS, create_model
-from oscqat_jax.nn.config import QuantContext
+from oscqat_jax.models import plain
 from oscqat_jax.nn.quantizer import is_quantizer_param
-from oscqat_jax.nn.setups import FLOAT_SETUP, QuantSetup
+from oscqat_jax.nn.setups import QuantSetup
 
 # At 1000 classes: torchvision's model cards (mobilenet_v2, mobilenet_v3_*, resnet*) and timm's
 # efficientnet_lite0; the reference's MobileNetV2 is torchvision's at width 1.0.
@@ -52,7 +52,8 @@ def _random_state_dict(keys, seed=0):
 
 
 def _model(name, quant_setup, num_classes=1000):
-    return create_model(name, num_classes=num_classes, quant_setup=quant_setup)
+    """The plain model ``name`` quantized by the rules of ``quant_setup``."""
+    return plain.quantize(plain.create_model(name, num_classes=num_classes), quant_setup)
 
 
 def _template(name, quant_setup, num_classes=1000):
@@ -73,7 +74,7 @@ def _traced(name, quant_setup, num_classes=1000):
         return variables
 
     x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-    return jax.eval_shape(init, jax.random.key(0), x, QuantContext.create("eval")), order
+    return jax.eval_shape(init, jax.random.key(0), x), order
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +118,16 @@ def test_every_tensor_lands_once_in_the_quantized_model(name, layout):
     assert len(result.untouched) + len(params) == len(jax.tree_util.tree_leaves(template["params"]))
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(plain.MODELS))
 def test_models_are_known_by_their_registry_name(name):
-    model = create_model(name, num_classes=10, quant_setup=FLOAT_SETUP)
+    model = plain.create_model(name, num_classes=10)
     assert convert.model_name_of(model) == name
     assert convert.layouts_of(model)[-1] == "converted"
+
+
+def test_a_model_outside_the_registry_is_named():
+    with pytest.raises(ValueError, match=r"^Dense is not a model of oscqat_jax\.models\.plain"):
+        convert.model_name_of(nn.Dense(3))
 
 
 def test_weights_are_transposed_to_flax_layouts():
@@ -130,12 +136,12 @@ def test_weights_are_transposed_to_flax_layouts():
     result = convert.convert_state_dict(state_dict, "mobilenet_v2", template, "torchvision")
     depthwise = state_dict["features.3.conv.1.0.weight"]  # (144, 1, 3, 3)
     np.testing.assert_array_equal(
-        result.params["features_3"]["depthwise"]["kernel"], depthwise.transpose(2, 3, 1, 0)
+        result.params["features_3"]["depthwise"]["conv"]["kernel"], depthwise.transpose(2, 3, 1, 0)
     )
     expand = state_dict["features.3.conv.0.0.weight"]  # (144, 24, 1, 1)
-    assert result.params["features_3"]["expand"]["kernel"].shape == (1, 1, 24, 144)
+    assert result.params["features_3"]["expand"]["conv"]["kernel"].shape == (1, 1, 24, 144)
     np.testing.assert_array_equal(
-        result.params["features_3"]["expand"]["kernel"][0, 0], expand[:, :, 0, 0].T
+        result.params["features_3"]["expand"]["conv"]["kernel"][0, 0], expand[:, :, 0, 0].T
     )
     np.testing.assert_array_equal(
         result.params["classifier"]["kernel"], state_dict["classifier.1.weight"].T
@@ -315,7 +321,7 @@ def test_command_writes_an_npz_that_loads_into_a_quantized_model(
     )
     variables = convert.load_pretrained(tmp_path / "dst.npz", "resnet18", resnet18_template)
     np.testing.assert_array_equal(
-        variables["params"]["layer3_1"]["conv2"]["kernel"],
+        variables["params"]["layer3_1"]["conv2"]["conv"]["kernel"],
         state_dict["layer3.1.conv2.weight"].transpose(2, 3, 1, 0),
     )
     np.testing.assert_array_equal(
@@ -324,3 +330,23 @@ def test_command_writes_an_npz_that_loads_into_a_quantized_model(
     # Quantizer scales are not in the file and stay as they were.
     scale = variables["params"]["layer3_1"]["conv2"]["weight_scale"]
     assert scale is resnet18_template["params"]["layer3_1"]["conv2"]["weight_scale"]
+
+
+def test_a_converted_file_of_the_ctx_models_loads_onto_the_plain_paths(tmp_path, resnet18_template):
+    state_dict = _random_state_dict(state_dict_shapes("resnet18", "torchvision"))
+    conversion = convert.convert_state_dict(state_dict, "resnet18", resnet18_template)
+    convert.save_converted(tmp_path / "plain.npz", conversion)
+    # The same weights as the ctx models kept them: a ConvBN's kernel at <layer>/kernel.
+    arrays = dict(np.load(tmp_path / "plain.npz"))
+    old = {k.replace("/conv/kernel", "/kernel"): v for k, v in arrays.items()}
+    assert len(old) == len(arrays) and "params/layer1_0/conv1/kernel" in old
+    np.savez(tmp_path / "ctx.npz", **old)
+    new = convert.load_pretrained(tmp_path / "plain.npz", "resnet18", resnet18_template)
+    loaded = convert.load_pretrained(tmp_path / "ctx.npz", "resnet18", resnet18_template)
+    assert convert.detect_layout(old, "resnet18", resnet18_template) == "converted"
+    for collection in ("params", "batch_stats"):
+        want = traverse_util.flatten_dict(new[collection])
+        got = traverse_util.flatten_dict(loaded[collection])
+        assert got.keys() == want.keys()
+        for path, value in want.items():
+            np.testing.assert_array_equal(got[path], value, err_msg=str(path))

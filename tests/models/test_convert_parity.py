@@ -4,7 +4,7 @@ For each network of ``torch_references`` (written after torchvision, timm and th
 reference): random weights, BN scales and shifts, and BN statistics averaged over a few
 train-mode passes on random batches (so eval-mode activations stay O(1) and the logits depend
 on the input); the state dict goes through a ``.pth`` file and ``convert.load_pretrained``
-into our float model. Three checks, measured as the largest absolute logit difference over
+into our plain model (``oscqat_jax.models.plain``, what the training program runs). Three checks, measured as the largest absolute logit difference over
 the largest absolute PyTorch logit:
 
 - the converted model gives PyTorch's eval-mode logits within ``TOLERANCE`` (float32);
@@ -31,9 +31,7 @@ import torch_references
 from flax import traverse_util
 
 from oscqat_jax import convert
-from oscqat_jax.models import create_model
-from oscqat_jax.nn.config import QuantContext
-from oscqat_jax.nn.setups import FLOAT_SETUP
+from oscqat_jax.models import plain
 from oscqat_jax.training.step import FAST_COMPILE
 
 TOLERANCE = 1e-4
@@ -84,9 +82,9 @@ def _reference_network(name: str, layout: str, rng: np.random.Generator) -> torc
 
 def _swap_hw(variables: dict, layer: tuple[str, ...]) -> dict:
     flat = traverse_util.flatten_dict(variables["params"])
-    kernel = flat[(*layer, "kernel")]  # HWIO
+    kernel = flat[(*layer, "conv", "kernel")]  # HWIO, the ConvBN's conv
     assert kernel.shape[0] == kernel.shape[1] == 3, kernel.shape
-    flat[(*layer, "kernel")] = jnp.swapaxes(kernel, 0, 1)
+    flat[(*layer, "conv", "kernel")] = jnp.swapaxes(kernel, 0, 1)
     return {**variables, "params": traverse_util.unflatten_dict(flat)}
 
 
@@ -106,19 +104,18 @@ def _parity(name: str, layout: str) -> Parity:
     finally:
         torch.set_num_threads(threads)
 
-    model = create_model(name, num_classes=NUM_CLASSES, quant_setup=FLOAT_SETUP)
-    ctx = QuantContext.create("float_eval")
+    model = plain.create_model(name, num_classes=NUM_CLASSES)
     nhwc = x.transpose(0, 2, 3, 1)
     template = jax.eval_shape(
-        model.init, jax.random.key(0), jax.ShapeDtypeStruct(nhwc.shape, jnp.float32), ctx
+        model.init, jax.random.key(0), jax.ShapeDtypeStruct(nhwc.shape, jnp.float32)
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "net.pth"
         torch.save(net.state_dict(), path)
         variables = convert.load_pretrained(path, model, template, layout=layout)
     apply = jax.jit(model.apply, compiler_options=FAST_COMPILE)  # compiling dominates
-    logits = np.asarray(apply(variables, nhwc, ctx))
-    swapped = np.asarray(apply(_swap_hw(variables, SWAPPED_KERNEL[name, layout]), nhwc, ctx))
+    logits = np.asarray(apply(variables, nhwc))
+    swapped = np.asarray(apply(_swap_hw(variables, SWAPPED_KERNEL[name, layout]), nhwc))
     return Parity(
         error=_relative(logits, expected),
         input_dependence=_relative(expected_other, expected),

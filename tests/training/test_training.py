@@ -19,7 +19,7 @@ from testkit import (
 )
 
 from oscqat_jax.nn import collect
-from oscqat_jax.training import build, context, data, evaluation, phases, trainer
+from oscqat_jax.training import build, context, data, evaluation, models, phases, trainer
 from oscqat_jax.training import step as step_lib
 
 
@@ -70,22 +70,20 @@ def _bn_batch_statistics(config, state) -> list[dict[str, np.ndarray]]:
     from flax import traverse_util
 
     source = data.load_dataset(config.data)
-    model = build.build_model(config, source.num_classes)
-    # The bn_stats pass with the trainer's XLA options, so its per-batch values are the
+    forward = models.package_forward(config, source.num_classes)
+    # The statistics pass with the trainer's XLA options, so its per-batch values are the
     # trainer's bit for bit; the average over batches is computed here.
-    bn_fn = jax.jit(step_lib.make_bn_stats_step(model), compiler_options=step_lib.FAST_COMPILE)
+    bn_fn = jax.jit(step_lib.make_bn_stats_step(forward), compiler_options=step_lib.FAST_COMPILE)
     variables = {k: state[k] for k in ("params", "batch_stats", "oscillation", "quant_stats")}
     batches = source.train_batches(
         0, batch_size=config.data.batch_size, seed=config.seed + context.SEED_OFFSETS["bn_batches"]
     )
     out = []
     for _ in range(config.eval.bn_batches):
-        sown = traverse_util.flatten_dict(
-            jax.device_get(bn_fn(variables, next(batches)[0])),
-            sep="/",
-            is_leaf=lambda _, node: isinstance(node, tuple),
+        one = traverse_util.flatten_dict(
+            jax.device_get(bn_fn(variables, next(batches)[0])), sep="/"
         )
-        out.append({k: np.asarray(v[0], np.float64) for k, v in sown.items()})
+        out.append({k: np.asarray(v, np.float64) for k, v in one.items()})
     source.close()
     return out
 
@@ -296,7 +294,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     import jax, numpy as np
     from jax.sharding import Mesh
     from testkit import tiny_config
-    from oscqat_jax.training import build, context, data, phases, step as step_lib
+    from oscqat_jax.training import build, context, data, models, phases, step as step_lib
 
     config = tiny_config()
     dataset = data.load_dataset(config.data)
@@ -306,9 +304,8 @@ SHARDED_SCRIPT = textwrap.dedent(
 
     def run(sharded):
         ctx = context.Context(config, "", dataset, sharded, None)
-        float_model = build.build_model(config, dataset.num_classes, quantize=False)
-        model = build.build_model(config, dataset.num_classes)
-        variables = phases.calibrate(ctx, model, phases.init_variables(float_model, ctx))
+        model = models.package_forward(config, dataset.num_classes)
+        variables = phases.calibrate(ctx, model, phases.init_variables(model, ctx))
         opt = build.optimizer(config, phase="qat", total_steps=12, steps_per_epoch=6)
         table = build.qat_schedules(config, opt, 12).table(12)
         # Momentum 0.5: one reversal lifts ema_osc from 0 to 0.5 > the threshold 0.25, so a
@@ -404,8 +401,8 @@ def test_pretrained_weights_are_the_starting_point(tmp_path):
     )
     dataset = data.load_dataset(config.data)
     ctx = context.Context(config, "", dataset, step_lib.Sharded.over_all_devices(), None)
-    float_model = build.build_model(config, dataset.num_classes, quantize=False)
-    variables = jax.device_get(phases.init_variables(float_model, ctx))
+    forward = models.package_forward(config, dataset.num_classes)
+    variables = jax.device_get(phases.init_variables(forward, ctx))
     source = jax.tree_util.tree_map(lambda v: np.asarray(v) * 1.5 + 0.01, variables)
     arrays = {
         "/".join((collection, *k)): v
@@ -429,24 +426,23 @@ def test_pretrained_weights_are_the_starting_point(tmp_path):
 @pytest.mark.slow
 def test_export_mode_writes_the_integer_model_of_the_checkpoint(full_run, tmp_path):
     from oscqat_jax import export
-    from oscqat_jax.nn.config import QuantContext
 
     workdir, config, _ = full_run
     output = str(tmp_path / "model.npz")
     manifest = trainer.export_checkpoint(config, workdir, output)
-    assert manifest["model"]["name"] == "mobilenet_v2" and manifest["weights"]
-    model, variables = export.load_export(output)
+    assert manifest["weights"]
     # The exported model computes what the checkpoint computes after BN re-estimation.
     ctx = context.open_run(config, workdir, write_metrics=False)
     forward, state = phases.restore_qat_state(ctx)
+    model, variables = export.load_export(output, model=forward.quantized)
     bn_fn = ctx.sharded.jit_batch_fn(step_lib.make_bn_stats_step(forward))
     reference = dict(
-        state.variables, batch_stats=evaluation.reestimate_bn(ctx, bn_fn, state.variables)
+        state.variables,
+        batch_stats=evaluation.reestimate_bn(ctx, bn_fn, state.variables, forward.average_bn),
     )
     images = next(ctx.eval_batches())[0]
-    eval_context = QuantContext.create("eval")
     want = forward.logits(reference, images, "eval")
-    got = model.apply(variables, images, eval_context)
+    got = model.apply(variables, images, train=False)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     with pytest.raises(ValueError, match="suffix"):
         trainer.export_checkpoint(config, workdir, str(tmp_path / "model.onnx"))

@@ -3,8 +3,10 @@
 Each model is an ordinary ``flax.linen.Module``, called as
 ``model.apply(variables, images, train=train)``; :func:`quantize` gives it the quantizers
 of a :class:`QuantSetup` through the rules interceptor (:func:`oscqat_jax.nn.quantize_model`),
-using the sites the model declares (``model.quant_sites()``). :func:`~oscqat_jax.models.plain.mapping.from_package` maps the
-variables of the ctx models (``oscqat_jax.models``) onto these.
+using the sites the model declares (``model.quant_sites()``). :data:`MODELS` and
+:func:`create_model` build them by name (:mod:`~oscqat_jax.models.plain.registry`);
+:func:`~oscqat_jax.models.plain.mapping.from_package` maps the variables of the ctx models
+(``oscqat_jax.models``) onto these.
 
 Example::
 
@@ -20,6 +22,7 @@ from oscqat_jax.models.plain.efficientnet_lite import EfficientNetLite
 from oscqat_jax.models.plain.mapping import from_package
 from oscqat_jax.models.plain.mobilenet_v2 import MobileNetV2
 from oscqat_jax.models.plain.mobilenet_v3 import MobileNetV3
+from oscqat_jax.models.plain.registry import MODELS, create_model, model_name_of
 from oscqat_jax.models.plain.resnet import ResNet
 from oscqat_jax.nn.intercept import QuantizedModel, quantize_model
 from oscqat_jax.nn.setup_rules import setup_rules
@@ -39,4 +42,14 @@ def quantize(
     return quantize_model(model, rules, depthwise_impl=impl)
 
 
-__all__ = ["EfficientNetLite", "MobileNetV2", "MobileNetV3", "ResNet", "from_package", "quantize"]
+__all__ = [
+    "MODELS",
+    "EfficientNetLite",
+    "MobileNetV2",
+    "MobileNetV3",
+    "ResNet",
+    "create_model",
+    "from_package",
+    "model_name_of",
+    "quantize",
+]
