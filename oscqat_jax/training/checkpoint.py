@@ -1,7 +1,9 @@
 """Checkpoints of the whole train state, with the run's fingerprint and checksums (orbax).
 
 A checkpoint directory holds one sub-directory per saved step, ``<step>/state`` (the pytree)
-and ``<step>/metadata`` (JSON: the :class:`Fingerprint` of the run that wrote it). Orbax
+and ``<step>/metadata`` (JSON: the :class:`Fingerprint` of the run that wrote it and the
+:data:`FORMAT_VERSION` of its variable layout; a checkpoint of another format is refused
+before anything is read or moved). Orbax
 writes each step into a temporary directory and renames it when complete, so an interrupted
 save never counts as a checkpoint, and old steps are only deleted (``max_to_keep``) after the
 newer one is finalised; the step named by :meth:`Checkpointer.keep` (the training loop's
@@ -35,13 +37,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from oscqat_jax.training import checkpoint_checks, checksums
+from oscqat_jax.training.checkpoint_checks import FORMAT_VERSION, VERSION_KEY
 
 State = TypeVar("State")
 
 _STATE = "state"
 _METADATA = "metadata"
 _ITEMS = (_STATE, _METADATA)
-"""The file in each item directory holding the SHA-256 of the item's other files."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +108,13 @@ class Checkpointer:
         try:
             # The JSON round trip makes tuples lists, as they come back from disk.
             self.metadata = json.loads(
-                json.dumps({"fixed": dict(metadata.fixed), "tunable": dict(metadata.tunable)})
+                json.dumps(
+                    {
+                        VERSION_KEY: FORMAT_VERSION,
+                        "fixed": dict(metadata.fixed),
+                        "tunable": dict(metadata.tunable),
+                    }
+                )
             )
         except TypeError as err:
             raise ValueError(
@@ -324,6 +332,7 @@ class Checkpointer:
                 raise FileNotFoundError("orbax finds no tree metadata of the state")
         except Exception as err:  # orbax, tensorstore and json raise many types
             raise _unreadable(self.directory, step, "metadata", err) from err
+        checkpoint_checks.check_version(self.directory, step, saved)
         changes = self._check_fingerprint(step, saved)
         checkpoint_checks.check_fits(self.directory, step, saved_tree, target)
         try:

@@ -1,6 +1,7 @@
-"""What a checkpoint is compared with before it is restored (:mod:`.checkpoint`): the config
-fields whose recorded values changed, in one line, and the leaves of the saved state that do
-not fit the state a config builds (path, shape, dtype), named in one sentence.
+"""What a checkpoint is compared with before it is restored (:mod:`.checkpoint`): the format
+of its variable layout (:data:`FORMAT_VERSION`), the config fields whose recorded values
+changed, in one line, and the leaves of the saved state that do not fit the state a config
+builds (path, shape, dtype), named in one sentence.
 """
 
 from __future__ import annotations
@@ -12,6 +13,33 @@ from typing import Any
 import jax
 
 _NOT_SET = "(not recorded)"
+
+FORMAT_VERSION = 2
+"""The layout of the saved variables, recorded in every checkpoint's metadata: 1 (metadata
+without a version) for the package's ctx models, 2 since the training program runs the plain
+Flax models (``oscqat_jax.models.plain``: a ConvBN's kernel at ``<layer>/conv/kernel``, output
+quantizers at ``<layer>_out/output_scale``)."""
+VERSION_KEY = "format_version"
+_UNVERSIONED = 1
+
+
+def check_version(directory: str, step: int, saved: Mapping[str, Any]) -> None:
+    """Raises ValueError when the metadata ``saved`` records another :data:`FORMAT_VERSION`
+    (none recorded: version 1), before the state is read."""
+    version = saved.get(VERSION_KEY, _UNVERSIONED) if "fixed" in saved else _UNVERSIONED
+    if version == FORMAT_VERSION:
+        return
+    why = (
+        "the variable paths of the package's models changed since"
+        if version < FORMAT_VERSION
+        else "a newer oscqat_jax wrote it"
+    )
+    raise ValueError(
+        f"The checkpoint of step {step} in {directory} has checkpoint format {version} and "
+        f"this program reads format {FORMAT_VERSION} ({why}), so it cannot be resumed, "
+        "evaluated or exported; train again in another --workdir, or use the oscqat_jax "
+        "version that wrote it."
+    )
 
 
 def changes(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:

@@ -22,6 +22,7 @@ from testkit import tiny_config
 
 from oscqat_jax.training import build, checksums
 from oscqat_jax.training.checkpoint import (
+    FORMAT_VERSION,
     Checkpointer,
     CheckpointSaveError,
     Fingerprint,
@@ -166,6 +167,75 @@ def test_a_changed_fixed_field_is_refused_naming_old_and_new(tmp_path):
     assert step_dirs(tmp_path) == ["1"]
     assert_bit_equal(
         Checkpointer(tmp_path, metadata=METADATA).restore(make_state(0)), make_state(1)
+    )
+
+
+def _rewrite_metadata(step_dir, edit) -> None:
+    """``edit(metadata)`` written back into a step's metadata, its checksums renewed (as the
+    program that wrote such metadata would have left them)."""
+    item = os.path.join(step_dir, "metadata")
+    with open(os.path.join(item, "metadata")) as f:
+        metadata = json.load(f)
+    with open(os.path.join(item, "metadata"), "w") as f:
+        json.dump(edit(metadata), f)
+    os.remove(os.path.join(item, checksums.CHECKSUMS))
+    checksums.write_checksums(epath.Path(item))
+
+
+def _current(metadata: dict) -> dict:
+    """Metadata of the current format with the fields of any of the edited ones below."""
+    fields = metadata if "fixed" in metadata else {"fixed": metadata, "tunable": {}}
+    return {**fields, "format_version": FORMAT_VERSION}
+
+
+def _tree_bytes(directory) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize(
+    "edit, written",
+    [
+        # What the program wrote before the format was recorded (the ctx models' paths).
+        (lambda m: {k: v for k, v in m.items() if k != "format_version"}, 1),
+        (lambda m: m["fixed"], 1),  # older still: the fixed fields alone
+        (lambda m: dict(m, format_version=FORMAT_VERSION + 1), FORMAT_VERSION + 1),
+    ],
+    ids=["unversioned", "fixed_fields_only", "newer"],
+)
+def test_a_checkpoint_of_another_format_is_refused_in_one_sentence_and_left_alone(
+    tmp_path, edit, written
+):
+    save_steps(tmp_path, [1, 2]).close()
+    with open(os.path.join(tmp_path, "2", "metadata", "metadata")) as f:
+        assert json.load(f)["format_version"] == FORMAT_VERSION == 2
+    for step in ("1", "2"):
+        _rewrite_metadata(os.path.join(tmp_path, step), edit)
+    before = _tree_bytes(tmp_path)
+    with pytest.raises(ValueError) as info:
+        Checkpointer(tmp_path, metadata=METADATA).restore(make_state(0))
+    message = str(info.value)
+    assert message.startswith(
+        f"The checkpoint of step 2 in {tmp_path} has checkpoint format {written} and this "
+        f"program reads format {FORMAT_VERSION} ("
+    )
+    assert message.endswith(
+        "; train again in another --workdir, or use the oscqat_jax version that wrote it."
+    )
+    assert message.count(". ") == 0 and "\n" not in message
+    # Refused, not damaged: nothing is moved aside or rewritten.
+    assert _tree_bytes(tmp_path) == before
+    with pytest.raises(ValueError, match="has checkpoint format"):
+        Checkpointer(tmp_path, metadata=METADATA).restore(make_state(0), step=1)
+    # The control: the current format restores.
+    _rewrite_metadata(os.path.join(tmp_path, "1"), _current)
+    assert_bit_equal(
+        Checkpointer(tmp_path, metadata=METADATA).restore(make_state(0), step=1), make_state(1)
     )
 
 

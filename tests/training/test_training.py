@@ -1,5 +1,6 @@
 """End-to-end tests of the training program on a tiny depth-wise network and stand-in data."""
 
+import glob
 import json
 import os
 import re
@@ -138,6 +139,48 @@ def test_a_checkpoint_of_another_bit_width_is_refused(full_run):
     workdir, _, _ = full_run
     with pytest.raises(ValueError, match="n_bits"):
         trainer.train_and_evaluate(tiny_config(float_train__epochs=1, quant__n_bits=4), workdir)
+
+
+def test_a_workdir_of_the_ctx_models_is_refused_naming_the_formats(full_run, tmp_path):
+    import shutil
+
+    from etils import epath
+
+    from oscqat_jax.training import checksums
+
+    workdir, config, _ = full_run
+    copy = str(tmp_path / "old")
+    shutil.copytree(workdir, copy)
+    # Every checkpoint as the program wrote it before the format was recorded.
+    for item in glob.glob(os.path.join(copy, "*", "*", "metadata")):
+        with open(os.path.join(item, "metadata")) as f:
+            metadata = json.load(f)
+        del metadata["format_version"]
+        with open(os.path.join(item, "metadata"), "w") as f:
+            json.dump(metadata, f)
+        os.remove(os.path.join(item, checksums.CHECKSUMS))
+        checksums.write_checksums(epath.Path(item))
+    checkpoints = {
+        path: open(path, "rb").read()
+        for path in glob.glob(os.path.join(copy, "*", "*", "**"), recursive=True)
+        if os.path.isfile(path)
+    }
+    assert any("float_model" in p for p in checkpoints) and len(checkpoints) > 20
+    for run in (
+        lambda: trainer.train_and_evaluate(config, copy),
+        lambda: trainer.evaluate_checkpoint(config, copy),
+    ):
+        with pytest.raises(ValueError) as info:
+            run()
+        assert re.fullmatch(
+            r"The checkpoint of step \d+ in \S+ has checkpoint format 1 and this program reads "
+            r"format 2 \(the variable paths of the package's models changed since\), so it "
+            r"cannot be resumed, evaluated or exported; train again in another --workdir, or "
+            r"use the oscqat_jax version that wrote it\.",
+            str(info.value),
+        ), str(info.value)
+    for path, content in checkpoints.items():
+        assert open(path, "rb").read() == content, path
 
 
 def test_evaluate_mode_reads_the_newest_checkpoint(full_run):
