@@ -199,7 +199,7 @@ def test_quick_study_end_to_end(tmp_path):
         assert r["curve"][-1]["top1_pre_bn"] == pytest.approx(r["pre_bn"])
         assert r["step_ms"] > 0 and r["steps"] == 3 * 11
     text = out.read_text(encoding="utf-8")
-    assert "| W3A3 | LSQ + freezing | 2 |" in text and "| quick | 3 epochs" in text
+    assert "| W3A3 | LSQ + freezing | 1 |" in text and "| quick | 3 epochs" in text
     again = demo.run_study(demo.QUICK, str(tmp_path / "work"), str(out))  # all skipped
     assert again == results
 
