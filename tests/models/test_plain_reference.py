@@ -36,10 +36,14 @@ must be understood (e.g. by rerunning the generator at the recorded commit), not
 away.
 
 Tiers: the quick test runs one case (16 s cold on two shared cores, 4 s with the suite's
-warm compilation cache); the slow tier every other stored case (1-47 s each cold, about 5.5
-minutes in all) and the negative controls (BN folded on one side only, float depth-wise
-convs, a pool call that updates the head hook's range; 6-7 s each): each control must break
-agreement with the stored values.
+warm compilation cache); the slow tier the stored cases that take at most about 15 s each
+(``SUITE_CASES``: the controls' base, ResNet-18 and MobileNetV3-Small on ``all``/per-channel/
+folded, both float cases) and the negative controls (BN folded on one side only, float
+depth-wise convs, a pool call that updates the head hook's range; 6-7 s each), each of which
+must break agreement with the stored values. The other six cases (MobileNetV3-Large,
+EfficientNet-lite0, ResNet-50 and the ``options`` setup: 28-48 s each, about 3.5 minutes)
+would take a quarter of the suite's budget; ``python tests/models/test_plain_reference.py``
+runs every stored case and prints what each measured.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +60,9 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
+
+if __name__ == "__main__":  # run as a script from a clone: the package is the repository's
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from oscqat_jax.models import plain
 from oscqat_jax.models.plain import efficientnet_lite, mobilenet_v2, mobilenet_v3
@@ -518,6 +526,7 @@ def test_the_record_is_small_and_names_every_case():
     covered = {(c.per_channel, c.fold_bn) for c in CASES if c.setup != "float"}
     assert {c.setup for c in CASES} == set(SETUPS) and {c.family for c in CASES} == set(FAMILIES)
     assert len(covered) == 4  # every (per-channel, fold_bn) corner
+    assert set(SUITE_CASES) < set(CASES) and QUICK not in SUITE_CASES
 
 
 def test_quick_case():
@@ -526,8 +535,18 @@ def test_quick_case():
     assert 0 < measured["frozen fraction"] < 1, "some weights, not all, must freeze"
 
 
+# The stored cases the suite's slow tier runs (module docstring, "Tiers").
+SUITE_CASES = (
+    CONTROL,
+    Case("resnet18", "all", True, True),
+    Case("mobilenet_v3_small", "all", True, True),
+    Case("resnet18", "float", False, True),
+    Case("mobilenet_v2", "float", True, False),
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [c for c in CASES if c != QUICK], ids=str)
+@pytest.mark.parametrize("case", SUITE_CASES, ids=str)
 def test_stored_case(case):
     measured = run_case(case, train=case.trains)
     print(case, measured)
@@ -560,3 +579,8 @@ def test_a_pool_call_that_updates_the_range_breaks_agreement(monkeypatch):
         plain.mobilenet_v2, "pool_and_requantize", lambda x, hook: hook(x.mean(axis=(1, 2)))
     )
     assert "features_4_out/output_" in _first_disagreement()  # the head hook's scale or range
+
+
+if __name__ == "__main__":
+    for case in CASES:
+        print(case, run_case(case, train=case.trains), flush=True)
