@@ -212,11 +212,10 @@ def architecture(name):
     return _ARCHITECTURE_CACHE[name]
 
 
-# The quick tier exports the paper's network; the full suite every family.
-ARCHITECTURE_PARAMS = [
-    name if name == "mobilenet_v2" else pytest.param(name, marks=pytest.mark.slow)
-    for name in ARCHITECTURES
-]
+# The package's ctx models are no longer what the trainer exports: every family as the
+# trainer builds it (a plain model quantized by rules) is tests/deploy/test_plain_onnx.py's.
+# Here the paper's network alone, in both containers, until the ctx models are deleted.
+ARCHITECTURE_PARAMS = ["mobilenet_v2"]
 
 
 @pytest.mark.parametrize("name", ARCHITECTURE_PARAMS)
