@@ -20,8 +20,8 @@ from onnx import TensorProto, helper
 from testkit import DIGITS_IMAGE_SHAPE, DIGITS_RUN_FLAGS, ROOT
 
 from oscqat_jax.deploy import __main__ as deploy_main
-from oscqat_jax.export.onnx import _integer
 from oscqat_jax.deploy import check as check_lib
+from oscqat_jax.export.onnx import _integer
 from oscqat_jax.training import trainer
 
 CONFIG_FLAGS = DIGITS_RUN_FLAGS

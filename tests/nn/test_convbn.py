@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from oscqat_jax import quant
-from oscqat_jax.nn.convbn import ConvBN
 from oscqat_jax.nn.bn import reestimate_bn
+from oscqat_jax.nn.convbn import ConvBN
 from oscqat_jax.nn.intercept import ActQuant, quantize_model
 from oscqat_jax.nn.rules import QuantRule
 

@@ -24,8 +24,8 @@ from user_models import SHAPE, images, linen_quantized
 
 from oscqat_jax import weight_files
 from oscqat_jax.deploy import export_model_onnx, export_onnx, run_onnx
-from oscqat_jax.export.onnx import exporter as onnx_export
 from oscqat_jax.export import export_model, load_export
+from oscqat_jax.export.onnx import exporter as onnx_export
 from oscqat_jax.nn import QuantRule, quantize_model
 
 FEW = settings(
