@@ -29,6 +29,7 @@ from oscqat_jax.convert.layouts import (
     layouts_of,
     mapper_of,
     model_name_of,
+    with_plain_paths,
 )
 from oscqat_jax.models import plain
 from oscqat_jax.nn.quantizer import is_quantizer_param
@@ -192,26 +193,6 @@ class Conversion(NamedTuple):
         return "\n".join(lines)
 
 
-def _with_plain_paths(state_dict: Mapping[str, Any]) -> dict:
-    """``state_dict`` with the keys of a ``converted`` file written for the ctx models (a
-    conv's kernel at ``params/<layer>/kernel`` beside ``<layer>/bn``) moved to the plain
-    models' paths (``params/<layer>/conv/kernel``, :func:`oscqat_jax.models.plain.from_package`),
-    so such files still load; keys of PyTorch layouts and of the plain paths are kept."""
-    trees: dict[str, dict] = {}
-    for key, value in state_dict.items():
-        collection, _, path = key.partition("/")
-        if collection in ("params", "batch_stats") and path:
-            trees.setdefault(collection, {})[tuple(path.split("/"))] = value
-    if not trees:
-        return dict(state_dict)
-    mapped = plain.from_package({c: traverse_util.unflatten_dict(t) for c, t in trees.items()})
-    out = {k: v for k, v in state_dict.items() if k.partition("/")[0] not in trees}
-    for collection, tree in mapped.items():
-        for path, value in traverse_util.flatten_dict(tree).items():
-            out["/".join((collection, *path))] = value
-    return out
-
-
 def _variables_tree(variables: Mapping) -> dict:
     return {name: dict(tree) for name, tree in variables.items()}
 
@@ -225,7 +206,7 @@ def detect_layout(
     """
     model_name = model_name_of(model)
     template = _variables_tree(variables_template)
-    keys = set(_with_plain_paths(state_dict))
+    keys = set(with_plain_paths(state_dict))
     overlaps = {
         layout: len(keys & {t.key for t in _plan(model_name, layout, template)})
         for layout in layouts_of(model_name)
@@ -265,7 +246,7 @@ def convert_state_dict(
     model_name = model_name_of(model)
     state_dict = {_strip_prefix(k): v for k, v in state_dict.items()}
     ignored = tuple(k for k in state_dict if k.endswith(IGNORED_SUFFIX))
-    source = _with_plain_paths(
+    source = with_plain_paths(
         {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIX)}
     )
     template = _variables_tree(variables_template)

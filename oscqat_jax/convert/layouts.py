@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 
 from oscqat_jax.models import plain
 
@@ -146,3 +148,23 @@ def mapper_of(model_name: str, layout: str) -> Mapper | None:
             f"{model_name}, got {layout!r}."
         )
     return mappers[layout]
+
+
+def with_plain_paths(state_dict: Mapping[str, Any]) -> dict:
+    """``state_dict`` with the keys of a ``converted`` file written for the ctx models (a
+    conv's kernel at ``params/<layer>/kernel`` beside ``<layer>/bn``) moved to the plain
+    models' paths (``params/<layer>/conv/kernel``, :func:`oscqat_jax.models.plain.from_package`),
+    so such files still load; keys of PyTorch layouts and of the plain paths are kept."""
+    trees: dict[str, dict] = {}
+    for key, value in state_dict.items():
+        collection, _, path = key.partition("/")
+        if collection in ("params", "batch_stats") and path:
+            trees.setdefault(collection, {})[tuple(path.split("/"))] = value
+    if not trees:
+        return dict(state_dict)
+    mapped = plain.from_package({c: traverse_util.unflatten_dict(t) for c, t in trees.items()})
+    out = {k: v for k, v in state_dict.items() if k.partition("/")[0] not in trees}
+    for collection, tree in mapped.items():
+        for path, value in traverse_util.flatten_dict(tree).items():
+            out["/".join((collection, *path))] = value
+    return out
