@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from oscqat_jax import models, schedules
+from oscqat_jax import schedules
 from oscqat_jax.convert import LAYOUTS
 from oscqat_jax.models import plain
 from oscqat_jax.nn import QuantizedModel
@@ -259,11 +259,11 @@ def _validate_block_setting(name: str, setting) -> None:
 # --------------------------------------------------------------------------- model
 
 
-def quant_setup(config: ml_collections.ConfigDict, *, quantize: bool = True) -> QuantSetup:
-    """The :class:`QuantSetup` of ``config.quant`` (or the float setup)."""
+def quant_setup(config: ml_collections.ConfigDict) -> QuantSetup:
+    """The :class:`QuantSetup` of ``config.quant``."""
     q = config.quant
     return QuantSetup(
-        name=q.setup if quantize else "float",
+        name=q.setup,
         n_bits=q.n_bits,
         n_bits_act=q.n_bits_act,
         per_channel=q.per_channel,
@@ -276,24 +276,18 @@ def quant_setup(config: ml_collections.ConfigDict, *, quantize: bool = True) -> 
     )
 
 
-def model_options(config: ml_collections.ConfigDict) -> dict:
-    """``create_model``'s options (besides name, classes and quant setup) of ``config.model``."""
-    options = {
-        "width_multiplier": config.model.width_multiplier,
-        "fold_bn": config.model.fold_bn,
-        "dtype": jnp.bfloat16 if config.model.dtype == "bfloat16" else None,
-    }
-    if config.model.block_setting is not None:
-        options["block_setting"] = tuple(tuple(b) for b in config.model.block_setting)
-    return options
-
-
 def plain_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """The plain Flax model of ``config.model`` (:mod:`oscqat_jax.models.plain`), with its
-    width, block setting and compute dtype."""
-    options = dict(model_options(config))
-    del options["fold_bn"]  # a choice of the quantization, not of the model
-    return plain.create_model(config.model.name, num_classes=num_classes, **options)
+    width, block setting and compute dtype (``model.fold_bn`` is a choice of the
+    quantization: :func:`quantized_model`)."""
+    m = config.model
+    options = {
+        "width_multiplier": m.width_multiplier,
+        "dtype": jnp.bfloat16 if m.dtype == "bfloat16" else None,
+    }
+    if m.block_setting is not None:
+        options["block_setting"] = tuple(tuple(b) for b in m.block_setting)
+    return plain.create_model(m.name, num_classes=num_classes, **options)
 
 
 def quantized_model(config: ml_collections.ConfigDict, num_classes: int) -> QuantizedModel:
@@ -301,18 +295,6 @@ def quantized_model(config: ml_collections.ConfigDict, num_classes: int) -> Quan
     the quantized kernels when ``model.fold_bn`` (what the training program runs)."""
     return plain.quantize(
         plain_model(config, num_classes), quant_setup(config), fold_bn=config.model.fold_bn
-    )
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int, *, quantize: bool = True):
-    """The ctx model (``oscqat_jax.models.create_model``) of ``config.model`` with the
-    config's quant setup (or none). The training program runs :func:`quantized_model`
-    instead; this stays until the ctx models go."""
-    return models.create_model(
-        config.model.name,
-        num_classes=num_classes,
-        quant_setup=quant_setup(config, quantize=quantize),
-        **model_options(config),
     )
 
 

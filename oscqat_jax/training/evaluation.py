@@ -21,7 +21,7 @@ from oscqat_jax.nn import collect
 from oscqat_jax.nn.quantizer import split_quantizer_param
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.context import Context
-from oscqat_jax.training.forward import Forward, as_forward
+from oscqat_jax.training.forward import Forward
 
 
 def evaluate(ctx: Context, eval_fn: Callable, variables: dict) -> dict[str, float]:
@@ -71,9 +71,8 @@ class Evaluator:
     bn_fn: Callable
 
     @classmethod
-    def create(cls, ctx: Context, model) -> Evaluator:
-        """The passes of ``model``: a forward (:mod:`.forward`) or a package module."""
-        forward = as_forward(model)
+    def create(cls, ctx: Context, forward: Forward) -> Evaluator:
+        """The passes of ``forward`` (:mod:`.forward`)."""
         return cls(
             ctx,
             forward,

@@ -24,16 +24,15 @@ call a *forward*, an object with these methods (``variables`` as ``Module.apply`
 :class:`RulesForward` runs any ``flax.linen`` model quantized by rules
 (:func:`oscqat_jax.nn.quantize_model`): the training program's forward for the package's
 families (plain Flax models, :mod:`oscqat_jax.models.plain`) and for a user's own model
-(:mod:`.models`). :class:`PackageForward` runs the package's ctx models
-(``model.apply(v, x, ctx)``); the training program no longer builds them, and it goes with
-them.
+(:mod:`.models`); :class:`~.nnx_forward.NNXForward` runs a ``flax.nnx`` model. :class:`Forward`
+is the interface both satisfy, what the steps, phases and evaluation take.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -41,10 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from oscqat_jax.nn import QuantizedModel, api, collect, reestimate_bn
-from oscqat_jax.nn.batchnorm import BN_BATCH_STATS
-from oscqat_jax.nn.config import QuantContext
-from oscqat_jax.nn.quantizer import DAMPENING, OSCILLATION
+from oscqat_jax.nn import QuantizedModel, reestimate_bn
+from oscqat_jax.nn.quantizer import OSCILLATION
 
 
 def _no_dampening() -> jax.Array:
@@ -55,89 +52,31 @@ def _abstract(tree):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
-@dataclasses.dataclass(frozen=True)
-class PackageForward:
-    """One of the package's models (:func:`oscqat_jax.models.create_model`), called as
-    ``model.apply(variables, images, QuantContext)``: ``model`` quantized, ``float_model``
-    (the same architecture without quantizers) for the float modes and ``init``."""
+class Forward(Protocol):
+    """What the steps, phases and evaluation call (the module docstring says what each
+    method takes and returns): :class:`RulesForward` or :class:`~.nnx_forward.NNXForward`.
+    The two exports' arguments differ between them and are not part of it."""
 
-    model: nn.Module
-    float_model: nn.Module | None = None  # None: ``model`` serves the float modes too
-    export_arguments: Mapping[str, Any] | None = None  # create_model's, for the native export
-    description: str = ""
+    has_batchnorm: bool
+    description: str
 
-    has_batchnorm = True
+    def init(self, key: jax.Array, images: jax.Array) -> dict: ...
 
-    def _module(self, mode: str) -> nn.Module:
-        floating = mode.startswith("float") and self.float_model is not None
-        return self.float_model if floating else self.model
+    def train(
+        self, variables, images, *, mode, osc, freeze_threshold, dampen, track, rng
+    ) -> tuple[jax.Array, dict, jax.Array]: ...
 
-    def init(self, key: jax.Array, images: jax.Array) -> dict:
-        module = self._module("float_eval")
-        return dict(module.init(key, images, QuantContext.create("float_eval")))
+    def logits(self, variables, images, mode: str) -> jax.Array: ...
 
-    def train(self, variables, images, *, mode, osc, freeze_threshold, dampen, track, rng):
-        mutable = ["batch_stats"]
-        if track:
-            mutable.append(OSCILLATION)
-        if dampen:
-            mutable.append(DAMPENING)
-        ctx = QuantContext.create(
-            mode,
-            freeze_threshold=freeze_threshold,
-            osc_momentum=osc.momentum,
-            use_ema_freeze=osc.use_ema_freeze,
-            dampening_aggregation=osc.dampening_aggregation,
-            # Static: the layers check that the collections these need are mutable.
-            dampen=dampen,
-            track_oscillations=track,
-        )
-        logits, mutated = self._module(mode).apply(
-            variables, images, ctx, mutable=mutable, rngs={"dropout": rng}
-        )
-        damp = collect.dampening_total(mutated) if dampen else _no_dampening()
-        return logits, mutated, damp
+    def bn_statistics(self, variables, images) -> dict: ...
 
-    def logits(self, variables, images, mode: str) -> jax.Array:
-        return self._module(mode).apply(variables, images, QuantContext.create(mode))
+    def average_bn(self, per_batch: list) -> dict: ...
 
-    def bn_statistics(self, variables, images) -> dict:
-        """One batch's BN means and unbiased variances (the ``bn_stats`` mode's collection)."""
-        ctx = QuantContext.create("bn_stats")
-        _, mutated = self.model.apply(variables, images, ctx, mutable=[BN_BATCH_STATS])
-        return mutated[BN_BATCH_STATS]
+    def calibrate(self, variables, batches: Iterable, key, compiler_options=None) -> dict: ...
 
-    def average_bn(self, per_batch: list) -> dict:
-        return collect.reestimated_batch_stats(per_batch)
+    def template(self, key, image_shape, first_batch: Callable) -> dict: ...
 
-    def calibrate(self, variables, batches: Iterable, key, compiler_options=None) -> dict:
-        step = api.calibration_step(self.model)
-        fn = jax.jit(lambda v, x, k: step(v, (x,), k), compiler_options=compiler_options)
-        for images in batches:
-            variables = fn(variables, images, key)
-        return variables
-
-    def template(self, key, image_shape, first_batch: Callable) -> dict:
-        """The shapes of calibrated variables, computed abstractly (nothing runs)."""
-        del first_batch
-        x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-        floats = jax.eval_shape(self.init, key, x)
-        step = api.calibration_step(self.model)
-        return jax.eval_shape(lambda v, x, k: step(v, (x,), k), floats, x, key)
-
-    def load_pretrained(self, path: str, variables: dict, layout: str) -> dict:
-        from oscqat_jax import convert
-
-        return convert.load_pretrained(path, self._module("float_eval"), variables, layout=layout)
-
-    def native_export(self) -> dict:
-        """Keyword arguments of :func:`oscqat_jax.export.export_model` besides the path,
-        the variables and the input shape."""
-        return dict(self.export_arguments or {})
-
-    def onnx_export(self) -> tuple[Any, dict]:
-        """The model and keyword arguments of :func:`export_model_onnx`."""
-        return self.model, {}
+    def load_pretrained(self, path: str, variables: dict, layout: str) -> dict: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,19 +223,3 @@ def load_saved_variables(path: str, variables: Mapping) -> dict:
         if flat:
             out[collection] = traverse_util.unflatten_dict(flat)
     return out
-
-
-Forward = PackageForward | RulesForward
-"""What the steps call (module docstring)."""
-
-
-def as_forward(model) -> Forward:
-    """``model`` as a forward: a forward itself, or one of the package's modules (serving
-    every mode, as the steps took them before forwards)."""
-    if isinstance(model, (PackageForward, RulesForward)):
-        return model
-    if isinstance(model, nn.Module):
-        return PackageForward(model)
-    if callable(getattr(model, "train", None)) and callable(getattr(model, "logits", None)):
-        return model  # a forward of its own module (nnx_forward.NNXForward imports this one)
-    raise ValueError(f"Expected a forward or a package model, got {type(model).__name__}.")

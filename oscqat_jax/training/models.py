@@ -60,7 +60,7 @@ from oscqat_jax.training.limits import is_import_path
 from oscqat_jax.training.nnx_forward import NNXForward, pure_state
 
 
-def forward_of(config: ml_collections.ConfigDict, source) -> Forward | NNXForward:
+def forward_of(config: ml_collections.ConfigDict, source) -> Forward:
     """The forward of ``config.model`` for the data ``source`` (its class count and image
     shape); one sentence (ValueError) when an own model or its rules do not fit."""
     if not is_import_path(config.model.name):

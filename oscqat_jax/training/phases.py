@@ -14,13 +14,12 @@ from oscqat_jax.training import build, checkpoint, fingerprint, loop, reports
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.context import Context
 from oscqat_jax.training.evaluation import Evaluator
-from oscqat_jax.training.forward import as_forward
+from oscqat_jax.training.forward import Forward
 
 
-def init_variables(model, ctx: Context) -> dict:
-    """The float model's variables initialised on a dummy batch (replicated); ``model`` a
-    forward (:mod:`.forward`) or a package module."""
-    forward = as_forward(model)
+def init_variables(forward: Forward, ctx: Context) -> dict:
+    """The float model's variables of ``forward`` (:mod:`.forward`) initialised on a dummy
+    batch (replicated)."""
     images = jnp.zeros((1, *ctx.source.image_shape), jnp.float32)
     init = jax.jit(
         lambda key: forward.init(key, images), compiler_options=ctx.sharded.compiler_options
@@ -87,12 +86,11 @@ def _move_float_cache_aside(ctx: Context, cache, err: Exception) -> checkpoint.C
     return _float_cache(ctx)
 
 
-def calibrate(ctx: Context, model, variables: dict) -> dict:
-    """Quantizer variables added to (float) ``variables`` and their ranges initialised on
-    ``quant.num_est_batches`` training batches (docs/method.md §3); ``model`` a forward or a
-    package module."""
+def calibrate(ctx: Context, forward: Forward, variables: dict) -> dict:
+    """Quantizer variables of ``forward`` added to (float) ``variables`` and their ranges
+    initialised on ``quant.num_est_batches`` training batches (docs/method.md §3)."""
     key = jax.random.PRNGKey(ctx.seed("calibration_init"))
-    variables = as_forward(model).calibrate(
+    variables = forward.calibrate(
         variables, _calibration_images(ctx), key, ctx.sharded.compiler_options
     )
     return ctx.sharded.replicate(variables)

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +25,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oscqat_jax import oscillation
-from oscqat_jax.nn import api, collect
+from oscqat_jax.nn import collect
 from oscqat_jax.nn.quantizer import OSCILLATION, QUANT_STATS
 from oscqat_jax.training import optim
-from oscqat_jax.training.forward import as_forward
+from oscqat_jax.training.forward import Forward
 
 DATA_AXIS = "data"
 COLLECTIONS = ("batch_stats", OSCILLATION, QUANT_STATS)
@@ -146,16 +145,15 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def make_train_step(
-    model, tx: optax.GradientTransformation, cfg: StepConfig
+    model: Forward, tx: optax.GradientTransformation, cfg: StepConfig
 ) -> Callable[[TrainState, tuple, dict], tuple[TrainState, dict]]:
-    """``step(state, (images, labels), hparams) -> (state, metrics)``, not yet jitted.
+    """``step(state, (images, labels), hparams) -> (state, metrics)`` of the forward
+    ``model`` (:mod:`.forward`), not yet jitted.
 
-    ``model`` is a forward (:mod:`.forward`; a package module is wrapped in one).
     ``hparams`` holds float32 scalars ``model_lr``, ``quant_lr``, ``freeze_threshold`` and
     ``dampening_weight`` (see :meth:`Schedules.table`); ``tx`` gives update directions that
     the step scales by the learning rates (:func:`optim.apply_learning_rates`).
     """
-    model = as_forward(model)
     osc = cfg.oscillations
     dampen = osc.dampen and cfg.mode == "train"
     track = osc.track and cfg.mode == "train"
@@ -242,10 +240,9 @@ def make_multi_step(step: Callable, fetch: Callable) -> Callable:
     return multi
 
 
-def make_eval_step(model, mode: str) -> Callable:
-    """``eval(variables, (images, labels, mask)) -> sums`` of loss, top-1, top-5 and count;
-    ``mode`` ``"eval"`` or ``"float_eval"``, ``model`` a forward or a package module."""
-    model = as_forward(model)
+def make_eval_step(model: Forward, mode: str) -> Callable:
+    """``eval(variables, (images, labels, mask)) -> sums`` of loss, top-1, top-5 and count
+    of the forward ``model``; ``mode`` ``"eval"`` or ``"float_eval"``."""
 
     def step(variables: dict, batch: tuple) -> dict:
         images, labels, mask = batch
@@ -261,26 +258,10 @@ def make_eval_step(model, mode: str) -> Callable:
     return step
 
 
-def make_bn_stats_step(model) -> Callable:
+def make_bn_stats_step(model: Forward) -> Callable:
     """``bn(variables, images) -> statistics``: one batch's BN means and unbiased variances,
     which the forward's ``average_bn`` turns into ``batch_stats``."""
-    return as_forward(model).bn_statistics
-
-
-def make_calibrate_step(model: nn.Module) -> Callable:
-    """``calibrate(variables, images, key) -> variables``: one range-initialisation batch
-    (docs/method.md §3) of a package module.
-
-    ``variables`` may be those of the float model: the quantizer variables it lacks are
-    created on the first batch (``key`` seeds their initialisers) and then calibrated.
-    The work is :func:`oscqat_jax.nn.api.calibration_step`'s.
-    """
-    calibrate = api.calibration_step(model)
-
-    def step(variables: dict, images: jax.Array, key: jax.Array) -> dict:
-        return calibrate(variables, (images,), key)
-
-    return step
+    return model.bn_statistics
 
 
 FAST_COMPILE = {

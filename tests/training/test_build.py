@@ -411,12 +411,17 @@ def test_defaults_have_one_home():
     assert build.oscillation_settings(config) == settings
 
 
-def test_the_quant_setup_carries_the_bits_and_weight_only_mode():
+def test_the_quant_setup_carries_the_bits_ranges_and_weight_only_mode():
     config = tiny_config(quant__n_bits=4, quant__n_bits_act=3, osc_freeze__max_bits=3)
     setup = build.quant_setup(config)
     assert (setup.name, setup.n_bits, setup.act_bits, setup.max_bits) == ("LSQ_paper", 4, 3, 3)
     assert setup.overrides == ()
-    assert build.quant_setup(config, quantize=False).name == "float"
+    config.quant.setup, config.quant.per_channel, config.quant.grad_scale = "all", True, True
+    config.quant.weight_range, config.quant.act_range = "current_minmax", "running_minmax"
+    setup = build.quant_setup(config)
+    assert (setup.name, setup.per_channel, setup.grad_scale) == ("all", True, True)
+    assert setup.weight_range_method == "current_minmax"
+    assert setup.act_range_method == "running_minmax"
     config.quant.quantize_activations = False
     assert build.quant_setup(config).overrides == (("*", None, "float"),)
 
