@@ -1,21 +1,23 @@
 """Flax glue over the functional core: quantization of any Flax model by rules, the package's
-quantized layers, and the helpers a training loop needs.
+BatchNorm and ConvBN site, and the helpers a training loop needs.
 
 The public names, importable as ``from oscqat_jax.nn import ...``:
 
 - **any Flax model** (Linen or NNX; :mod:`~oscqat_jax.nn.verbs`): :class:`QuantRule` and
   :func:`paper_rules` (which layers, how; :mod:`~oscqat_jax.nn.rules`), :func:`setup_rules`
   and :class:`ModelSites` (a :class:`QuantSetup` as rules), :class:`ActQuant` (marks an
-  activation), :class:`ConvBN` (a conv + BatchNorm site, BN foldable), :func:`quantize_model`, :func:`calibrate`, :func:`plan`, :func:`set_mode` and
-  :func:`set_schedule` (NNX), :func:`dampening_term`, :func:`reestimate_bn`,
+  activation), :class:`ConvBN` (a conv + BatchNorm site, BN foldable), :func:`quantize_model`,
+  :func:`calibrate`, :func:`plan`, :func:`set_mode` and :func:`set_schedule` (NNX),
+  :func:`dampening_term`, :func:`reestimate_bn`,
   :func:`oscillation_summary`, :func:`depthwise_layers`; the Linen wrapper
   :class:`QuantizedModel` and its train-call result :class:`QuantAux`; the NNX variable types
   :class:`Oscillation` and :class:`QuantStats`;
 - **the training loop** (:mod:`~oscqat_jax.nn.api`): :func:`param_labels`,
   :func:`quant_optimizer`, :func:`min_scale`, :func:`check_scales`, :func:`strip_dampening`;
-- **the package's own layers**: :class:`QuantConv`, :class:`QuantConvBN`, :class:`QuantDense`,
-  :class:`BatchNorm`, with :class:`QuantContext` (per call), :class:`QuantizerSpec`,
-  :class:`LayerQuant` and :class:`QuantSetup` (the paper's setups for the package's models).
+- **the package's building blocks**: :class:`BatchNorm` (PyTorch's running statistics),
+  :class:`QuantizerSpec` and :class:`LayerQuant` (what a rule gives a site),
+  :class:`QuantContext` (a call's mode) and :class:`QuantSetup` (the paper's setups, as rules
+  through :func:`setup_rules`).
 
 The names for any model load on first use, so importing this package does not import
 ``flax.nnx`` or the interceptor, and those modules may import this package's submodules.
@@ -34,7 +36,6 @@ from oscqat_jax.nn.api import (
 )
 from oscqat_jax.nn.batchnorm import BatchNorm
 from oscqat_jax.nn.config import LayerQuant, QuantContext, QuantizerSpec
-from oscqat_jax.nn.layers import QuantConv, QuantConvBN, QuantDense
 from oscqat_jax.nn.setups import QuantSetup
 
 _LAZY = {
@@ -83,9 +84,6 @@ __all__ = [
     "Oscillation",
     "QuantAux",
     "QuantContext",
-    "QuantConv",
-    "QuantConvBN",
-    "QuantDense",
     "QuantRule",
     "QuantSetup",
     "QuantStats",

@@ -14,10 +14,9 @@ reference): with per-channel ``mul = gamma / sqrt(var + eps)`` the site computes
 ``conv(x_q, q(kernel * mul)) + beta - mean * mul``, where ``mean``/``var`` are the statistics
 of the float ``conv(x_q, kernel)`` for this batch when ``train=True`` (an extra float
 convolution; gradients flow through the statistics as in BN, and the running statistics are
-updated from them) and the running statistics otherwise, exactly as the package's
-``QuantConvBN(fold_bn=True)``. The weight quantizer, its calibration, tracking and dampening
-therefore see the folded kernel. Folded and unfolded sites have the same variables, so
-checkpoints move between them.
+updated from them) and the running statistics otherwise. The weight quantizer, its
+calibration, tracking and dampening therefore see the folded kernel. Folded and unfolded sites
+have the same variables, so checkpoints move between them.
 """
 
 from __future__ import annotations

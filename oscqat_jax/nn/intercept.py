@@ -319,7 +319,8 @@ def quantize_model(
     sites no rule matches stay float. See the module docstring for the sites and
     :func:`oscqat_jax.nn.rules.paper_rules` for the paper's setups. ``depthwise_impl``
     (``auto``, ``shifted`` or ``lax``) is how quantized depth-wise ``nn.Conv`` layers
-    convolve, as the package's own layers' option: ``auto`` takes shifted slices on CPU.
+    convolve (as :class:`~oscqat_jax.nn.convbn.ConvBN`'s option): ``auto`` takes shifted
+    slices on CPU.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(

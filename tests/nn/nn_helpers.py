@@ -1,5 +1,6 @@
-"""Helpers shared by the tests of oscqat_jax.nn's layers, quantizer, BatchNorm and collect:
-compiled-once ``init``/``apply``, fixed pseudo-random inputs and kernels, and a tiny network."""
+"""Helpers shared by the tests of oscqat_jax.nn's quantizer, BatchNorm, collect and training API:
+fixed pseudo-random inputs and kernels, plain Flax models quantized by rules, and their calls
+compiled once."""
 
 import functools
 
@@ -8,38 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oscqat_jax.nn.config import LayerQuant, QuantContext, QuantizerSpec
-from oscqat_jax.nn.layers import QuantConv, QuantConvBN, QuantDense
+from oscqat_jax.nn.convbn import ConvBN
+from oscqat_jax.nn.intercept import QuantizedModel, quantize_model
+from oscqat_jax.nn.rules import QuantRule
 
-W4_PC = QuantizerSpec(4, per_channel=True)
-TRACKED = LayerQuant(weight=W4_PC, input=QuantizerSpec(4), track_oscillations=True)
-
-
-@functools.cache
-def _jitted(module, mutable, method):
-    def run(variables, *args):
-        return module.apply(variables, *args, mutable=list(mutable) or False, method=method)
-
-    return jax.jit(run)
-
-
-def apply(module, variables, *args, mutable=(), method=None):
-    """``module.apply`` compiled once per module, mutable set and method (faster than eager)."""
-    return _jitted(module, tuple(mutable), method)(variables, *args)
-
-
-@functools.cache
-def _jitted_init(module):
-    return jax.jit(module.init)
-
-
-def init(module, *args, seed=1):
-    """``module.init`` compiled once per module."""
-    return _jitted_init(module)(jax.random.key(seed), *args)
-
-
-def ctx(mode, **kwargs):
-    return QuantContext.create(mode, **kwargs)
+TRACKED = (QuantRule(".*", weight_bits=4, act_bits=4, per_channel=True),)
+"""A 4-bit per-channel weight (tracked and dampened) and a 4-bit input, for every site."""
 
 
 def randn(seed, shape):
@@ -53,9 +28,31 @@ def kernel_init(key, shape, dtype=jnp.float32):
     return 0.3 * randn(sum(shape), shape).astype(dtype)
 
 
-QConv = functools.partial(QuantConv, kernel_init=kernel_init)
-QConvBN = functools.partial(QuantConvBN, kernel_init=kernel_init)
-QDense = functools.partial(QuantDense, kernel_init=kernel_init)
+@functools.cache
+def _jitted(model: QuantizedModel, mode: str, mutable: tuple, static: tuple):
+    def run(variables, *args, **traced):
+        return model.apply(
+            variables, *args, mode=mode, mutable=list(mutable), **dict(static), **traced
+        )
+
+    return jax.jit(run)
+
+
+def apply(model: QuantizedModel, variables, *args, mode="eval", mutable=(), static=(), **traced):
+    """``model.apply(variables, *args, mode=mode, ...)`` compiled once per model, mode, mutable
+    collections and ``static`` keywords (``(name, value)`` pairs); ``traced`` keywords
+    (``freeze_threshold``, ``osc_momentum``, ``train``...) are arguments of the compiled call."""
+    return _jitted(model, mode, tuple(mutable), tuple(static))(variables, *args, **traced)
+
+
+@functools.cache
+def _jitted_init(model: QuantizedModel):
+    return jax.jit(model.init)
+
+
+def init(model: QuantizedModel, *args, seed=1):
+    """``model.init`` compiled once per model."""
+    return _jitted_init(model)(jax.random.key(seed), *args)
 
 
 def replace(variables, collection, **values):
@@ -66,9 +63,12 @@ def replace(variables, collection, **values):
 
 
 def tracked_conv():
-    layer = QConv(4, 3, quant=TRACKED)
+    """A bias-free 3x3 conv (3 -> 4 channels) quantized by :data:`TRACKED`, its input
+    ``(2, 5, 5, 3)`` and its variables calibrated on that input (the conv's variables at the
+    top of each collection)."""
+    model = quantize_model(nn.Conv(4, (3, 3), use_bias=False, kernel_init=kernel_init), TRACKED)
     x = randn(0, (2, 5, 5, 3))
-    return layer, x, init(layer, x, ctx("eval"))
+    return model, x, model.calibrate(init(model, x), [x])
 
 
 def shapes_and_dtypes(tree):
@@ -76,12 +76,25 @@ def shapes_and_dtypes(tree):
 
 
 class Net(nn.Module):
-    """A tracked 4-bit conv with BatchNorm, then an asymmetric 8-bit dense head."""
-
-    fold_bn: bool = False
+    """A ConvBN site (3x3, 3 -> 4 channels) and a dense head over the mean-pooled features."""
 
     @nn.compact
-    def __call__(self, x, context):
-        x = QConvBN(4, 3, quant=TRACKED, fold_bn=self.fold_bn, name="conv")(x, context)
-        asym = LayerQuant(weight=QuantizerSpec(8, symmetric=False), input=QuantizerSpec(8))
-        return QDense(2, quant=asym, name="head")(jnp.mean(x, axis=(1, 2)), context)
+    def __call__(self, x, train: bool = False):
+        x = ConvBN(4, (3, 3), kernel_init=kernel_init, name="conv")(x, train)
+        return nn.Dense(2, kernel_init=kernel_init, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+NET_RULES = (
+    QuantRule("conv", weight_bits=4, act_bits=4, per_channel=True),
+    QuantRule("head", weight_bits=8, act_bits=8, weight_symmetric=False),
+)
+""":class:`Net`'s conv: 4-bit per-channel weight, tracked; its head: an asymmetric 8-bit weight
+(wider than the tracked 4 bits, so untracked, but dampened) and an 8-bit input."""
+
+
+def quantized_net():
+    """:class:`Net` quantized by :data:`NET_RULES`, an input ``(2, 5, 5, 3)`` and its
+    variables calibrated on it."""
+    model = quantize_model(Net(), NET_RULES)
+    x = randn(0, (2, 5, 5, 3))
+    return model, x, model.calibrate(init(model, x), [x])

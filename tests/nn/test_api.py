@@ -3,13 +3,13 @@ trap, each with the correct usage as its negative control:
 
 - one SGD with momentum over all parameters drives a step size negative (reproduced here);
   the labelled optimizer keeps it positive and ``check_scales`` names the bad layer;
-- the dampening collection fed back into the next call raises, ``strip_dampening`` avoids it;
-  a train call that cannot write the dampening term raises unless the context turns it off;
-- a tracked layer in train mode without a mutable ``oscillation`` collection raises unless
-  the context turns tracking off;
-- calibration from float variables without naming collections;
+- the trainer's step traces under every oscillation setting;
+- calibration passes the model's keyword arguments and sets the range estimators' scales;
 - a traced static argument of the core names ``static_argnames``;
 - one default EMA momentum everywhere.
+
+(The dampening term that cannot be fed back and the tracking state that must be merged are
+test_intercept.py's and test_misuse.py's.)
 """
 
 from __future__ import annotations
@@ -24,36 +24,34 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from nn_helpers import QDense, apply, ctx, init, randn
+from nn_helpers import init, kernel_init, randn
 
 import oscqat_jax.nn as qnn
 from oscqat_jax import oscillation, quant, ranges
-from oscqat_jax.nn import api, collect
-from oscqat_jax.nn.config import LayerQuant, QuantContext, QuantizerSpec
+from oscqat_jax.nn import api
+from oscqat_jax.nn.config import QuantContext
+from oscqat_jax.nn.intercept import quantize_model
+from oscqat_jax.nn.rules import QuantRule
+from oscqat_jax.nn.verbs import calibrate
 from oscqat_jax.training import build, optim
 from oscqat_jax.training import config as config_lib
 from oscqat_jax.training import step as step_lib
-
-Q4 = LayerQuant(weight=QuantizerSpec(4), input=QuantizerSpec(4))
-Q4_TRACKED = LayerQuant(weight=QuantizerSpec(4), input=QuantizerSpec(4), track_oscillations=True)
-PLAIN_TRAIN = ctx("train", dampen=False, track_oscillations=False)
+from oscqat_jax.training.forward import RulesForward
 
 
 class MLP(nn.Module):
-    """Two W4A4 dense layers with BatchNorm between; the first is tracked (both are
-    dampened). ``quantize=False`` is the same network in float (no quantizer variables)."""
-
-    quantize: bool = True
+    """Two dense layers with the package's BatchNorm between."""
 
     @nn.compact
-    def __call__(self, x, context):
-        first, second = (Q4_TRACKED, Q4) if self.quantize else (LayerQuant(), LayerQuant())
-        x = QDense(16, quant=first, name="hidden")(x, context)
-        x = nn.relu(qnn.BatchNorm(name="bn")(x, context))
-        return QDense(10, quant=second, name="out")(x, context)
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(16, kernel_init=kernel_init, name="hidden")(x)
+        x = nn.relu(qnn.BatchNorm(name="bn")(x, use_running_average=not train))
+        return nn.Dense(10, kernel_init=kernel_init, name="out")(x)
 
 
-MODEL, FLOAT_MODEL = MLP(), MLP(quantize=False)
+RULES = (QuantRule("hidden"), QuantRule("out", track=False))
+"""W4A4 for both layers, both dampened; the first is tracked."""
+MODEL = quantize_model(MLP(), RULES)
 RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.standard_normal((128, 32)), jnp.float32)
 Y = jnp.asarray(np.argmax(np.asarray(X) @ RNG.standard_normal((32, 10)), -1))
@@ -61,18 +59,26 @@ Y = jnp.asarray(np.argmax(np.asarray(X) @ RNG.standard_normal((32, 10)), -1))
 
 @functools.cache
 def float_variables() -> dict:
-    return init(FLOAT_MODEL, X, ctx("float_eval"))
+    return jax.jit(MLP().init)(jax.random.key(1), X)
+
+
+@functools.cache
+def initial_variables() -> dict:
+    """``MODEL.init``'s variables: the float ones and the quantizers' uncalibrated ones."""
+    return init(MODEL, X)
 
 
 @functools.cache
 def calibrated_variables() -> dict:
-    return api.calibrate(MODEL, float_variables(), [X[:64], X[64:]])
+    return calibrate(MODEL, initial_variables(), [X[:64], X[64:]])
 
 
 @jax.jit
 def loss_and_grads(params, variables):
     def loss(p):
-        logits = MODEL.apply({**variables, "params": p}, X, PLAIN_TRAIN)
+        logits, _ = MODEL.apply(
+            {**variables, "params": p}, X, mode="train", train=True, mutable=["batch_stats"]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean()
 
     return jax.value_and_grad(loss)(params)
@@ -150,7 +156,7 @@ def test_one_sgd_over_all_params_drives_a_scale_negative_and_check_scales_names_
 
 def logits_spread(params) -> jax.Array:
     """Largest standard deviation over the batch of any logit (eval mode)."""
-    logits = apply(MODEL, {**calibrated_variables(), "params": params}, X, ctx("eval"))
+    logits = jax.jit(MODEL.apply)({**calibrated_variables(), "params": params}, X)
     return jnp.max(jnp.std(logits, axis=0))
 
 
@@ -172,67 +178,11 @@ def test_check_scales_and_min_scale_on_bad_values():
         jax.jit(api.check_scales)(good)
 
 
-# ----------------------------------------------------------------------------- dampening
-
-
-def test_dampening_fed_back_raises_and_strip_dampening_avoids_it():
-    variables = calibrated_variables()
-    train_ctx = ctx("train")
-    mutable = ["oscillation", "dampening"]
-    _, mutated = apply(MODEL, variables, X, train_ctx, mutable=mutable)
-    term, rest = api.strip_dampening(mutated)
-    assert sorted(rest) == ["oscillation"] and sorted(mutated) == ["dampening", "oscillation"]
-    np.testing.assert_allclose(term, collect.dampening_total(mutated), rtol=0)
-    assert float(term) > 0
-
-    # The trap: {**variables, **mutated} carries the sown term into the next call.
-    with pytest.raises(ValueError, match=r"already holds a 'dampening' term.*strip_dampening"):
-        apply(MODEL, {**variables, **mutated}, X, train_ctx, mutable=mutable)
-
-    # The correct use: the next call's term is this call's (same weights), not twice it.
-    _, again = apply(MODEL, {**variables, **rest}, X, train_ctx, mutable=mutable)
-    np.testing.assert_allclose(api.strip_dampening(again)[0], term, rtol=1e-6)
-    assert api.strip_dampening({"batch_stats": {}})[0] == 0
-
-
-def test_train_without_mutable_dampening_raises_unless_the_context_turns_it_off():
-    variables = calibrated_variables()
-    with pytest.raises(ValueError, match=r"hidden dampens its weight.*dampen=False"):
-        apply(MODEL, variables, X, ctx("train"), mutable=["oscillation"])
-    # Negative controls: dampening off in the context, or the collection mutable.
-    _, mutated = apply(MODEL, variables, X, ctx("train", dampen=False), mutable=["oscillation"])
-    assert "dampening" not in mutated
-    _, mutated = apply(
-        MODEL, variables, X, ctx("train", dampen=False), mutable=["oscillation", "dampening"]
-    )
-    assert float(api.strip_dampening(mutated)[0]) == 0  # off means off
-    # Other modes never dampen, so they need no collection.
-    apply(MODEL, variables, X, ctx("eval"))
-
-
-# ----------------------------------------------------------------------------- tracking
-
-
-def test_tracked_layer_in_train_mode_without_mutable_oscillation_raises():
-    variables = calibrated_variables()
-    with pytest.raises(ValueError, match=r"hidden tracks oscillations.*'oscillation' is not mut"):
-        apply(MODEL, variables, X, ctx("train", dampen=False))
-    # Negative controls: tracking off in the context leaves the state alone; a mutable
-    # collection advances it (the previous integers become the current ones' direction).
-    untracked = ctx("train", dampen=False, track_oscillations=False)
-    _, mutated = apply(MODEL, variables, X, untracked, mutable=["oscillation"])
-    jax.tree_util.tree_map(
-        np.testing.assert_array_equal, mutated["oscillation"], variables["oscillation"]
-    )
-    moved = {**variables, "params": train(optax.sgd(0.02), steps=1)[0]}
-    _, mutated = apply(MODEL, moved, X, ctx("train", dampen=False), mutable=["oscillation"])
-    before, after = variables["oscillation"]["hidden"], mutated["oscillation"]["hidden"]
-    assert any(not np.array_equal(after[k], before[k]) for k in before)
+# ----------------------------------------------------------------------------- trainer
 
 
 def test_trainer_steps_trace_under_every_oscillation_setting():
-    # The default run tracks without dampening; before the step passed ``dampen`` to its
-    # context, its layers raised for the missing 'dampening' collection.
+    # The default run tracks without dampening.
     assert build.oscillation_settings(config_lib.base_config()).dampen is False
     variables = calibrated_variables()
     opt_fields = types.SimpleNamespace(
@@ -260,7 +210,8 @@ def test_trainer_steps_trace_under_every_oscillation_setting():
         step_lib.OscillationSettings(track=False, dampen=True),
         step_lib.OscillationSettings(track=True, dampen=True),
     ):
-        step = step_lib.make_train_step(MODEL, tx, step_lib.StepConfig(oscillations=settings))
+        config = step_lib.StepConfig(oscillations=settings)
+        step = step_lib.make_train_step(RulesForward(MODEL), tx, config)
         new_state, _ = jax.eval_shape(step, state, (X, Y), hparams)  # raises if misconfigured
         assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
@@ -269,15 +220,21 @@ def test_trainer_steps_trace_under_every_oscillation_setting():
 
 
 def test_calibrate_passes_keyword_arguments_to_the_model():
-    # apply's own keywords (here method=) reach the model; they once raised a TypeError.
-    plain = api.calibrate(MODEL, float_variables(), [X[:64]])
-    keyed = api.calibrate(MODEL, float_variables(), [X[:64]], method=MLP.__call__)
+    # The model's keywords (train=) and apply's own (method=) reach the model.
+    start = initial_variables()
+    plain = calibrate(MODEL, start, [X[:64]])
+    keyed = calibrate(MODEL, start, [X[:64]], train=False, method=MLP.__call__)
     jax.tree.map(np.testing.assert_array_equal, keyed, plain)
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        api.calibrate(MODEL, float_variables(), [X[:64]], no_such_argument=1)
+    # Negative control: batch statistics in BN change what the second layer's input sees.
+    batch_bn = calibrate(MODEL, start, [X[:64]], train=True)
+    assert float(batch_bn["params"]["out"]["input_scale"]) != float(
+        plain["params"]["out"]["input_scale"]
+    )
+    with pytest.raises(ValueError, match=r"^batch 0 .* unexpected keyword argument 'no_such_arg"):
+        calibrate(MODEL, start, [X[:64]], no_such_argument=1)
 
 
-def test_calibrate_from_float_variables_returns_complete_variables():
+def test_calibrate_sets_the_estimators_scales_and_leaves_the_weights():
     floats = float_variables()
     assert sorted(floats) == ["batch_stats", "params"]
     assert sorted(floats["params"]["hidden"]) == ["bias", "kernel"]
@@ -307,20 +264,18 @@ def test_calibrate_from_float_variables_returns_complete_variables():
     want = quant.symmetric_scale(x_min, x_max, n_bits=4, signed=True)
     np.testing.assert_allclose(calibrated["params"]["hidden"]["input_scale"], want, rtol=1e-6)
     # One batch gives a different scale (the test can tell the batches apart).
-    one = api.calibrate(MODEL, floats, [X[:64]])
+    one = calibrate(MODEL, initial_variables(), [X[:64]])
     hidden_scale = calibrated["params"]["hidden"]["input_scale"]
     assert float(one["params"]["hidden"]["input_scale"]) != float(hidden_scale)
-    # The trainer's calibration step is this one.
-    trainer = jax.jit(step_lib.make_calibrate_step(MODEL))(floats, X[:64], jax.random.key(0))
+    # The trainer's calibration, from the float variables, is this one.
+    trainer = RulesForward(MODEL).calibrate(floats, [X[:64]], jax.random.key(0))
     jax.tree_util.tree_map(np.testing.assert_array_equal, trainer, one)
-    # Tuple batches are positional inputs; bad calls get one sentence.
+    # Tuple batches are positional inputs; no batches gets one sentence.
     jax.tree_util.tree_map(
-        np.testing.assert_array_equal, api.calibrate(MODEL, floats, [(X[:64],)]), one
+        np.testing.assert_array_equal, calibrate(MODEL, initial_variables(), [(X[:64],)]), one
     )
-    with pytest.raises(ValueError, match="no batches"):
-        api.calibrate(MODEL, floats, [])
-    with pytest.raises(ValueError, match="'dampening' collection"):
-        api.calibrate(MODEL, {**floats, "dampening": {}}, [X])
+    with pytest.raises(ValueError, match="at least one batch"):
+        calibrate(MODEL, initial_variables(), [])
 
 
 # ----------------------------------------------------------------------------- static args
@@ -370,7 +325,7 @@ def test_one_default_ema_momentum():
 def test_nn_reexports_the_public_api():
     for name in qnn.__all__:
         assert getattr(qnn, name) is not None, name
-    assert qnn.QuantConv.__module__ == "oscqat_jax.nn.layers"
+    assert qnn.QuantizedModel.__module__ == "oscqat_jax.nn.intercept"
     assert qnn.quant_optimizer is api.quant_optimizer
     with pytest.raises(AttributeError, match="no attribute 'quantise_model'"):
         qnn.quantise_model  # noqa: B018

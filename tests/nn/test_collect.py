@@ -5,7 +5,7 @@ the dampening loss a model sows and the quantized weights it exports."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from nn_helpers import Net, apply, ctx, init, randn, replace, tracked_conv
+from nn_helpers import apply, quantized_net, randn, replace, tracked_conv
 
 from oscqat_jax import dampening, oscillation, quant
 from oscqat_jax.nn import collect
@@ -114,7 +114,7 @@ def test_identical_statistics_have_no_mismatch():
 
 @pytest.mark.parametrize("aggregation", ["kernel_mean", "sum"])
 def test_sown_dampening_equals_core_loss_with_frozen_weights(aggregation):
-    layer, x, variables = tracked_conv()
+    model, x, variables = tracked_conv()
     frozen = randn(3, (3, 3, 3, 4)) > 0.8
     variables = replace(
         variables, "oscillation", frozen=frozen, frozen_int=jnp.full(frozen.shape, 2.0)
@@ -129,16 +129,13 @@ def test_sown_dampening_equals_core_loss_with_frozen_weights(aggregation):
         frozen=frozen,
         frozen_int=variables["oscillation"]["frozen_int"],
     )
-    train = ctx("train", dampening_aggregation=aggregation)
-    _, mutated = apply(layer, variables, x, train, mutable=["oscillation", "dampening"])
-    np.testing.assert_allclose(collect.dampening_total(mutated), want, rtol=1e-6)
-    _, mutated = apply(layer, variables, x, ctx("eval"), mutable=["dampening"])
-    assert collect.dampening_total(mutated) == 0
+    static = (("dampening_aggregation", aggregation),)
+    _, aux = apply(model, variables, x, mode="train", static=static)
+    np.testing.assert_allclose(aux.dampening, want, rtol=1e-6)
 
 
 def test_quantized_weights_reconstruct_the_forward_weights_and_dampening_sums_layers():
-    model, x = Net(), randn(0, (2, 5, 5, 3))
-    variables = init(model, x, ctx("eval"))
+    model, x, variables = quantized_net()
     frozen = randn(3, (3, 3, 3, 4)) > 0.8
     variables["oscillation"] = {
         "conv": {
@@ -147,7 +144,7 @@ def test_quantized_weights_reconstruct_the_forward_weights_and_dampening_sums_la
             "frozen_int": jnp.full(frozen.shape, -3.0),
         }
     }
-    exported = collect.quantized_weights(model, variables, x, ctx("train"))
+    exported = collect.quantized_weights(model, variables, x)
     assert sorted(exported) == ["conv", "head"]
     conv_q, head_q = exported["conv"], exported["head"]
     assert conv_q.int_weight.dtype == np.int8 and conv_q.zero_point is None
@@ -160,7 +157,7 @@ def test_quantized_weights_reconstruct_the_forward_weights_and_dampening_sums_la
         params["conv"]["weight_scale"], x_shape=frozen.shape, n_bits=4, signed=True
     )
     conv_w = quant.dequantize_with(
-        oscillation.apply_frozen(state, quant.to_int_with(params["conv"]["kernel"], p)), p
+        oscillation.apply_frozen(state, quant.to_int_with(params["conv"]["conv"]["kernel"], p)), p
     )
     np.testing.assert_allclose(conv_q.scale * conv_q.int_weight, conv_w, rtol=1e-6)
     head = params["head"]
@@ -171,10 +168,10 @@ def test_quantized_weights_reconstruct_the_forward_weights_and_dampening_sums_la
         head_q.scale * (head_q.int_weight - head_q.zero_point), head_w, rtol=1e-6
     )
 
-    untracked = ctx("train", track_oscillations=False)
-    _, mutated = apply(model, variables, x, untracked, mutable=["batch_stats", "dampening"])
+    static = (("train", True),)
+    _, aux = apply(model, variables, x, mode="train", mutable=["batch_stats"], static=static)
     want = dampening.dampening_loss(
-        params["conv"]["kernel"],
+        params["conv"]["conv"]["kernel"],
         params["conv"]["weight_scale"],
         n_bits=4,
         signed=True,
@@ -183,7 +180,7 @@ def test_quantized_weights_reconstruct_the_forward_weights_and_dampening_sums_la
     ) + dampening.dampening_loss(
         head["kernel"], head["weight_scale"], head["weight_zero_point"], n_bits=8, signed=True
     )
-    np.testing.assert_allclose(collect.dampening_total(mutated), want, rtol=1e-6)
+    np.testing.assert_allclose(aux.dampening, want, rtol=1e-6)
 
     summary = collect.oscillation_summary(variables["oscillation"])
     assert list(summary["per_layer"]) == ["conv"]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from oscqat_jax.nn import depthwise
-from oscqat_jax.nn.config import QuantContext
-from oscqat_jax.nn.layers import QuantConv
+from oscqat_jax.nn.convbn import ConvBN
+from oscqat_jax.nn.intercept import quantize_model
+from oscqat_jax.nn.rules import QuantRule
 
 CASES = [
     # (input shape NHWC, kernel size, depth multiplier, strides, padding)
@@ -49,24 +50,30 @@ def test_shifted_matches_lax_outputs_and_gradients(shape, k, mult, strides, padd
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_quant_conv_depthwise_impl_override_gives_same_output():
+def test_the_depthwise_impl_options_give_the_same_output():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 6, 4)), jnp.float32)
-    ctx = QuantContext.create("float_eval")
-    shifted = QuantConv(
-        4,
-        3,
-        strides=2,
-        feature_group_count=4,
-        depthwise_impl="shifted",
-        kernel_init=nn.initializers.ones,
-    )
-    lax_conv = shifted.clone(depthwise_impl="lax")
-    variables = jax.jit(shifted.init)(jax.random.key(2), x, ctx)
-    variables["params"]["kernel"] = jnp.asarray(
-        np.random.default_rng(2).standard_normal((3, 3, 1, 4)), jnp.float32
-    )
+    kernel = jnp.asarray(np.random.default_rng(2).standard_normal((3, 3, 1, 4)), jnp.float32)
+    # A float ConvBN site, as the model's option.
+    shifted_bn = ConvBN(4, (3, 3), strides=2, feature_group_count=4, depthwise_impl="shifted")
+    variables = jax.jit(shifted_bn.init)(jax.random.key(2), x)
+    variables["params"]["conv"]["kernel"] = kernel
     np.testing.assert_allclose(
-        shifted.apply(variables, x, ctx), lax_conv.apply(variables, x, ctx), rtol=1e-5, atol=1e-6
+        shifted_bn.apply(variables, x),
+        shifted_bn.clone(depthwise_impl="lax").apply(variables, x),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # A quantized nn.Conv, as quantize_model's option.
+    conv = nn.Conv(4, (3, 3), strides=2, feature_group_count=4, use_bias=False)
+    rules = (QuantRule(".*", weight_bits=4, act_bits=4),)
+    shifted = quantize_model(conv, rules, depthwise_impl="shifted")
+    variables = jax.jit(shifted.init)(jax.random.key(2), x)
+    variables = shifted.calibrate(
+        {**variables, "params": {**variables["params"], "kernel": kernel}}, [x]
+    )
+    lax_conv = quantize_model(conv, rules, depthwise_impl="lax")
+    np.testing.assert_allclose(
+        shifted.apply(variables, x), lax_conv.apply(variables, x), rtol=1e-5, atol=1e-6
     )
 
 
