@@ -1,15 +1,14 @@
 """The package's native integer export: one file (``.safetensors`` or ``.npz``) holding what
-quantized inference needs, and loading it back as a model plus variables.
+quantized inference needs, and loading it back into the model it came from.
 
 - :mod:`~oscqat_jax.export.native`: :func:`export_model` and :func:`load_export`, and the
   file layout (format version 5);
 - :mod:`~oscqat_jax.export.fileformat`: the manifest, its digest, the checks a file passes
   before it is trusted, and 4-bit packing;
 - :mod:`~oscqat_jax.export.tensors`: the arrays every kind of model stores;
-- :mod:`~oscqat_jax.export.package_model`, :mod:`~oscqat_jax.export.rules_model`,
-  :mod:`~oscqat_jax.export.nnx_model`: what differs between the package's models (BN folded
-  into the stored scales), Linen models quantized by rules (BN folded at ConvBN sites) and
-  NNX models.
+- :mod:`~oscqat_jax.export.rules_model`, :mod:`~oscqat_jax.export.nnx_model`: what differs
+  between Linen models quantized by rules (the package's families among them; BN folded at
+  ConvBN sites) and NNX models.
 """
 
 from oscqat_jax.export.fileformat import (

@@ -11,7 +11,7 @@ and what the loader checks before it trusts a file.
   variable it becomes (none missing, none extra), and each quantized kernel the bit width the
   model's quant setup gives it; :func:`checked_int`: a kernel's integers lie on its grid.
 - :func:`pack_nibbles` and :func:`unpack_nibbles`: kernels of at most :data:`PACKED_MAX_BITS`
-  bits stored two per byte (format version 3), and :func:`unpacked_kernels`, which turns a
+  bits stored two per byte, and :func:`unpacked_kernels`, which turns a
   file's packed kernels back into integers before the checks above.
 
 Each check raises a ValueError of one sentence that starts with the file's path.
@@ -34,12 +34,12 @@ from oscqat_jax import quant
 
 FORMAT = "oscqat_jax.export"
 # 2: the manifest holds the sha256 of the file's content; 3: packed kernels; 4: BN folded
-# (the package's models); 5: BN folded at the ConvBN sites of models quantized by rules.
+# (the package's former ctx models); 5: BN folded at the ConvBN sites of models quantized by
+# rules.
 FORMAT_VERSION = 5
-# 4 is 5 with ConvBN sites unfolded (read for rules models without them), 3 is 4 with BN
-# unfolded, 2 is 3 without packing.
-READ_VERSIONS = (2, 3, 4, 5)
-FOLDED_SINCE = 4
+# 4 is 5 with ConvBN sites unfolded (read for rules models without them). Versions 2 and 3
+# were written only for the former ctx models, which this code no longer builds.
+READ_VERSIONS = (4, 5)
 FOLDED_RULES_SINCE = 5
 FOLDED_BIAS = "folded_bias"
 MANIFEST_KEY = "oscqat_jax_export"
@@ -50,8 +50,7 @@ KERNEL_INT = "kernel_int"
 KERNEL_PACKED = "kernel_packed"
 PACKED_MAX_BITS = 4
 """Kernels of at most this many bits are stored packed, two 4-bit two's-complement values per
-byte (format version 3 and later); wider ones as int8 (int16 above 8 bits)."""
-PACKED_SINCE = 3
+byte (every version read); wider ones as int8 (int16 above 8 bits)."""
 # The keys the loader reads: top level, under "model", and in each "weights" entry.
 REQUIRED = ("model", "quant_setup", "input_shape", "weights", "activations", DIGEST_KEY)
 MODEL_KEYS = ("name", "num_classes", "options")
@@ -272,9 +271,9 @@ def checked_int(path: pathlib.Path, layer: str, w_int: np.ndarray, n_bits: int) 
     return w_int.astype(np.float32)
 
 
-def is_packed(n_bits: int, version: int) -> bool:
-    """Whether a kernel of ``n_bits`` is stored packed in an export of format ``version``."""
-    return version >= PACKED_SINCE and n_bits <= PACKED_MAX_BITS
+def is_packed(n_bits: int) -> bool:
+    """Whether a kernel of ``n_bits`` is stored packed (in every format version read)."""
+    return n_bits <= PACKED_MAX_BITS
 
 
 def pack_nibbles(w_int: np.ndarray) -> np.ndarray:
@@ -328,11 +327,10 @@ def unpacked_kernels(
     :func:`check_packing` once the bit widths are checked.
     """
     arrays, packed_layers = dict(arrays), set()
-    version = manifest["format_version"]
     for layer, entry in sorted(manifest["weights"].items()):
         key = f"params/{layer}/{KERNEL_PACKED}"
         if key not in arrays:
-            if is_packed(entry["n_bits"], version) and f"params/{layer}/{KERNEL_INT}" not in arrays:
+            if is_packed(entry["n_bits"]) and f"params/{layer}/{KERNEL_INT}" not in arrays:
                 raise ValueError(
                     f"{path} lacks the tensor {key}, the packed {entry['n_bits']}-bit kernel "
                     f"its manifest lists; {_AGAIN}."
@@ -356,14 +354,9 @@ def check_packing(path: pathlib.Path, manifest: Mapping[str, Any], packed_layers
     version = manifest["format_version"]
     for layer, entry in sorted(manifest["weights"].items()):
         n_bits, packed = entry["n_bits"], layer in packed_layers
-        if packed != is_packed(n_bits, version):
+        if packed != is_packed(n_bits):
             raise ValueError(
                 f"{path}: the {n_bits}-bit kernel of {layer} is stored "
                 f"{'packed' if packed else 'unpacked'}, but format version {version} packs "
-                + (
-                    f"the kernels of at most {PACKED_MAX_BITS} bits"
-                    if version >= PACKED_SINCE
-                    else "no kernel"
-                )
-                + f"; {_AGAIN}."
+                f"the kernels of at most {PACKED_MAX_BITS} bits; {_AGAIN}."
             )

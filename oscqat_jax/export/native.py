@@ -1,39 +1,44 @@
-"""Integer export of a quantized model, and loading it back as a model plus variables.
+"""Integer export of a quantized model, and loading it back as the model's variables.
 
 :func:`export_model` writes one file holding what quantized inference needs and nothing else
-(no latent float weights, range accumulators or tracking state); :func:`load_export` rebuilds
-the model from the file's manifest and variables whose quantized kernels are dequantized from
-the stored integers, so the usual eval forward
-``model.apply(variables, x, QuantContext.create("eval"))`` runs on the exported integers.
+(no latent float weights, range accumulators or tracking state); :func:`load_export` checks
+the file against the model it is given and returns variables whose quantized kernels are
+dequantized from the stored integers, so the model's ``eval`` forward runs on the exported
+integers. Models: a Linen model quantized by rules (``oscqat_jax.nn.quantize_model``; the
+package's families are such models, ``oscqat_jax.models.plain.quantize``) or an NNX model
+quantized by ``quantize_model``.
 
 File layout (format version 5), ``.safetensors`` or ``.npz`` (compressed) by suffix; keys
-follow the model's variable tree, ``<layer>`` being a ``/``-joined module path:
+follow the model's variable tree, ``<site>`` being a ``/``-joined module path:
 
-- ``params/<layer>/kernel_packed``: the kernel of a quantized layer of at most 4 bits as
+- ``params/<site>/kernel_packed``: the kernel of a quantized site of at most 4 bits as
   integers packed two per byte (:func:`oscqat_jax.export.fileformat.pack_nibbles`: uint8
   ``(ceil(size / 2),)``, the C-order kernel in 4-bit two's complement, low nibble first);
   the manifest's ``kernel_shape`` gives its shape back.
-- ``params/<layer>/kernel_int``: the kernel of a wider quantized layer as integers, int8
+- ``params/<site>/kernel_int``: the kernel of a wider quantized site as integers, int8
   (int16 above 8 bits). Kernels are HWIO ``(kh, kw, in // groups, out)`` or ``(in, out)``;
-  frozen weights hold their frozen integer. With ``fold_bn`` these are the integers of the
-  BN-folded kernel.
-- ``params/<layer>/weight_scale``: float32, ``()`` or ``(1, ..., 1, out)`` per channel;
-  ``params/<layer>/weight_zero_point``: int32 of the same shape (asymmetric weights only).
-- BatchNorm of a quantized conv is folded (version 4): with ``mul = gamma / sqrt(var + eps)``
-  per output channel, ``params/<layer>/weight_scale`` is float32 ``(out,)``, the weight scale
-  times ``mul`` (of either sign), and ``params/<layer>/folded_bias`` float32 ``(out,)`` is
-  ``beta + (bias - mean) * mul``; the layer computes
+  frozen weights hold their frozen integer.
+- ``params/<site>/weight_scale``: float32, ``()`` or ``(1, ..., 1, out)`` per channel;
+  ``params/<site>/weight_zero_point``: int32 of the same shape (asymmetric weights only).
+- BatchNorm is folded where the model makes a conv and its BN one site (a
+  :class:`~oscqat_jax.nn.convbn.ConvBN`, as the package's families do, docs/method.md §4):
+  with ``mul = gamma / sqrt(var + eps)`` per output channel (the BN's own epsilon),
+  ``params/<site>/weight_scale`` is float32 ``(out,)``, the weight scale times ``mul`` (of
+  either sign), and ``params/<site>/folded_bias`` float32 ``(out,)`` is
+  ``beta + (bias - mean) * mul``; the site computes
   ``conv(x, weight_scale * (kernel_int - zero_point)) + folded_bias`` per channel, with the
-  trained integers. A model built with
-  ``fold_bn`` already quantizes the folded kernel: its scale keeps the quantizer's shape and
-  only ``folded_bias`` replaces BN. The manifest marks such layers (``"bn": "scale"`` or
-  ``"bn": "kernel"``); the BN parameters, statistics and the conv's own bias are not stored.
-- ``params/<site>/<q>_scale`` and ``<q>_zero_point`` (``q`` = ``input``, ``output`` or
-  ``residual``): activation quantizers, float32 scale and int32 zero point (asymmetric only);
+  trained integers at ``params/<site>/kernel_packed`` (or ``kernel_int``). Under a rule's
+  ``fold_bn`` the site already quantizes the folded kernel: its scale keeps the quantizer's
+  shape and only ``folded_bias`` replaces BN. The manifest marks such sites (``"bn": "scale"``
+  or ``"bn": "kernel"``); the BN's parameters and statistics, the conv's own bias and its
+  float kernel are not stored. A user's separate BatchNorm layer is not folded (wherever the
+  model applies it); its variables are stored. The export refuses a traced call in which a
+  ConvBN normalises with batch statistics (``train=True``).
+- ``params/<site>/input_scale`` and ``output_scale`` (with ``_zero_point`` for asymmetric
+  grids): activation quantizers, float32 scale and int32 zero point;
   ``quant_stats/<site>/<q>_signed``: bool, the grid's signedness learnt at calibration.
-- every other ``params`` leaf as float32: float kernels, biases, the BatchNorm ``bn/scale``
-  and ``bn/bias`` of float layers; ``batch_stats/<layer>/bn/{mean, var}``: their running
-  statistics.
+- every other ``params`` leaf as float32 (float kernels, biases, unfolded BatchNorms) and
+  every ``batch_stats`` leaf of an unfolded BatchNorm.
 
 Scales and zero points are the effective ones the forward uses (``max(s, 1e-8)``; zero point
 ``clip(round(z), int_min, int_max)``), so ``scale * (kernel_int - zero_point)`` is the kernel
@@ -41,42 +46,24 @@ the fake-quantized forward convolves with.
 
 The manifest is JSON, stored inside the file: the safetensors metadata entry
 ``oscqat_jax_export``, or the 0-d string array of that name in the ``.npz``. It holds the
-format name and version, the model (registry name, ``num_classes`` and the other
-``create_model`` options), the quant setup, the traced input shape ``(H, W, C)``, and
+format name and version; ``model``: ``"kind": "rules"`` (or ``"nnx"``) and the model class's
+name; ``rules``: the quantization rules; ``call_kwargs``: the model's keyword arguments of the
+traced call (e.g. ``train: false``); the traced input shape ``(H, W, C)``, and
 
-- ``weights``: per quantized layer its ``n_bits``, ``signed``, ``symmetric``, ``per_channel``,
-  ``role`` (see ``oscqat_jax.nn.setups``), ``kernel_shape``, ``tracked`` (oscillation
-  tracking) and ``frozen`` (how many of its weights are frozen);
+- ``weights``: per quantized site its ``n_bits``, ``signed``, ``symmetric``, ``per_channel``,
+  ``role``, ``kernel_shape``, ``tracked`` (oscillation tracking), ``frozen`` (how many of its
+  weights are frozen) and ``bn`` where BN is folded;
 - ``activations``: per activation quantizer ``<site>/<q>`` its ``n_bits``, ``signed`` and
   ``symmetric``;
 - ``sha256``: the digest of the rest of the manifest and every tensor
-  (:mod:`oscqat_jax.export.fileformat`), which the loader verifies before it checks each
-  tensor's shape and each kernel's bit width against the model the manifest describes.
+  (:mod:`oscqat_jax.export.fileformat`), which the loader verifies before it checks the
+  rules, each tensor's shape and each kernel's bit width against the model it is given.
   The digest is of the tensors as stored (packed), so a changed nibble is noticed too.
 
-:func:`load_export` also reads version 4 (the same layout, but the ConvBN sites of models
-quantized by rules unfolded: read for models without such sites), version 3 (BN stored
-unfolded) and version 2 (version 3 with every kernel as ``kernel_int``); other versions are
-refused with one sentence naming the version.
-
-**Models quantized by rules** (``oscqat_jax.nn.quantize_model``, a user's own Linen model):
-``export_model(path, variables, model=qmodel, input_shape=..., **model_kwargs)`` writes the
-same layout for every site the rules quantize: packed or int8 kernels with their effective
-scales and zero points, activation quantizers with their signedness, every other ``params``
-leaf and the ``batch_stats`` as float32. BN is folded, as above, where the model makes a conv
-and its BN one site (a ``ConvBN``, as the package's plain families do, docs/method.md §4;
-version 5): the site's integers at ``params/<site>/kernel_packed`` (or ``kernel_int``), its
-``weight_scale`` and ``folded_bias``, with the BN's own epsilon and running statistics; no
-BN variables and no float kernel of the site are stored, and the manifest marks it
-(``"bn": "scale"``, or ``"kernel"`` under a rule's ``fold_bn``). A user's separate BatchNorm
-layer is not folded (wherever the model applies it); its variables are stored. The export
-refuses a traced call in which a ConvBN normalises with batch statistics (``train=True``).
-The manifest's ``model`` entry has
-``"kind": "rules"`` and the model class's name, ``rules`` lists the quantization rules and
-``call_kwargs`` the model's keyword arguments of the traced call (e.g. ``train: false``).
-``load_export(path, model=qmodel)`` checks the file against that model (the same rules, every
-tensor of its variables at its shape, the bit widths of its plan) and returns the model and
-variables whose ``eval`` forward computes what the exported one computed.
+:func:`load_export` also reads version 4 (the same layout with the ConvBN sites unfolded,
+read for models without such sites). Versions 2 and 3, and version 4 and 5 files of the
+package's former ctx models (a manifest without ``kind``), are refused in one sentence
+naming the version: those models are no longer built.
 """
 
 from __future__ import annotations
@@ -86,13 +73,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 from flax import nnx
 
 from oscqat_jax import weight_files
-from oscqat_jax.export import fileformat, nnx_model, package_model, rules_model, tensors
+from oscqat_jax.export import fileformat, nnx_model, rules_model, tensors
 from oscqat_jax.nn.intercept import QuantizedModel
-from oscqat_jax.nn.setups import QuantSetup
 
 
 def export_model(
@@ -100,9 +85,6 @@ def export_model(
     variables: Mapping[str, Any] | None = None,
     *,
     model: QuantizedModel | nnx.Module | None = None,
-    model_name: str | None = None,
-    num_classes: int | None = None,
-    quant_setup: QuantSetup | str | None = None,
     input_shape: Sequence[int],
     **model_kwargs,
 ) -> dict:
@@ -112,13 +94,10 @@ def export_model(
       path: the file to write, ending in ``.safetensors`` or ``.npz``.
       variables: the model's variables: ``params``, ``batch_stats``, ``quant_stats`` and
         ``oscillation`` (its frozen weights are exported at their frozen integers).
-      model: a ``QuantizedModel`` (``oscqat_jax.nn.quantize_model``); then ``model_kwargs``
-        are the model's own keyword arguments for inference (e.g. ``train=False``). Or an
-        NNX model quantized by ``quantize_model`` (its variables are its own: pass none).
-      model_name, num_classes, quant_setup, **model_kwargs: without ``model``, the
-        arguments of :func:`oscqat_jax.models.create_model` that build one of the package's
-        models (e.g. ``width_multiplier``, ``fold_bn``, ``block_setting``); they go into
-        the manifest.
+      model: a ``QuantizedModel`` (``oscqat_jax.nn.quantize_model``; the package's families:
+        ``oscqat_jax.models.plain.quantize``); then ``model_kwargs`` are the model's own
+        keyword arguments for inference (e.g. ``train=False``). Or an NNX model quantized by
+        ``quantize_model`` (its variables are its own: pass none).
       input_shape: ``(H, W, C)`` of one image; one zero image of this shape is pushed through
         the eval forward to read the integers.
 
@@ -127,43 +106,38 @@ def export_model(
     """
     if isinstance(model, nnx.Module):
         return nnx_model.export_nnx_model(path, model, variables, input_shape, model_kwargs)
-    if model is not None:
-        return rules_model.export_rules_model(path, model, variables, input_shape, model_kwargs)
-    if model_name is None or num_classes is None or quant_setup is None:
+    if model is None:
         raise ValueError(
-            "export_model needs model=<a QuantizedModel>, or the model_name, num_classes and "
-            "quant_setup of one of the package's models."
+            "export_model needs model=<a QuantizedModel> (oscqat_jax.nn.quantize_model; the "
+            "package's families: oscqat_jax.models.plain.quantize) or an NNX model quantized "
+            "by quantize_model."
         )
-    return package_model.export_package_model(
-        path, variables, model_name, num_classes, quant_setup, input_shape, model_kwargs
-    )
+    return rules_model.export_rules_model(path, model, variables, input_shape, model_kwargs)
 
 
 def load_export(
-    path: str | os.PathLike, model: QuantizedModel | None = None
-) -> tuple[nn.Module | QuantizedModel, dict]:
-    """The model described by an export's manifest and variables computed from its integers.
+    path: str | os.PathLike, model: QuantizedModel | nnx.Module | None = None
+) -> tuple[QuantizedModel | nnx.Module, Any]:
+    """The variables an export's integers give, checked against ``model``.
 
-    Each quantized kernel becomes ``scale * (kernel_int - zero_point)`` (with ``fold_bn``,
-    divided by the BN factor ``gamma / sqrt(var + eps)`` the model multiplies it by again).
+    Each quantized kernel becomes ``scale * (kernel_int - zero_point)``; a folded ConvBN
+    site's BN becomes ``y * gamma + beta`` with mean 0 and ``var + eps == 1``, so it
+    multiplies by the stored folded scale's factor (or exactly 1 under ``fold_bn``).
     Fake-quantizing a value that already lies on the grid is idempotent: ``round(kernel / s)``
-    gives back ``kernel_int`` exactly (the division is off by at most an ulp, far from a
-    rounding threshold), so the eval forward of the returned variables quantizes to the
-    exported integers and computes what the exported model's eval forward computed, bit for
-    bit without ``fold_bn`` and to float rounding with it. Tracked layers get a fresh
+    gives back ``kernel_int`` exactly, so the eval forward of the returned variables
+    quantizes to the exported integers and computes what the exported model's eval forward
+    computed, to float rounding where BN was folded. Tracked sites get a fresh
     ``oscillation`` state (nothing frozen: the frozen values are already in the integers).
-    Range accumulators are not part of an export, so these variables count as uncalibrated
-    for :func:`export_model`; the file already is their export.
 
-    A file exported from a model quantized by rules needs that model: ``model=qmodel``
-    (module docstring); the file is checked against it and the variables are built the same
-    way, for ``qmodel.apply(variables, x, **call_kwargs)`` (a folded ConvBN site as above:
-    its BN made ``y * gamma + beta`` with mean 0 and ``var + eps == 1``).
+    Args:
+      path: an export written by :func:`export_model`.
+      model: the ``QuantizedModel`` it was exported from (the same rules, every tensor of its
+        variables at its shape, the bit widths of its plan), or the NNX model, into which the
+        state is written.
 
     Returns:
-      ``(model, variables)`` with collections ``params``, ``batch_stats``, ``quant_stats`` and
-      ``oscillation``, ready for ``model.apply(variables, x, QuantContext.create("eval"))``
-      (``(qmodel, variables)`` for a rules model).
+      ``(model, variables)`` for ``model.apply(variables, x, **call_kwargs)``
+      (``(model, state)`` for an NNX model).
     """
     path = tensors.check_suffix(path)
     if not path.is_file():
@@ -176,9 +150,25 @@ def load_export(
         path, manifest, arrays, name=fileformat.FORMAT, versions=fileformat.READ_VERSIONS
     )
     kind = manifest["model"].get("kind")
+    if kind not in (fileformat.RULES_KIND, nnx_model.NNX_KIND):
+        raise ValueError(_unread_kind(path, manifest))
     if kind == nnx_model.NNX_KIND or isinstance(model, nnx.Module):
         return model, nnx_model.load_nnx_model(path, model, arrays, manifest)
-    rules_file = kind == fileformat.RULES_KIND
-    if model is not None or rules_file:
-        return model, rules_model.load_rules_model(path, model, arrays, manifest)
-    return package_model.load_package_model(path, arrays, manifest)
+    return model, rules_model.load_rules_model(path, model, arrays, manifest)
+
+
+def _unread_kind(path, manifest: dict) -> str:
+    """The one sentence refusing a file of a model kind this code does not read: the
+    package's former ctx models (no ``kind``), or another."""
+    kind, version = manifest["model"].get("kind"), manifest["format_version"]
+    if kind is None:
+        return (
+            f"{path} is a format version {version} export of {manifest['model'].get('name')} "
+            "as the package's former ctx models built it, which this code no longer reads "
+            "(it reads the exports of models quantized by rules, kind 'rules' or 'nnx'); "
+            "export the model again with export_model(path, variables, model=qmodel, ...)."
+        )
+    return (
+        f"{path} holds a model of kind {kind!r}, but this code reads the kinds "
+        f"{fileformat.RULES_KIND!r} and {nnx_model.NNX_KIND!r}; export the model again."
+    )

@@ -178,8 +178,8 @@ def load_nnx_model(path: pathlib.Path, model, arrays: Mapping, manifest: dict):
     name = manifest["model"].get("name")
     if manifest["model"].get("kind") != NNX_KIND:
         raise ValueError(
-            f"{path} holds the model {name}, not an NNX model quantized by rules; pass the "
-            "model it was exported from (or none for the package's models)."
+            f"{path} holds the Linen model {name}, not an NNX model quantized by rules; pass "
+            "the QuantizedModel it was exported from."
         )
     if model is None:
         raise ValueError(
@@ -205,6 +205,6 @@ def load_nnx_model(path: pathlib.Path, model, arrays: Mapping, manifest: dict):
     fileformat.check_bits(path, manifest["weights"], bits, arrays)
     fileformat.check_packing(path, manifest, packed_layers)
     params, collections = tensors.stored_collections(arrays)
-    variables = tensors.with_kernels(path, model, manifest, arrays, params, collections)
+    variables = tensors.with_kernels(path, manifest, arrays, params, collections)
     load_into(model, variables)
     return nnx.state(model)

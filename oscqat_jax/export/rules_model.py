@@ -232,11 +232,6 @@ def load_rules_model(path: pathlib.Path, qmodel, arrays: Mapping, manifest: dict
     """The variables of a (digest-checked) rules export for ``qmodel``, after checking that
     the file is one of ``qmodel``: its kind, rules, tensors, bit widths and folded sites."""
     name = manifest["model"].get("name")
-    if manifest["model"].get("kind") != fileformat.RULES_KIND:
-        raise ValueError(
-            f"{path} holds the package's model {name}, not a model quantized by rules; call "
-            "load_export(path) without model."
-        )
     if qmodel is None:
         raise ValueError(
             f"{path} holds the model {name} quantized by rules; pass that QuantizedModel: "
@@ -279,7 +274,7 @@ def load_rules_model(path: pathlib.Path, qmodel, arrays: Mapping, manifest: dict
         )
     kernel_keys = {site: f"{site}/conv/kernel" for site in sites}
     variables = tensors.with_kernels(
-        path, qmodel, manifest, arrays, params, collections, kernel_keys=kernel_keys
+        path, manifest, arrays, params, collections, kernel_keys=kernel_keys
     )
     # The file holds trained scales, not range accumulators: mark every quantizer as
     # calibrated (a counter without an accumulator, which a later calibration restarts).

@@ -12,7 +12,6 @@ import pathlib
 from collections.abc import Mapping
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,11 +19,9 @@ from flax import traverse_util
 
 from oscqat_jax import oscillation, quant, weight_files
 from oscqat_jax.export import fileformat
-from oscqat_jax.nn import batchnorm, collect
+from oscqat_jax.nn import collect
 from oscqat_jax.nn.config import QuantizerSpec
 from oscqat_jax.nn.quantizer import OSCILLATION, QUANT_STATS, split_quantizer_param
-
-_RESIDUAL_ROLES = ("residual", "head_residual")
 
 
 def join(layer: str, name: str) -> str:
@@ -53,8 +50,8 @@ def write(path: pathlib.Path, arrays: Mapping, manifest: dict) -> dict:
 
 class Fold(NamedTuple):
     """A quantized conv's BN as ``y * mul + offset`` (float32 ``(out,)`` each), and where the
-    export puts ``mul``: ``"scale"`` (the per-channel weight scale) or ``"kernel"`` (a
-    ``fold_bn`` model has quantized the folded kernel already)."""
+    export puts ``mul``: ``"scale"`` (the per-channel weight scale) or ``"kernel"`` (a rule's
+    ``fold_bn`` has quantized the folded kernel already)."""
 
     mul: np.ndarray
     offset: np.ndarray
@@ -138,7 +135,6 @@ def stored_collections(arrays: Mapping) -> tuple[dict, dict]:
 
 def with_kernels(
     path,
-    model,
     manifest: dict,
     arrays: Mapping,
     params: dict,
@@ -156,8 +152,8 @@ def with_kernels(
         for layer, entry in manifest["weights"].items()
     }
     # One compiled program: eager ops would compile a kernel per layer shape.
-    kernels, states = jax.jit(functools.partial(_inference_weights, model, manifest["weights"]))(
-        w_ints, params, collections["batch_stats"]
+    kernels, states = jax.jit(functools.partial(_inference_weights, manifest["weights"]))(
+        w_ints, params
     )
     kernel_keys = kernel_keys or {}
     params.update(
@@ -186,7 +182,7 @@ def weight_arrays(
     folded offsets, and their manifest."""
     arrays, entries = {}, {}
     for layer, qw in weights.items():
-        if fileformat.is_packed(qw.n_bits, fileformat.FORMAT_VERSION):
+        if fileformat.is_packed(qw.n_bits):
             arrays[f"params/{layer}/{fileformat.KERNEL_PACKED}"] = fileformat.pack_nibbles(
                 qw.int_weight
             )
@@ -227,7 +223,7 @@ def param_arrays(
     for key, value in params.items():
         layer, name = split_key(key)
         q, kind = split_quantizer_param(name) or (None, None)
-        if q is not None and q != "weight" and join(layer, q) not in plan and layer not in plan:
+        if q is not None and (q == "residual" or layer not in plan):
             q = None  # a parameter of the model's own named like a quantizer's
         if q is None:
             if not (layer in quantized and name == "kernel"):
@@ -241,24 +237,18 @@ def param_arrays(
 
 
 def _quantizer_sites(plan: Mapping) -> list[tuple[str, str, QuantizerSpec]]:
-    """``(variable path, quantizer name, spec)`` of every enabled quantizer that owns variables.
-
-    Weight layers hold ``weight``, ``input`` and ``output``; a residual site ``<block>/residual``
-    keeps ``residual`` in its block; the pooling site re-uses another quantizer.
-    """
-    sites = []
-    for path, (role, layer_quant) in plan.items():
-        if role in _RESIDUAL_ROLES:
-            sites.append((split_key(path)[0], "residual", layer_quant.output))
-        elif role != "pool":
-            for q in ("weight", "input", "output"):
-                sites.append((path, q, getattr(layer_quant, q)))
-    return [(path, q, spec) for path, q, spec in sites if spec.enabled]
+    """``(site path, quantizer name, spec)`` of every enabled quantizer: layers hold
+    ``weight`` and ``input``, activation hooks ``output``."""
+    return [
+        (path, q, getattr(layer_quant, q))
+        for path, (_, layer_quant) in plan.items()
+        for q in ("weight", "input", "output")
+        if getattr(layer_quant, q).enabled
+    ]
 
 
 def _activation_spec(plan: Mapping, layer: str, q: str) -> QuantizerSpec:
-    site = join(layer, q) if q == "residual" else layer
-    return getattr(plan[site][1], "input" if q == "input" else "output")
+    return getattr(plan[layer][1], q)
 
 
 def _activation_arrays(
@@ -296,7 +286,7 @@ def check_calibrated(plan: Mapping, params: Mapping, quant_stats: Mapping) -> No
         if spec.range_method != "current_minmax" and join(layer, f"{q}_range") not in estimators:
             raise ValueError(
                 f"The variables are not calibrated (quant_stats/{join(layer, q)}_range is "
-                "missing); run the model in QuantContext 'calibrate' mode before exporting."
+                "missing); calibrate the model (oscqat_jax.nn.calibrate) before exporting."
             )
 
 
@@ -305,35 +295,22 @@ def _spec_entry(spec: QuantizerSpec, *, signed: bool) -> dict:
 
 
 def _inference_weights(
-    model: nn.Module,
     weight_entries: Mapping[str, dict],
     w_ints: Mapping[str, jax.Array],
     params: Mapping[str, jax.Array],
-    batch_stats: Mapping[str, jax.Array],
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """``({layer: float kernel}, {"<layer>/<field>": fresh oscillation state})``; the kernel's
-    fake quantization in ``model`` gives back ``w_ints[layer]``.
-
-    Without ``fold_bn`` the kernel is ``scale * (w_int - zero_point)`` itself. A folded layer
-    quantizes ``kernel * mul`` (``QuantConvBN``), so its kernel is that divided by ``mul``,
-    which the product gives back up to an ulp; a channel with ``mul == 0`` quantizes to 0
-    whatever its kernel.
-    """
+    """``({layer: float kernel}, {"<layer>/<field>": fresh oscillation state})``: the kernel
+    ``scale * (w_int - zero_point)``, whose fake quantization gives back ``w_ints[layer]``
+    (a folded ConvBN site's BN multiplies it by exactly 1: :func:`unfolded_bn`)."""
     kernels, states = {}, {}
     for layer, entry in weight_entries.items():
-        w_q = quant.dequantize(
+        kernels[layer] = quant.dequantize(
             w_ints[layer],
             params[f"{layer}/weight_scale"],
             params.get(f"{layer}/weight_zero_point"),
             n_bits=entry["n_bits"],
             signed=True,
         )
-        if getattr(model, "fold_bn", False) and f"{layer}/bn/scale" in params:
-            mul = batchnorm.fold_multiplier(
-                params[f"{layer}/bn/scale"], batch_stats[f"{layer}/bn/var"], model.bn_epsilon
-            )
-            w_q = jnp.where(mul == 0, 0.0, w_q / jnp.where(mul == 0, 1.0, mul))
-        kernels[layer] = w_q
         if entry["tracked"]:
             state = oscillation.init(w_ints[layer])
             states.update({f"{layer}/{f}": getattr(state, f) for f in state._fields})

@@ -1,14 +1,18 @@
-"""Tests of oscqat_jax.export: round trips through both formats, the stored integers and the
-folded BN, the file size of a real network, and the errors.
+"""Tests of oscqat_jax.export on the package's MobileNetV2 (a plain model quantized by
+rules, ``oscqat_jax.models.plain``): round trips through both formats, the stored integers
+and the folded BN, the file size of a real network, and the errors. The folded layout of
+every family is tests/export/test_folded_export.py's, a user's model's
+tests/export/test_any_model_export.py's.
 
-Format version 4 folds each quantized conv's BN into its per-channel scale and a bias, so a
+BatchNorm is folded at each quantized ConvBN site into its per-channel scale and a bias, so a
 loaded model computes ``conv * (s * mul) + offset`` where the original computed ``(conv * s -
 mean) * mul + beta``: the same integers, the logits to float rounding (``LOGIT_ATOL``).
 
-Variables are filled on the host from ``jax.eval_shape(model.init, ...)`` (a jitted init
-compiles one random kernel per parameter), then calibrated by one jitted calibration step.
+Variables are filled on the host from ``jax.eval_shape`` (a jitted init compiles one random
+kernel per parameter), then calibrated by the model's jitted calibration.
 """
 
+import functools
 import json
 import re
 import shutil
@@ -22,29 +26,26 @@ from testkit import TEST_BLOCKS
 
 from oscqat_jax import export, quant, weight_files
 from oscqat_jax.export import fileformat
-from oscqat_jax.models import create_model, quant_plan
+from oscqat_jax.models import plain
 from oscqat_jax.nn import collect
-from oscqat_jax.nn.config import QuantContext
 from oscqat_jax.nn.setups import QuantSetup
-from oscqat_jax.training import step as step_lib
 
-EVAL = QuantContext.create("eval")
-TINY = dict(  # create_model's options of a MobileNetV2 with three inverted-residual blocks
-    num_classes=4,
-    quant_setup=QuantSetup(n_bits=4),
-    width_multiplier=0.25,
-    block_setting=TEST_BLOCKS,
-)
 TINY_INPUT = (16, 16, 1)
-MOBILENET = dict(model_name="mobilenet_v2", **TINY)
+W4A4 = QuantSetup(n_bits=4)  # LSQ_paper: the first conv and the classifier at 8 bits
 FROZEN_LAYER = "features_2/expand"
 LOGIT_ATOL = 1e-5  # the folded BN's float rounding on logits of magnitude ~1 (measured ~1e-6)
 
 
-def host_variables(model, input_shape, seed=0):
+def tiny_model(setup=W4A4, fold_bn=False) -> plain.QuantizedModel:
+    """A MobileNetV2 with three inverted-residual blocks, 4 classes, quantized by ``setup``."""
+    model = plain.MobileNetV2(num_classes=4, width_multiplier=0.25, block_setting=TEST_BLOCKS)
+    return plain.quantize(model, setup, fold_bn=fold_bn)
+
+
+def host_variables(qmodel, input_shape, seed=0):
     """Random kernels (He normal), BN parameters and statistics; zero quantizer state."""
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), x, EVAL)
+    abstract = jax.eval_shape(functools.partial(qmodel.init, train=False), jax.random.key(0), x)
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -61,29 +62,19 @@ def host_variables(model, input_shape, seed=0):
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def calibrated(model, input_shape, seed=0):
-    variables = host_variables(model, input_shape, seed)
+def calibrated(qmodel, input_shape, seed=0):
+    variables = host_variables(qmodel, input_shape, seed)
     images = np.random.default_rng(seed + 1).normal(size=(8, *input_shape)).astype(np.float32)
-    calibrate = jax.jit(step_lib.make_calibrate_step(model), compiler_options=step_lib.FAST_COMPILE)
-    return jax.device_get(calibrate(variables, images, jax.random.key(seed)))
+    return jax.device_get(qmodel.calibrate(variables, [images], train=False))
 
 
-def eval_variables(variables):
-    """The collections an eval forward reads (range accumulators left out), so the original
-    and the loaded variables share one tree structure and one compiled forward."""
-    quant_stats = traverse_util.flatten_dict(variables["quant_stats"], sep="/")
-    signed = {k: v for k, v in quant_stats.items() if k.endswith("_signed")}
-    return {
-        **variables,
-        "quant_stats": traverse_util.unflatten_dict(signed, sep="/"),
-    }
+@functools.cache
+def _eval(qmodel):
+    return jax.jit(functools.partial(qmodel.apply, train=False))
 
 
-forward = jax.jit(
-    lambda model, variables, x: model.apply(variables, x, EVAL),
-    static_argnums=0,
-    compiler_options=step_lib.FAST_COMPILE,
-)
+def forward(qmodel, variables, images):
+    return np.asarray(_eval(qmodel)(variables, images))
 
 
 def at(tree, path):
@@ -103,45 +94,55 @@ def read_file(path):
     return load_file(str(path))
 
 
+TINY = tiny_model()
+
+
+def export_tiny(path, qmodel, variables, input_shape=TINY_INPUT):
+    return export.export_model(path, variables, model=qmodel, input_shape=input_shape, train=False)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny MobileNetV2, calibrated, with about a third of one layer frozen off its
     current integers (frozen_int = current +- 1)."""
-    model = create_model("mobilenet_v2", **TINY)
-    variables = calibrated(model, TINY_INPUT)
+    qmodel = TINY
+    variables = calibrated(qmodel, TINY_INPUT)
     layer = at(variables["params"], FROZEN_LAYER)
-    w_int = np.asarray(quant.to_int(layer["kernel"], layer["weight_scale"], n_bits=4, signed=True))
+    w_int = np.asarray(
+        quant.to_int(layer["conv"]["kernel"], layer["weight_scale"], n_bits=4, signed=True)
+    )
     state = at(variables["oscillation"], FROZEN_LAYER)
     state["frozen"] = np.random.default_rng(2).random(w_int.shape) < 0.3
     state["frozen_int"] = np.where(w_int < 7, w_int + 1, w_int - 1).astype(np.float32)
     images = np.random.default_rng(3).normal(size=(4, *TINY_INPUT)).astype(np.float32)
-    return model, variables, images
+    return qmodel, variables, images
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
-def test_the_loaded_export_computes_the_fake_quantized_eval(tiny, tmp_path, suffix):
-    model, variables, images = tiny
-    path = tmp_path / f"tiny{suffix}"
-    export.export_model(path, variables, input_shape=TINY_INPUT, **MOBILENET)
-    loaded_model, loaded = export.load_export(path)
+def test_the_loaded_export_computes_the_fake_quantized_eval(tiny, tmp_path):
+    qmodel, variables, images = tiny
+    path = tmp_path / "tiny.npz"
+    export_tiny(path, qmodel, variables)
+    loaded_model, loaded = export.load_export(path, model=qmodel)
 
-    assert loaded_model == model
-    expected = forward(model, eval_variables(variables), images)
-    got = forward(loaded_model, loaded, images)
+    assert loaded_model is qmodel
+    expected = forward(qmodel, variables, images)
+    got = forward(qmodel, loaded, images)
     np.testing.assert_allclose(got, expected, rtol=0, atol=LOGIT_ATOL)
     np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(expected, -1))
     # The frozen weights matter: without their frozen values the logits move.
-    unfrozen = jax.tree_util.tree_map(np.copy, eval_variables(variables))
+    unfrozen = jax.tree_util.tree_map(np.copy, variables)
     at(unfrozen["oscillation"], FROZEN_LAYER)["frozen"][:] = False
-    assert not np.allclose(forward(model, unfrozen, images), expected, atol=1e-4)
+    assert not np.allclose(forward(qmodel, unfrozen, images), expected, atol=1e-4)
 
 
 def test_the_stored_integers_are_those_of_quantized_inference(tiny, tmp_path):
-    model, variables, _ = tiny
+    qmodel, variables, _ = tiny
     path = tmp_path / "tiny.safetensors"
-    manifest = export.export_model(path, variables, input_shape=TINY_INPUT, **MOBILENET)
+    manifest = export_tiny(path, qmodel, variables)
     stored = read_file(path)
-    expected = collect.quantized_weights(model, variables, np.zeros((1, *TINY_INPUT)), EVAL)
+    expected = collect.quantized_weights(
+        qmodel, variables, np.zeros((1, *TINY_INPUT), np.float32), train=False
+    )
 
     assert set(manifest["weights"]) == set(expected) and len(expected) == 11
     for layer, qw in expected.items():
@@ -158,7 +159,7 @@ def test_the_stored_integers_are_those_of_quantized_inference(tiny, tmp_path):
         assert w_int.dtype == np.int8 and w_int.shape == tuple(qw.int_weight.shape)
         assert w_int.min() >= -(2 ** (n_bits - 1)) and w_int.max() <= 2 ** (n_bits - 1) - 1
         np.testing.assert_array_equal(w_int, qw.int_weight)
-        assert f"params/{layer}/kernel" not in stored
+        assert not [k for k in stored if k.endswith((f"{layer}/kernel", f"{layer}/conv/kernel"))]
         if layer == "classifier":  # no BN: the scale as the quantizer has it, and the bias
             np.testing.assert_array_equal(stored[f"params/{layer}/weight_scale"], qw.scale)
             assert "bn" not in manifest["weights"][layer] and "params/classifier/bias" in stored
@@ -189,25 +190,26 @@ def test_the_stored_integers_are_those_of_quantized_inference(tiny, tmp_path):
     assert json.loads(json.dumps(manifest)) == manifest
 
 
-def expected_bytes(model, variables):
+def expected_bytes(qmodel, variables, image):
     """The bytes of the tensors of an export of ``variables``, worked out from the model's
-    quant plan: 4-bit kernels half a byte per weight (rounded up), 8-bit ones one byte; a
-    quantized conv with BN two float32 per output channel (folded scale and bias) instead of
-    its BN's four and its scalar scale; every other parameter four bytes, each activation's
-    signedness one."""
-    plan = quant_plan(model, (1, 32, 32, 3))
-    bits = {layer: lq.weight.n_bits for layer, (_, lq) in plan.items() if lq.weight.enabled}
+    plan: 4-bit kernels half a byte per weight (rounded up), 8-bit ones one byte; a quantized
+    ConvBN site two float32 per output channel (folded scale and bias) instead of its BN's
+    four, its conv's bias and its scalar scale; every other parameter four bytes, each
+    activation's signedness one."""
+    plan = qmodel.plan(image, train=False)
+    bits = {site: p.weight.n_bits for site, p in plan.items() if p.weight.enabled}
+    folded = {site for site in bits if plan[site].kind == "conv_bn"}
     params = traverse_util.flatten_dict(variables["params"], sep="/")
-    folded = {layer for layer in bits if f"{layer}/bn/scale" in params}
     total = 0
     for key, leaf in params.items():
         layer, _, name = key.rpartition("/")
+        site = layer.removesuffix("/conv").removesuffix("/bn")
         size = np.size(leaf)
-        if name == "kernel" and layer in bits:
-            total += (size + 1) // 2 if bits[layer] <= 4 else size
-        elif layer in folded and name == "weight_scale":
-            total += 8 * np.size(params[f"{layer}/bn/scale"])
-        elif layer.removesuffix("/bn") not in folded:
+        if name == "kernel" and site in bits:
+            total += (size + 1) // 2 if bits[site] <= 4 else size
+        elif site in folded and name == "weight_scale":
+            total += 8 * np.shape(params[f"{site}/conv/kernel"])[-1]
+        elif not (site in folded and layer != site):  # a folded site's BN and conv bias
             total += 4 * size
     stats = traverse_util.flatten_dict(variables["batch_stats"], sep="/")
     total += sum(4 * np.size(v) for k, v in stats.items() if k.rsplit("/", 2)[0] not in folded)
@@ -224,15 +226,22 @@ def test_a_4_bit_export_is_packed_to_a_fraction_of_its_float_parameters(tmp_path
     setup = QuantSetup(
         n_bits=4, weight_range_method="current_minmax", act_range_method="current_minmax"
     )
-    kwargs = dict(num_classes=1000, quant_setup=setup)
-    model = create_model(name, **kwargs)
-    variables = host_variables(model, (32, 32, 3))
+    qmodel = plain.quantize(plain.create_model(name, num_classes=1000), setup)
+    image = np.zeros((1, 32, 32, 3), np.float32)
+    variables = host_variables(qmodel, image.shape[1:])
+    # Marked calibrated as a loaded export is (min-max ranges keep no accumulator).
+    stats = traverse_util.flatten_dict(variables["quant_stats"], sep="/")
+    for site, p in qmodel.plan(image, train=False).items():
+        for q in ("weight", "input", "output"):
+            if getattr(p, q).enabled:
+                stats[f"{site}/{q}_range/num_batches"] = np.int32(1)
+    variables["quant_stats"] = traverse_util.unflatten_dict(stats, sep="/")
     path = tmp_path / f"{name}.safetensors"  # uncompressed; .npz is smaller still
-    export.export_model(path, variables, model_name=name, input_shape=(32, 32, 3), **kwargs)
+    export.export_model(path, variables, model=qmodel, input_shape=image.shape[1:], train=False)
     float_bytes = sum(
         np.asarray(v, np.float32).nbytes for v in jax.tree_util.tree_leaves(variables["params"])
     )
-    size, tensors = path.stat().st_size, expected_bytes(model, variables)
+    size, tensors = path.stat().st_size, expected_bytes(qmodel, variables, image)
     print(f"{name}: float32 params {float_bytes} B, export {size} B: {float_bytes / size:.2f}x")
     # The rest is the safetensors header and the manifest: names and JSON, no weights.
     assert 0 < size - tensors < 100_000
@@ -251,38 +260,36 @@ def test_asymmetric_per_channel_quantizers_and_folded_bn_round_trip(tmp_path):
         weight_range_method="current_minmax",
         act_range_method="running_minmax",
     )
-    kwargs = dict(TINY, quant_setup=setup, fold_bn=True)
-    model = create_model("mobilenet_v2", **kwargs)
-    variables = calibrated(model, TINY_INPUT)
+    qmodel = tiny_model(setup, fold_bn=True)
+    variables = calibrated(qmodel, TINY_INPUT)
     path = tmp_path / "tiny.npz"
-    manifest = export.export_model(
-        path, variables, model_name="mobilenet_v2", input_shape=TINY_INPUT, **kwargs
-    )
-    loaded_model, loaded = export.load_export(path)
+    manifest = export_tiny(path, qmodel, variables)
+    _, loaded = export.load_export(path, model=qmodel)
     images = np.random.default_rng(4).normal(size=(2, *TINY_INPUT)).astype(np.float32)
-    expected = forward(model, eval_variables(variables), images)
+    expected = forward(qmodel, variables, images)
     # fold_bn: the kernel holds the BN multiplier and the loaded BN multiplies by exactly 1,
-    # so only the offset is stored and the logits come back bit for bit.
-    np.testing.assert_array_equal(forward(loaded_model, loaded, images), expected)
+    # so only the offset is stored and the logits come back to float rounding.
+    np.testing.assert_allclose(forward(qmodel, loaded, images), expected, rtol=0, atol=LOGIT_ATOL)
 
     stored = read_file(path)
-    assert manifest["model"]["options"]["fold_bn"] and manifest["quant_setup"]["name"] == "all"
+    assert manifest["rules"][0]["fold_bn"]
     assert manifest["weights"]["features_2/expand"]["bn"] == "kernel"
     assert stored["params/features_2/expand/weight_scale"].shape == (1, 1, 1, 32)
     assert stored["params/features_2/expand/folded_bias"].shape == (32,)
     zero_point = stored["params/features_2/expand/weight_zero_point"]
     assert zero_point.dtype == np.int32 and zero_point.shape == (1, 1, 1, 32)
     assert manifest["weights"]["features_2/expand"]["per_channel"]
-    for site in ("features_3/residual", "features_4/output"):  # features_4: the head
+    for site in ("features_3/residual/output", "features_4_out/output"):  # the head's output
         assert stored[f"params/{site}_zero_point"].dtype == np.int32
         assert manifest["activations"][site] == {"n_bits": 4, "signed": False, "symmetric": False}
 
 
-def test_unknown_suffixes_are_refused(tmp_path):
+def test_unknown_suffixes_are_refused(tiny, tmp_path):
+    qmodel, variables, _ = tiny
     with pytest.raises(ValueError, match=r"suffix '\.pt'; use one of \.safetensors, \.npz"):
-        export.export_model(tmp_path / "tiny.pt", {}, input_shape=TINY_INPUT, **MOBILENET)
+        export_tiny(tmp_path / "tiny.pt", qmodel, variables)
     with pytest.raises(ValueError, match="suffix '.onnx'"):
-        export.load_export(tmp_path / "tiny.onnx")
+        export.load_export(tmp_path / "tiny.onnx", model=qmodel)
 
 
 def test_a_missing_file_is_named(tmp_path):
@@ -293,25 +300,31 @@ def test_a_missing_file_is_named(tmp_path):
 def test_files_of_another_format_version_or_without_manifest_are_refused(tmp_path):
     manifest = {"format": export.FORMAT, "format_version": 99}
     np.savez(tmp_path / "v99.npz", **{export.MANIFEST_KEY: np.asarray(json.dumps(manifest))})
-    with pytest.raises(
-        ValueError, match="format version 99, but this code reads version 2, 3, 4 or 5"
-    ):
+    with pytest.raises(ValueError, match="format version 99, but this code reads version 4 or 5"):
         export.load_export(tmp_path / "v99.npz")
     np.savez(tmp_path / "plain.npz", kernel=np.zeros(3))
     with pytest.raises(ValueError, match="is not an oscqat_jax export"):
         export.load_export(tmp_path / "plain.npz")
 
 
-def test_uncalibrated_variables_are_refused(tmp_path):
-    uncalibrated = host_variables(create_model("mobilenet_v2", **TINY), TINY_INPUT)
-    with pytest.raises(ValueError, match="not calibrated .*features_0/weight_range"):
-        export.export_model(tmp_path / "a.npz", uncalibrated, input_shape=TINY_INPUT, **MOBILENET)
-    float_model = create_model("mobilenet_v2", **dict(TINY, quant_setup="float"))
-    float_variables = host_variables(float_model, TINY_INPUT)
-    with pytest.raises(ValueError, match="no quantizer scale params/features_0/weight_scale"):
+def test_a_call_without_a_model_is_refused(tiny, tmp_path):
+    # The former keyword arguments of the package's ctx models name no model any more.
+    _, variables, _ = tiny
+    with pytest.raises(ValueError, match="export_model needs model=<a QuantizedModel>"):
         export.export_model(
-            tmp_path / "a.npz", float_variables, input_shape=TINY_INPUT, **MOBILENET
+            tmp_path / "a.npz", variables, model_name="mobilenet_v2", input_shape=TINY_INPUT
         )
+    assert not list(tmp_path.iterdir())
+
+
+def test_uncalibrated_variables_are_refused(tmp_path):
+    qmodel = tiny_model()
+    uncalibrated = host_variables(qmodel, TINY_INPUT)
+    with pytest.raises(ValueError, match="not calibrated .*features_0/weight_range"):
+        export_tiny(tmp_path / "a.npz", qmodel, uncalibrated)
+    float_variables = host_variables(plain.quantize(qmodel.model, "float"), TINY_INPUT)
+    with pytest.raises(ValueError, match="no quantizer scale params/features_0/weight_scale"):
+        export_tiny(tmp_path / "a.npz", qmodel, float_variables)
     assert not list(tmp_path.iterdir())
 
 
@@ -321,12 +334,12 @@ def test_uncalibrated_variables_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     """``{suffix: path}``: the tiny model exported once to each format (copy before editing)."""
-    model, variables, _ = tiny
+    qmodel, variables, _ = tiny
     folder = tmp_path_factory.mktemp("exports")
     paths = {}
     for suffix in (".safetensors", ".npz"):
         paths[suffix] = folder / f"tiny{suffix}"
-        export.export_model(paths[suffix], variables, input_shape=TINY_INPUT, **MOBILENET)
+        export_tiny(paths[suffix], qmodel, variables)
     return paths
 
 
@@ -358,7 +371,7 @@ def rewrite(path, arrays, manifest, *, sign=False):
 def refused(path, match):
     """The one sentence of load_export's refusal: it names the file and matches ``match``."""
     with pytest.raises(ValueError, match=match) as error:
-        export.load_export(path)
+        export.load_export(path, model=TINY)
     message = str(error.value)
     assert str(path) in message and "\n" not in message, message
     return message
@@ -366,8 +379,8 @@ def refused(path, match):
 
 def test_the_untouched_file_and_the_same_content_saved_again_load(tiny, exported, tmp_path):
     """Negative control of the refusals below: the digest is of the content, not the bytes."""
-    model, variables, images = tiny
-    expected = forward(model, eval_variables(variables), images)
+    qmodel, variables, images = tiny
+    expected = forward(qmodel, variables, images)
     arrays, manifest = contents(exported[".safetensors"])
     assert manifest["sha256"] == fileformat.digest(arrays, manifest)
     assert len(manifest["sha256"]) == 64
@@ -375,8 +388,8 @@ def test_the_untouched_file_and_the_same_content_saved_again_load(tiny, exported
     rewrite(resaved, dict(reversed(list(arrays.items()))), manifest)
     assert resaved.read_bytes() != exported[".npz"].read_bytes()
     for path in (exported[".safetensors"], resaved):
-        loaded_model, loaded = export.load_export(path)
-        np.testing.assert_allclose(forward(loaded_model, loaded, images), expected, atol=LOGIT_ATOL)
+        _, loaded = export.load_export(path, model=qmodel)
+        np.testing.assert_allclose(forward(qmodel, loaded, images), expected, atol=LOGIT_ATOL)
 
 
 def test_a_flipped_byte_in_a_tensor_is_refused(exported, tmp_path):
@@ -477,7 +490,7 @@ def test_a_version_1_file_without_digest_is_refused(exported, tmp_path):
     del manifest["sha256"]
     manifest["format_version"] = 1
     rewrite(path, arrays, manifest)
-    refused(path, "format version 1, but this code reads version 2, 3, 4 or 5")
+    refused(path, "format version 1, but this code reads version 4 or 5")
 
 
 # --------------------------------------------------------------------------- packing
@@ -540,90 +553,45 @@ def test_a_packed_kernel_of_another_length_is_refused(exported, tmp_path):
     refused(path, f"lacks the tensor {key}, the packed 4-bit kernel")
 
 
-def unfolded(model, variables, arrays, manifest):
-    """``(arrays, manifest)`` of a version 4 file in the version 3 layout: BN parameters and
-    statistics, the quantizers' own scales, no folded bias."""
-    arrays, manifest = dict(arrays), json.loads(json.dumps(manifest))
-    weights = collect.quantized_weights(model, variables, np.zeros((1, *TINY_INPUT)), EVAL)
-    for layer, entry in manifest["weights"].items():
-        if entry.pop("bn", None) is None:
-            continue
-        del arrays[f"params/{layer}/folded_bias"]
-        arrays[f"params/{layer}/weight_scale"] = weights[layer].scale
-        for collection, names in (("params", ("scale", "bias")), ("batch_stats", ("mean", "var"))):
-            for name in names:
-                value = at(variables[collection], layer)["bn"][name]
-                arrays[f"{collection}/{layer}/bn/{name}"] = np.asarray(value, np.float32)
-    return arrays, dict(manifest, format_version=3)
+# --------------------------------------------------------------------------- older versions
 
 
-def test_a_version_3_file_with_bn_unfolded_still_loads(tiny, exported, tmp_path):
-    model, variables, images = tiny
-    arrays, manifest = unfolded(model, variables, *contents(exported[".npz"]))
-    path = tmp_path / "v3.npz"
-    rewrite(path, arrays, manifest, sign=True)
-    loaded_model, loaded = export.load_export(path)
-    expected = forward(model, eval_variables(variables), images)
-    np.testing.assert_allclose(forward(loaded_model, loaded, images), expected, atol=1e-6)
-
-
-def test_a_version_4_file_loads_as_version_5(tiny, exported, tmp_path):
-    """Version 5 changed only the files of models quantized by rules: a package model's
-    version 4 file is the same layout and loads."""
-    model, variables, images = tiny
-    arrays, manifest = contents(exported[".npz"])
-    assert manifest["format_version"] == export.FORMAT_VERSION == 5
-    path = tmp_path / "v4.npz"
-    rewrite(path, arrays, dict(manifest, format_version=4), sign=True)
-    loaded_model, loaded = export.load_export(path)
-    expected = forward(model, eval_variables(variables), images)
-    np.testing.assert_allclose(forward(loaded_model, loaded, images), expected, atol=1e-6)
-
-
-def test_a_folded_layout_under_another_label_is_refused(exported, tmp_path):
+@pytest.mark.parametrize("version", [2, 3])
+def test_versions_written_only_for_the_former_ctx_models_are_refused(exported, tmp_path, version):
     path = copy(exported, ".npz", tmp_path)
     arrays, manifest = contents(path)
-    # Labelled version 3, which stores BN unfolded.
-    rewrite(path, arrays, dict(manifest, format_version=3), sign=True)
-    refused(path, "folds the BN of .* but a format version 3 export of its model folds none")
-    # The manifest no longer says the layer is folded: its folded tensors do not fit the model.
-    edited = json.loads(json.dumps(manifest))
-    del edited["weights"][FROZEN_LAYER]["bn"]
-    rewrite(path, arrays, edited, sign=True)
-    refused(path, f"params/{FROZEN_LAYER}/folded_bias, which the model of its manifest has no")
-    # Folded into the kernel, as only fold_bn models do.
-    edited["weights"][FROZEN_LAYER]["bn"] = "kernel"
-    rewrite(path, arrays, edited, sign=True)
-    refused(
-        path, f"folds the BN of {FROZEN_LAYER} into the 'kernel', but .* folds into the 'scale'"
+    rewrite(path, arrays, dict(manifest, format_version=version), sign=True)
+    refused(path, f"format version {version}, but this code reads version 4 or 5; export")
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_file_of_the_former_ctx_models_is_refused_naming_its_version(exported, tmp_path, version):
+    # The ctx models' manifest: the registry name and create_model's options, no kind.
+    path = copy(exported, ".npz", tmp_path)
+    arrays, manifest = contents(path)
+    model = {"name": "mobilenet_v2", "num_classes": 4, "options": {"width_multiplier": 0.25}}
+    rewrite(path, arrays, dict(manifest, format_version=version, model=model), sign=True)
+    message = refused(
+        path, f"format version {version} export of mobilenet_v2 as the package's former ctx"
     )
+    assert "model=qmodel" in message
+    with pytest.raises(ValueError, match="former ctx models"):  # with no model given either
+        export.load_export(path)
 
 
-def test_a_version_2_file_with_unpacked_kernels_still_loads(tiny, exported, tmp_path):
-    model, variables, images = tiny
-    arrays, manifest = unfolded(model, variables, *contents(exported[".npz"]))
-    for layer, entry in manifest["weights"].items():
-        packed = arrays.pop(f"params/{layer}/kernel_packed", None)
-        if packed is not None:
-            arrays[f"params/{layer}/kernel_int"] = fileformat.unpack_nibbles(
-                packed, tuple(entry["kernel_shape"])
-            )
-    path = tmp_path / "v2.npz"
-    rewrite(path, arrays, dict(manifest, format_version=2), sign=True)
-    loaded_model, loaded = export.load_export(path)
-    expected = forward(model, eval_variables(variables), images)
-    np.testing.assert_allclose(forward(loaded_model, loaded, images), expected, atol=1e-6)
-    # The same unpacked tensors under version 3 are refused: version 3 packs 4-bit kernels.
+def test_kernels_stored_against_the_packing_are_refused(exported, tmp_path):
+    path = copy(exported, ".npz", tmp_path)
+    # A 4-bit kernel stored unpacked.
+    arrays, manifest = contents(exported[".npz"])
+    shape = tuple(manifest["weights"][FROZEN_LAYER]["kernel_shape"])
+    packed = arrays.pop(f"params/{FROZEN_LAYER}/kernel_packed")
+    arrays[f"params/{FROZEN_LAYER}/kernel_int"] = fileformat.unpack_nibbles(packed, shape)
     rewrite(path, arrays, manifest, sign=True)
-    refused(path, "the 4-bit kernel of .* is stored unpacked, but format version 3 packs the")
-    # And a packed 8-bit kernel (its integers would fit) is refused by versions 5, 3 and 2.
+    refused(path, f"the 4-bit kernel of {FROZEN_LAYER} is stored unpacked, but format version 5")
+    # A packed 8-bit kernel (its integers would fit).
     arrays, manifest = contents(exported[".npz"])
     arrays["params/classifier/kernel_packed"] = fileformat.pack_nibbles(
         np.clip(arrays.pop("params/classifier/kernel_int"), -8, 7)
     )
     rewrite(path, arrays, manifest, sign=True)
     refused(path, "8-bit kernel of classifier is stored packed, but format version 5")
-    arrays, manifest = unfolded(model, variables, arrays, manifest)
-    for version in (3, 2):
-        rewrite(path, arrays, dict(manifest, format_version=version), sign=True)
-        refused(path, f"8-bit kernel of classifier is stored packed, but format version {version}")
