@@ -1,9 +1,11 @@
 """Tests of oscqat_jax.training.step: the schedule table, the loss and accuracy helpers, and the
-train, eval and BN-statistics steps on a tiny 3-bit MobileNetV2 (8x8 one-channel images).
+train, eval and BN-statistics steps on a tiny 3-bit MobileNetV2 (8x8 one-channel images), the
+plain model quantized by rules as the trainer builds it (``models.package_forward``).
 
 Every train-step expectation is recomputed outside the step: gradients by ``jax.grad`` of a
-loss written here (log-softmax, the sown dampening terms summed by hand), directions by the
-optimizer's own ``tx.update``, integers and BN moments with NumPy. Compiles dominate the run
+loss written here (log-softmax over the quantized model's own ``apply``), the dampening term
+per layer from docs/method.md §7, directions by the optimizer's own ``tx.update``, integers
+and BN moments with NumPy. Compiles dominate the run
 time, so each step variant is compiled once per module and its states are shared by the tests.
 """
 
@@ -17,25 +19,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from testkit import TEST_BLOCKS, assert_trees_equal
+from testkit import TEST_BLOCKS, assert_trees_equal, tiny_config
 
-from oscqat_jax.models import create_model
 from oscqat_jax.nn import collect
-from oscqat_jax.nn.config import QuantContext
-from oscqat_jax.nn.setups import QuantSetup
 from oscqat_jax.training import config as config_lib
-from oscqat_jax.training import optim
+from oscqat_jax.training import models, optim
 from oscqat_jax.training import step as step_lib
 
 N_BITS = 3
 INT_RANGE = (-(2 ** (N_BITS - 1)), 2 ** (N_BITS - 1) - 1)  # signed weight grid
-MODEL = create_model(
+CONFIG = tiny_config()
+assert (CONFIG.model.name, CONFIG.model.width_multiplier, CONFIG.model.block_setting) == (
     "mobilenet_v2",
-    num_classes=4,
-    quant_setup=QuantSetup(n_bits=N_BITS),
-    width_multiplier=0.25,
-    block_setting=TEST_BLOCKS,
+    0.25,
+    TEST_BLOCKS,
 )
+assert (CONFIG.quant.setup, CONFIG.quant.n_bits) == ("LSQ_paper", N_BITS)
+FORWARD = models.package_forward(CONFIG, num_classes=4)
 BATCH, IMAGE_SHAPE = 4, (8, 8, 1)
 STEPS = 3
 # Every column changes every step (the step must not recompile), and the freezing threshold
@@ -70,6 +70,36 @@ def is_quantizer_leaf(path: str) -> bool:
     return path.endswith("_scale") or path.endswith("_zero_point")
 
 
+def kernel_of(params: dict, site: str) -> np.ndarray:
+    """The kernel a weight quantizer at ``site`` quantizes (a ConvBN's lies in its conv)."""
+    return (
+        params[f"{site}/conv/kernel"]
+        if f"{site}/conv/kernel" in params
+        else params[f"{site}/kernel"]
+    )
+
+
+def dampening_by_layer(state) -> float:
+    """docs/method.md §7 in NumPy, summed over every quantized layer (8-bit ones included)
+    before any weight is frozen: ``(w_q - clip(w))**2`` summed over the output channels and
+    averaged over the rest. The tracked layers are the 3-bit ones, the others 8-bit."""
+    params = flat(state.params)
+    tracked = collect.oscillation_states(state.oscillation)
+    assert not any(np.any(osc.frozen) for osc in tracked.values())
+    sites = [p.removesuffix("/weight_scale") for p in params if p.endswith("/weight_scale")]
+    assert len(sites) == 11 and len(tracked) == 9
+    total = 0.0
+    for site in sites:
+        w = np.asarray(kernel_of(params, site), np.float64)
+        scale = np.float64(params[f"{site}/weight_scale"])
+        bits = N_BITS if site in tracked else 8
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        w_q = scale * np.clip(np.round(w / scale), low, high)
+        w_clipped = np.clip(w, scale * low, scale * high)
+        total += np.mean(np.sum((w_q - w_clipped) ** 2, axis=-1))
+    return total
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -82,13 +112,10 @@ def sharded():
 def variables():
     """Float-initialised, then calibrated on one batch (as the program does); on the host."""
     images = jnp.asarray(batch(100)[0])
-    init = jax.jit(
-        lambda key: MODEL.init(key, images, QuantContext.create("float_eval")),
-        compiler_options=step_lib.FAST_COMPILE,
-    )
-    calibrate = jax.jit(step_lib.make_calibrate_step(MODEL), compiler_options=step_lib.FAST_COMPILE)
-    calibrated = calibrate(dict(init(jax.random.key(0))), images, jax.random.key(1))
-    return jax.device_get(calibrated)
+    init = jax.jit(FORWARD.init, compiler_options=step_lib.FAST_COMPILE)
+    floats = init(jax.random.key(0), images)
+    fast = step_lib.FAST_COMPILE
+    return jax.device_get(FORWARD.calibrate(floats, [images], jax.random.key(1), fast))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +133,7 @@ def run_steps(cfg, variables, opt, sharded, steps):
     ``batch(0)``, ``batch(1)``, ... with the rows of TABLE; plus the jitted step, its trace
     count and the last (live) state."""
     traces = []
-    step_fn = step_lib.make_train_step(MODEL, opt.tx, cfg)
+    step_fn = step_lib.make_train_step(FORWARD, opt.tx, cfg)
 
     def counted(*args):
         traces.append(1)
@@ -138,24 +165,25 @@ def untracked_run(variables, opt, sharded):
 @pytest.fixture(scope="module")
 def reference_step(opt):
     """The first train step written out: ``jax.grad`` of ``task + weight * dampening`` (a
-    log-softmax, the sown terms summed), the optimizer's ``tx.update`` from a fresh state, and
-    ``p - lr * direction`` with the quantizer rate on ``*_scale`` leaves."""
+    log-softmax over the quantized model's ``apply`` in train mode), the optimizer's
+    ``tx.update`` from a fresh state, and ``p - lr * direction`` with the quantizer rate on
+    ``*_scale`` leaves."""
 
     @functools.partial(jax.jit, compiler_options=step_lib.FAST_COMPILE)
     def step(state, images, labels, hparams, dampening_weight):
-        ctx = QuantContext.create("train", freeze_threshold=hparams["freeze_threshold"])
-
         def loss(params):
-            logits, mutated = MODEL.apply(
+            logits, aux = FORWARD.quantized.apply(
                 dict(state.variables, params=params),
                 images,
-                ctx,
-                mutable=["batch_stats", "oscillation", "dampening"],
+                mode="train",
+                freeze_threshold=hparams["freeze_threshold"],
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.split(state.rng)[1]},
+                train=True,
             )
             log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
             task = -jnp.mean(log_p[jnp.arange(labels.shape[0]), labels])
-            damp = sum(jax.tree_util.tree_leaves(mutated["dampening"]))
-            return task + dampening_weight * damp, (task, damp, mutated)
+            return task + dampening_weight * aux.dampening, (task, aux.dampening, aux.updates)
 
         grads, (task, damp, mutated) = jax.grad(loss, has_aux=True)(state.params)
         directions, opt_state = opt.tx.update(grads, opt.tx.init(state.params), state.params)
@@ -307,6 +335,9 @@ def test_loss_is_task_loss_plus_weighted_dampening_loss(qat_run, qat_expected):
     m = qat_run.metrics[0]
     np.testing.assert_allclose(m["task_loss"], want.task, rtol=1e-5)
     np.testing.assert_allclose(m["dampening_loss"], want.damp, rtol=1e-5)
+    np.testing.assert_allclose(
+        m["dampening_loss"], dampening_by_layer(qat_run.states[0]), rtol=1e-5
+    )
     assert float(m["dampening_loss"]) > 0.01
     np.testing.assert_allclose(m["loss"], m["task_loss"] + 0.5 * m["dampening_loss"], rtol=1e-6)
     # The metrics follow the table's row of each step, not the first one.
@@ -349,7 +380,7 @@ def test_tracking_advances_the_oscillation_collection(qat_run, qat_expected):
     changed = 0
     for path, osc in tracked.items():
         w_int = np.clip(
-            np.round(params[f"{path}/kernel"] / params[f"{path}/weight_scale"]), *INT_RANGE
+            np.round(kernel_of(params, path) / params[f"{path}/weight_scale"]), *INT_RANGE
         )
         np.testing.assert_array_equal(osc.prev_int, w_int, err_msg=path)
         before = collect.oscillation_states(states[0].oscillation)[path]
@@ -423,10 +454,10 @@ def test_the_jitted_step_compiles_once_while_the_hparams_change(qat_run, sharded
 
 
 def test_eval_step_leaves_padded_rows_out(variables):
-    eval_step = step_lib.make_eval_step(MODEL, "eval")
+    eval_step = step_lib.make_eval_step(FORWARD, "eval")
     # One compile for the step's sums and the logits the expectations are worked out from.
     sums_and_logits = jax.jit(
-        lambda v, b: (eval_step(v, b), MODEL.apply(v, b[0], QuantContext.create("eval"))),
+        lambda v, b: (eval_step(v, b), FORWARD.quantized.apply(v, b[0], train=False)),
         compiler_options=step_lib.FAST_COMPILE,
     )
     images, labels = batch(5)
@@ -454,7 +485,7 @@ def stem_output(variables, images):
     """The first conv's output in float64: 3x3, stride 2, padding 1, 8-bit weights, float input."""
     p = variables["params"]["features_0"]
     scale = np.float32(p["weight_scale"])
-    w = scale * np.clip(np.round(p["kernel"] / scale), -128, 127)
+    w = scale * np.clip(np.round(p["conv"]["kernel"] / scale), -128, 127)
     x = np.pad(np.asarray(images, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
     h, wd = images.shape[1] // 2, images.shape[2] // 2
     out = np.zeros((images.shape[0], h, wd, w.shape[-1]))
@@ -465,22 +496,24 @@ def stem_output(variables, images):
 
 
 def test_bn_stats_step_returns_each_layers_batch_moments(variables, sharded):
-    bn_step = sharded.jit_batch_fn(step_lib.make_bn_stats_step(MODEL))
+    bn_step = sharded.jit_batch_fn(step_lib.make_bn_stats_step(FORWARD))
     batches = [batch(6)[0], batch(7)[0] * 2 + 1]
     sown = [jax.device_get(bn_step(variables, sharded.put_batch(x))) for x in batches]
-    stem = sown[0]["features_0"]["bn"]
-    assert isinstance(stem["mean"], tuple) and len(stem["mean"]) == 1
+    for one in sown:
+        assert jax.tree_util.tree_structure(one) == jax.tree_util.tree_structure(
+            variables["batch_stats"]
+        )
 
     outputs = [stem_output(variables, x) for x in batches]
     means = [y.mean((0, 1, 2)) for y in outputs]
     variances = [y.var((0, 1, 2), ddof=1) for y in outputs]
     for got, mean, var in zip(sown, means, variances, strict=True):
-        np.testing.assert_allclose(got["features_0"]["bn"]["mean"][0], mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got["features_0"]["bn"]["var"][0], var, rtol=1e-5)
-    biased = outputs[0].var((0, 1, 2))  # what BN normalises with; not what it sows
-    assert not np.allclose(sown[0]["features_0"]["bn"]["var"][0], biased, rtol=1e-3)
+        np.testing.assert_allclose(got["features_0"]["bn"]["mean"], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["features_0"]["bn"]["var"], var, rtol=1e-5)
+    biased = outputs[0].var((0, 1, 2))  # what BN normalises with; not what it records
+    assert not np.allclose(sown[0]["features_0"]["bn"]["var"], biased, rtol=1e-3)
 
-    reestimated = collect.reestimated_batch_stats(sown)
+    reestimated = FORWARD.average_bn(sown)
     assert jax.tree_util.tree_structure(reestimated) == jax.tree_util.tree_structure(
         variables["batch_stats"]
     )
