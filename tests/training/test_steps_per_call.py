@@ -27,7 +27,7 @@ from testkit import (
     tiny_config,
 )
 
-from oscqat_jax.training import build, calls, context, data, loop, phases, trainer
+from oscqat_jax.training import build, calls, context, data, loop, models, phases, trainer
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.data import arrays, base, resident
 
@@ -166,9 +166,8 @@ def _calibrate():
     ctx = context.Context(
         config, "", source, step_lib.Sharded.over_all_devices(fast_compile=True), None
     )
-    float_model = build.build_model(config, source.num_classes, quantize=False)
-    model = build.build_model(config, source.num_classes)
-    return jax.device_get(phases.calibrate(ctx, model, phases.init_variables(float_model, ctx)))
+    forward = models.forward_of(config, source)
+    return jax.device_get(phases.calibrate(ctx, forward, phases.init_variables(forward, ctx)))
 
 
 def _loop_config(k, seed=0):
@@ -190,14 +189,13 @@ def _run_loop(config, variables, phase="qat"):
         config, "", source, step_lib.Sharded.over_all_devices(fast_compile=True), writer
     )
     per_epoch = ctx.steps_per_epoch
+    model = models.forward_of(config, source)  # the float phase runs it unquantized
     if phase == "qat":
-        model = build.build_model(config, source.num_classes)
         total = config.train.epochs * per_epoch
         opt = build.optimizer(config, phase="qat", total_steps=total, steps_per_epoch=per_epoch)
         schedules = build.qat_schedules(config, opt, total)
         step_config = build.qat_step_config(config)
     else:
-        model = build.build_model(config, source.num_classes, quantize=False)
         total = config.float_train.epochs * per_epoch
         opt = build.optimizer(config, phase="float", total_steps=total, steps_per_epoch=per_epoch)
         schedules, step_config = build.float_schedules(opt), build.FLOAT_STEP
@@ -303,8 +301,7 @@ def test_the_float_phase_with_k_steps_per_call_ends_in_the_state_of_one_step_per
     ctx = context.Context(
         config, "", source, step_lib.Sharded.over_all_devices(fast_compile=True), None
     )
-    float_model = build.build_model(config, source.num_classes, quantize=False)
-    variables = jax.device_get(phases.init_variables(float_model, ctx))
+    variables = jax.device_get(phases.init_variables(models.forward_of(config, source), ctx))
     config.train.steps_per_call = 1
     one, one_log, _ = _run_loop(config, variables, phase="float")
     config.train.steps_per_call = 4
