@@ -3,6 +3,7 @@ fixed pseudo-random inputs and kernels, plain Flax models quantized by rules, an
 compiled once."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -98,3 +99,36 @@ def quantized_net():
     model = quantize_model(Net(), NET_RULES)
     x = randn(0, (2, 5, 5, 3))
     return model, x, model.calibrate(init(model, x), [x])
+
+
+def paper_roles(net, shape: jax.ShapeDtypeStruct) -> dict[str, str]:
+    """``{site path: paper role}`` (``QuantSetup``'s roles) of every site of the plain family
+    model ``net`` for inputs of ``shape``.
+
+    The sites are found by quantizing ``net`` with one rule matching everything; the roles
+    come from its declared sites (``net.quant_sites()``) and each site's structure: the stem
+    and the classifier by their patterns, depth-wise convs by their shape, the conv whose
+    output hook ``<p>_out`` feeds the pooling is the ``head``, every other layer a ``conv``.
+    A layer's output hook ``<p>_out`` is the layer's output and not listed on its own; the
+    other hooks are residual adds (``head_residual`` when they feed the pooling). The pooled
+    features are re-quantized by the hook that fed the pooling, so they are no site."""
+    sites = net.quant_sites()
+    every = quantize_model(net, (QuantRule(".*", 8, 8, 8),)).plan(shape)
+    full = lambda pattern, path: re.fullmatch(pattern, path) is not None  # noqa: E731
+    out = {}
+    for path, site in every.items():
+        if site.kind == "hook":
+            if path.endswith("_out") and path[: -len("_out")] in every:
+                continue
+            out[path] = "head_residual" if full(sites.head_output, path) else "residual"
+        elif full(sites.first_conv, path):
+            out[path] = "first_conv"
+        elif full(sites.classifier, path):
+            out[path] = "classifier"
+        elif site.depthwise:
+            out[path] = "depthwise"
+        elif full(sites.head_output, f"{path}_out"):
+            out[path] = "head"
+        else:
+            out[path] = "conv"
+    return out

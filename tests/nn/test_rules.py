@@ -1,21 +1,11 @@
-"""Quantization rules: validation, matching, and the paper's setups written as rules.
-
-The setups test walks every quantization site of the package's MobileNetV2 (``quant_plan``:
-path, role and the ``LayerQuant`` that ``QuantSetup.layer_quant`` gives it) and asks the rules
-of ``paper_rules`` for the same site, so the two tables cannot drift apart. A site of the
-package is a conv/dense layer (kernel and input from the layer's rule) plus, in the output
-setups, the activation after its BN and ReLU6: in a plain model that is an ``ActQuant`` hook,
-named here ``<layer path>_act``; residual adds and pooling are hooks at the site's own path.
-"""
+"""Quantization rules: validation, matching, and the paper's setups written as rules. That the
+rules of every setup give each site of the plain families what ``QuantSetup.layer_quant``
+gives its role is test_setup_rules.py's."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from oscqat_jax.models.common import quant_plan
-from oscqat_jax.models.mobilenet_v2 import MobileNetV2
 from oscqat_jax.nn.config import FLOAT, LayerQuant, QuantizerSpec
 from oscqat_jax.nn.rules import (
     QuantRule,
@@ -25,12 +15,7 @@ from oscqat_jax.nn.rules import (
     layer_site_quant,
     paper_rules,
 )
-from oscqat_jax.nn.setups import SETUPS, WEIGHT_ROLES, QuantSetup
-
-# Two stages are enough for every role (the second stage's repeat has a residual add); the
-# head conv is then features_4.
-BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2))
-HEAD = "features_4"
+from oscqat_jax.nn.setups import SETUPS, QuantSetup
 
 
 @pytest.mark.parametrize(
@@ -107,55 +92,6 @@ def test_layer_quant_specs_tracking_and_dampening():
     # A layer ignores output_bits (its output goes through BN/activation first).
     assert layer_site_quant((rule,), "x", depthwise=False).output == FLOAT
     assert hook_site_quant((rule,), "x") == quant.output
-
-
-def package_sites(setup: QuantSetup) -> dict[str, tuple[str, LayerQuant]]:
-    model = MobileNetV2(
-        num_classes=10, width_multiplier=0.25, quant_setup=setup, block_setting=BLOCKS
-    )
-    return quant_plan(model, (1, 32, 32, 3))
-
-
-def rules_site(rules, path: str, role: str) -> LayerQuant:
-    """The LayerQuant the rules give the package's site ``path`` (see the module docstring)."""
-    if role in WEIGHT_ROLES:
-        layer = layer_site_quant(rules, path, depthwise=role == "depthwise")
-        return dataclasses.replace(layer, output=hook_site_quant(rules, f"{path}_act"))
-    return LayerQuant(output=hook_site_quant(rules, path))
-
-
-@pytest.mark.parametrize("setup", SETUPS)
-@pytest.mark.parametrize(
-    "options",
-    [
-        dict(n_bits=4),
-        dict(n_bits=3, n_bits_act=6, per_channel=True, act_symmetric=False, max_bits=3),
-    ],
-)
-def test_paper_rules_reproduce_every_site_of_the_setup(setup, options):
-    quant_setup = QuantSetup(setup, **options)
-    rules = paper_rules(
-        setup,
-        **options,
-        first_conv="features_0",
-        classifier="classifier",
-        head_output=f"{HEAD}_act|pool",
-        logits="classifier_act",
-    )
-    sites = package_sites(quant_setup)
-    roles = {role for role, _ in sites.values()}
-    assert {"first_conv", "conv", "depthwise", "head", "classifier", "residual", "pool"} <= roles
-    assert sites[HEAD][0] == "head"
-    for path, (role, want) in sites.items():
-        assert rules_site(rules, path, role) == want, f"{setup}: site {path} ({role})"
-
-
-def test_negative_control_a_rule_list_without_the_depthwise_rule_drifts():
-    rules = paper_rules("fc4_dw8", first_conv="features_0", classifier="classifier")
-    no_dw = tuple(r for r in rules if r.depthwise is not True)
-    sites = package_sites(QuantSetup("fc4_dw8"))
-    wrong = [p for p, (role, want) in sites.items() if rules_site(no_dw, p, role) != want]
-    assert wrong and all(sites[p][0] == "depthwise" for p in wrong)
 
 
 def test_conv_and_residual_outputs_share_bits_in_every_setup():

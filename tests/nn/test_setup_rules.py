@@ -1,32 +1,27 @@
 """``setup_rules``: a QuantSetup (options and overrides) as rules gives every site of a plain
-model the quantizers that ``QuantSetup.layer_quant`` gives the same site of the package's ctx
-model. Both plans are traced abstractly (nothing compiled), on the cut-down MobileNetV2 and
-ResNet-18 of the parity matrix (tests/models/test_plain_parity.py runs the numbers).
+model the quantizers that ``QuantSetup.layer_quant`` gives a site of its role. The plans are
+traced abstractly (nothing compiled), on a cut-down MobileNetV2 and ResNet-18.
 
-Site correspondence: a ctx layer ``p`` (weight roles) is the plain ConvBN/conv/dense ``p``
-(weight, input) plus its hook ``p_out`` (output); a residual add of block ``b`` is the hook
-``b/residual``; the pooled features are re-quantized by the hook that fed the pooling, so the
-ctx ``pool`` site is quantized exactly when that hook is.
+Every site and its paper role come from ``nn_helpers.paper_roles``; a layer's output is its
+hook ``<p>_out``. The pooled features are re-quantized by the hook that fed the
+pooling (a tied call), so they are no site of their own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from unittest.mock import patch
 
 import jax
 import pytest
+from nn_helpers import paper_roles
 
 from oscqat_jax.models import plain
-from oscqat_jax.models import resnet as old_resnet
-from oscqat_jax.models.common import quant_plan
-from oscqat_jax.models.mobilenet_v2 import SMALL_INPUT_SETTING
-from oscqat_jax.models.mobilenet_v2 import MobileNetV2 as OldMobileNetV2
-from oscqat_jax.nn.config import LayerQuant
+from oscqat_jax.nn.config import FLOAT, LayerQuant
+from oscqat_jax.nn.intercept import quantize_model
 from oscqat_jax.nn.setup_rules import setup_rules
-from oscqat_jax.nn.setups import SETUPS, WEIGHT_ROLES, QuantSetup
+from oscqat_jax.nn.setups import SETUPS, QuantSetup
 
-SHAPE = (1, 32, 32, 3)
+SHAPE = jax.ShapeDtypeStruct((1, 32, 32, 3), "float32")
 OVERRIDES = {
     "none": (),
     "weight_only": (("*", None, "float"),),
@@ -39,91 +34,89 @@ OVERRIDES = {
         ("features_2/project", 3, None),
     ),
 }
+OPTIONS = {
+    "3-5 per-channel": dict(n_bits=3, n_bits_act=5, per_channel=True),
+    "3-6 asymmetric": dict(n_bits=3, n_bits_act=6, act_symmetric=False, max_bits=3),
+}
 
 
-def models(name: str, setup: QuantSetup):
-    if name == "mobilenet_v2":
-        options = dict(num_classes=10, width_multiplier=0.25, block_setting=SMALL_INPUT_SETTING[:2])
-        return OldMobileNetV2(quant_setup=setup, **options), plain.MobileNetV2(**options)
-    options = dict(depth=18, num_classes=10, width_multiplier=0.125)
-    return (
-        old_resnet.ResNet(quant_setup=setup, **options),
-        plain.ResNet(stage_sizes=(1, 1, 1, 2), **options),
-    )
-
-
-def plans(name: str, setup: QuantSetup):
-    old, new = models(name, setup)
-    with patch.dict(old_resnet.DEPTHS, {18: (1, 1, 1, 2)}):
-        want = quant_plan(old, SHAPE)
-    rules = setup_rules(setup, new.quant_sites())
-    got = plain.quantize(new, setup).plan(jax.ShapeDtypeStruct(SHAPE, "float32")) if rules else {}
-    return want, got
-
-
-def expected_site(got: dict, path: str, role: str, head_hook: str) -> LayerQuant:
-    """The plain model's quantizers for the ctx site ``path`` with ``role``."""
-
-    def hook(p):
-        return got[p].output if p in got else LayerQuant().output
-
-    if role in WEIGHT_ROLES:
-        layer = got.get(path, LayerQuant())
-        return LayerQuant(
-            weight=layer.weight,
-            input=layer.input,
-            output=hook(f"{path}_out"),
-            track_oscillations=layer.track_oscillations,
+def model(family: str):
+    if family == "mobilenet_v2":
+        return plain.MobileNetV2(
+            num_classes=10,
+            width_multiplier=0.25,
+            block_setting=plain.mobilenet_v2.SMALL_INPUT_SETTING[:2],
         )
-    if role == "pool":
-        return LayerQuant(output=hook(head_hook))
-    return LayerQuant(output=hook(path))
+    return plain.ResNet(depth=18, num_classes=10, width_multiplier=0.125, stage_sizes=(1, 1, 1, 2))
+
+
+def site_quant(got: dict, path: str, role: str) -> LayerQuant:
+    """What the rules' plan ``got`` gives the site ``path``: a layer's weight, input and
+    tracking with its hook's output, or a hook's output (float where the plan has no entry)."""
+
+    def output(p):
+        return got[p].output if p in got else FLOAT
+
+    if role in ("residual", "head_residual"):
+        return LayerQuant(output=output(path))
+    layer = got.get(path, LayerQuant())
+    return LayerQuant(layer.weight, layer.input, output(f"{path}_out"), layer.track_oscillations)
 
 
 def strip(quant: LayerQuant) -> LayerQuant:
     return LayerQuant(quant.weight, quant.input, quant.output, quant.track_oscillations)
 
 
-CASES = [("mobilenet_v2", o) for o in OVERRIDES] + [
-    ("resnet18", "none"),
-    ("resnet18", "weight_only"),
+def mismatches(family: str, setup: QuantSetup, rules=None) -> tuple[dict, dict]:
+    """``({path: role} of the sites where rules disagree with setup.layer_quant, {path: role}
+    of every site})``; ``rules`` default to ``setup_rules``'s."""
+    net = model(family)
+    rules = setup_rules(setup, net.quant_sites()) if rules is None else rules
+    got = quantize_model(net, rules).plan(SHAPE) if rules else {}
+    site_roles = paper_roles(net, SHAPE)
+    wrong = {
+        path: role
+        for path, role in site_roles.items()
+        if site_quant(got, path, role) != strip(setup.layer_quant(path, role))
+    }
+    return wrong, site_roles
+
+
+CASES = [
+    *(("mobilenet_v2", o, "3-5 per-channel") for o in OVERRIDES),
+    ("mobilenet_v2", "none", "3-6 asymmetric"),
+    ("mobilenet_v2", "composed", "3-6 asymmetric"),
+    ("resnet18", "none", "3-5 per-channel"),
+    ("resnet18", "weight_only", "3-5 per-channel"),
+    ("resnet18", "none", "3-6 asymmetric"),
 ]
 
 
-@pytest.mark.parametrize(("family", "overrides"), CASES)
+@pytest.mark.parametrize(("family", "overrides", "options"), CASES)
 @pytest.mark.parametrize("setup", SETUPS)
-def test_setup_rules_give_every_site_the_setups_quantizers(family, overrides, setup):
-    quant_setup = QuantSetup(
-        setup, 3, n_bits_act=5, per_channel=True, overrides=OVERRIDES[overrides]
-    )
-    want, got = plans(family, quant_setup)
-    head, head_hook = {
-        "mobilenet_v2": ("features_4", "features_4_out"),
-        "resnet18": ("layer4_1/residual", "layer4_1/residual"),
-    }[family]
-    checked = 0
-    for path, (role, quant) in want.items():
-        if role == "pool":
-            # The ctx model re-quantizes the pooled features with the quantizer of the pooled
-            # tensor when both are on; the plain model's tied call is that quantizer.
-            source = want[head][1].output
-            quant = LayerQuant(output=source if quant.output.enabled else quant.output)
-        if setup == "LSQ_paper" and role == "residual" and overrides in ("block_2", "composed"):
-            continue  # the documented difference (setup_rules module docstring)
-        assert expected_site(got, path, role, head_hook) == strip(quant), f"{path} ({role})"
-        checked += 1
-    assert checked >= 10
+def test_setup_rules_give_every_site_the_setups_quantizers(family, overrides, options, setup):
+    quant_setup = QuantSetup(setup, **OPTIONS[options], overrides=OVERRIDES[overrides])
+    wrong, site_roles = mismatches(family, quant_setup)
+    if setup == "LSQ_paper" and overrides in ("block_2", "composed"):
+        # The documented difference (setup_rules module docstring): residual hooks stay float.
+        wrong = {p: r for p, r in wrong.items() if r != "residual"}
+    assert not wrong
+    want_roles = {"first_conv", "conv", "head", "classifier", "residual"}
+    want_roles |= {"depthwise"} if family == "mobilenet_v2" else {"head_residual"}
+    assert want_roles <= set(site_roles.values())
+    assert len(site_roles) >= 10
 
 
-def test_an_override_in_the_wrong_field_is_caught():
-    """Negative control: an act override read as a weight override changes the plan."""
+def test_negative_controls_a_missing_depthwise_rule_or_an_override_in_the_wrong_field():
+    setup = QuantSetup("fc4_dw8", 4)
+    rules = setup_rules(setup, model("mobilenet_v2").quant_sites())
+    no_dw = tuple(r for r in rules if r.depthwise is not True)
+    wrong, _ = mismatches("mobilenet_v2", setup, no_dw)
+    assert wrong and set(wrong.values()) == {"depthwise"}
+
     setup = QuantSetup("all", 4, overrides=(("*project*", None, 8),))
-    wrong = dataclasses.replace(setup, overrides=(("*project*", 8, None),))
-    want, _ = plans("mobilenet_v2", setup)
-    _, got = plans("mobilenet_v2", wrong)
-    mismatched = [
-        p
-        for p, (role, q) in want.items()
-        if role in WEIGHT_ROLES and expected_site(got, p, role, "features_4_out") != strip(q)
-    ]
-    assert mismatched and all("project" in p for p in mismatched)
+    wrong_field = dataclasses.replace(setup, overrides=(("*project*", 8, None),))
+    wrong, _ = mismatches(
+        "mobilenet_v2", setup, setup_rules(wrong_field, model("mobilenet_v2").quant_sites())
+    )
+    assert wrong and all("project" in p for p in wrong)
