@@ -77,6 +77,8 @@ class Lowering(QuantizerLowering):
         self.graph = graph
         self.container = container
         self._materialized: dict[int, tuple] = {}
+        # id(Affine.origin) -> (origin, name, multiplier, offset) of the layer's first output.
+        self._layer_outputs: dict[int, tuple] = {}
 
     @property
     def integer_layers(self) -> bool:
@@ -201,16 +203,39 @@ class Lowering(QuantizerLowering):
     # ---- layers with constant kernels --------------------------------------------------------
 
     def _emit_affine(self, a: Affine) -> str:
-        if a.qx is not None:
-            y = self._emit_affine_integer(a)
-        else:
-            y = self._emit_affine_float(a)
+        y = self._layer_output(a)
         if a.clamp is not None:
             low, high = (np.asarray(c, np.float32) for c in a.clamp)
             if np.isfinite(low):
                 y = self.graph.node("Max", [y, self.graph.constant(low)])
             if np.isfinite(high):
                 y = self.graph.node("Min", [y, self.graph.constant(high)])
+        return y
+
+    def _layer_output(self, a: Affine) -> str:
+        """``layer(x) * mul + add`` of ``a`` before its clip. A layer read with two offsets
+        and one multiplier runs once: hard-swish reads ``y`` and ``y + 3`` (folded into a
+        second Affine of the same layer), and the second read adds the difference of the
+        offsets to the first one's output instead of emitting the convolution again."""
+        channels = a.shape[a.axis]
+        mul = np.ones(channels) if a.mul is None else np.asarray(a.mul)
+        add = np.zeros(channels) if a.add is None else np.asarray(a.add)
+        first = self._layer_outputs.get(id(a.origin))
+        if first is not None and np.array_equal(first[2], mul):
+            _, y, _, first_add = first
+            shift = add - first_add
+            if not shift.any():
+                return y
+            shape = [1] * len(a.shape)
+            shape[a.axis] = channels
+            offset = self.graph.constant(shift.astype(np.float32).reshape(shape), "bias")
+            return self.graph.node("Add", [y, offset])
+        if a.qx is not None:
+            y = self._emit_affine_integer(a)
+        else:
+            y = self._emit_affine_float(a)
+        if first is None:  # the origin is kept alive with it, so its id is never reused
+            self._layer_outputs[id(a.origin)] = (a.origin, y, mul, add)
         return y
 
     def _emit_affine_integer(self, a: Affine) -> str:

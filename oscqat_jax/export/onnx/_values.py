@@ -85,6 +85,9 @@ class Affine:
     # ... and its output is clipped to [low, high] after the multiplier and offset
     # (ReLU/ReLU6 between the layer and the next quantizer).
     clamp: tuple[float, float] | None = None
+    # The layer call this value derives from: shared by every Affine that folding or clipping
+    # makes of it (``dataclasses.replace`` copies it), so the layer is emitted once.
+    origin: object = dataclasses.field(default_factory=object, repr=False)
 
 
 def is_const(v) -> bool:

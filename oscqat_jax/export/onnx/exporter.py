@@ -6,7 +6,8 @@ Everything computed from the variables alone is evaluated at export (constant fo
 weight quantization with its frozen integers, BN multipliers, learnt signedness. The
 quantizers are found by the ``jax.named_scope`` that :func:`oscqat_jax.quant.to_int_with`
 and :func:`~oscqat_jax.quant.dequantize_with` open, so any model whose quantizers call those
-two functions exports, the package's own models and models quantized by rules alike.
+two functions exports: models quantized by rules (the package's families among them), NNX
+models, any function.
 
 What the graph holds:
 
@@ -33,7 +34,7 @@ What the graph holds:
   multiplier is zero or negative keeps its scale and gets its multiplier from a Mul after the
   conv. Biases of convs and dense layers, and constant per-channel arithmetic after them, fold
   the same way. Models built with ``fold_bn=True`` quantize the folded kernel themselves;
-  their export holds those integers and the offset as the bias.
+  their export holds those integers and the offset as the bias (a rule's ``fold_bn``).
 - Everything else (activations, residual adds, pooling, squeeze-excite, reshapes) as the
   corresponding float ONNX operators. Convolutions are exported NCHW between Transposes, which
   ONNX Runtime's optimizer cancels.
@@ -110,9 +111,9 @@ Conv with ``group`` equal to its channels, its kernel between DequantizeLinear a
 like any other quantized conv. A function jitted and traced before keeps its first trace; if
 that holds the shifted form, the export says so instead of writing slices.
 
-:func:`export_model_onnx` exports a model and its variables: one of the package's models, a
-Linen model quantized by rules (``oscqat_jax.nn.quantize_model``, run in ``eval`` mode) or an
-NNX model (quantized by ``quantize_nnx`` or not; a copy in ``eval()`` with its quantizers in
+:func:`export_model_onnx` exports a model and its variables: a Linen model quantized by rules
+(``oscqat_jax.nn.quantize_model``; the package's families: ``oscqat_jax.models.plain.quantize``;
+run in ``eval`` mode) or an NNX model (quantized by ``quantize_nnx`` or not; a copy in ``eval()`` with its quantizers in
 ``"eval"`` is traced, the model itself is left as it is).
 """
 
@@ -266,8 +267,8 @@ def export_model_onnx(
     """:func:`export_onnx` of a model in eval mode (module docstring).
 
     Args:
-      model: one of the package's models (``oscqat_jax.models.create_model``), a
-        ``QuantizedModel`` (``oscqat_jax.nn.quantize_model``) or a ``flax.nnx`` model.
+      model: a ``QuantizedModel`` (``oscqat_jax.nn.quantize_model``; the package's families:
+        ``oscqat_jax.models.plain.quantize``) or a ``flax.nnx`` model.
       variables: the Linen model's variables; None for an NNX model, which holds its own.
       path: file to write (atomically), or None.
       input_shape: one image ``(H, W, C)``.
@@ -295,7 +296,6 @@ def _inference_function(model, variables, model_kwargs: dict):
     from flax import linen as nn
     from flax import nnx
 
-    from oscqat_jax.nn.config import QuantContext
     from oscqat_jax.nn.intercept import QuantizedModel
 
     if isinstance(model, nnx.Module):
@@ -312,21 +312,24 @@ def _inference_function(model, variables, model_kwargs: dict):
             set_mode(copy, "eval")
         graphdef, state = nnx.split(copy)
         return lambda x: nnx.merge(graphdef, state, copy=True)(x, **model_kwargs)
+    if isinstance(model, nn.Module):
+        raise ValueError(
+            f"export_model_onnx takes a Linen model quantized by rules, got the plain "
+            f"{type(model).__name__}; pass quantize_model(model, rules) (the package's "
+            "families: oscqat_jax.models.plain.quantize(model, setup)), or export a float "
+            "function with export_onnx."
+        )
+    if not isinstance(model, QuantizedModel):
+        raise ValueError(
+            "export_model_onnx needs a QuantizedModel (oscqat_jax.nn.quantize_model) or a "
+            f"flax.nnx Module, got {type(model).__name__}."
+        )
     if variables is None:
         raise ValueError(
             f"export_model_onnx needs the variables of the {type(model).__name__} to export."
         )
-    if isinstance(model, nn.Module | QuantizedModel):
-        fileformat.check_variables(variables)
-    if isinstance(model, QuantizedModel):
-        return lambda x: model.apply(variables, x, mode="eval", **model_kwargs)
-    if isinstance(model, nn.Module):
-        ctx = QuantContext.create("eval")
-        return lambda x: model.apply(variables, x, ctx, **model_kwargs)
-    raise ValueError(
-        "export_model_onnx needs one of the package's models, a QuantizedModel "
-        f"(oscqat_jax.nn.quantize_model) or a flax.nnx Module, got {type(model).__name__}."
-    )
+    fileformat.check_variables(variables)
+    return lambda x: model.apply(variables, x, mode="eval", **model_kwargs)
 
 
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
