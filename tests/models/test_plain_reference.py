@@ -74,7 +74,7 @@ RECORD = DATA / "plain_reference.json"
 INPUTS = DATA / "plain_reference_inputs.npz"
 MAX_BYTES = 4 * 1024**2  # every stored file together
 
-# The gate's run (tests/models/test_plain_parity.py while the ctx models lived).
+# The gate's run (tests/models/test_plain_parity.py at b581de7, while the ctx models lived).
 CLASSES = 10
 STEPS = 3
 FREEZE_THRESHOLDS = (0.0, 0.3, 0.25)  # freezing off, then on: some weights freeze
