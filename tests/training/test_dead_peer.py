@@ -37,7 +37,6 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import jax
     jax.config.update("jax_compilation_cache_dir", {cache!r})
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from testkit import tiny_config
     from oscqat_jax.training import checkpoint, step as step_lib, trainer
 
@@ -156,18 +155,24 @@ def _assert_restart_reaches(workdir, cache, uninterrupted, resumed_from):
 
 # (the killed process, when, who ends the survivor): a watch of ours names a lost process 1;
 # a lost process 0 takes the coordination service with it, and JAX ends the survivor itself.
+# The suite runs SUITE_CASE; the other cases (each as costly, 1.5 to 2 minutes on two cores)
+# run with `python tests/training/dead_peer_matrix.py`.
 CASES = {
     "process_1_mid_training": (1, "step:7", "watch"),
     "process_1_during_a_save": (1, "save:8", "watch"),
     "process_0_during_a_save": (0, "save:8", "jax"),
 }
+# The case with the most of this project's code at stake: our watch must notice the lost
+# process, name it in its sentence and exit with its status in time, and the save it cut short
+# (step 8's, its files half written by the other process's background thread) must not be
+# trusted on the restart. Mid-training has no save in flight; a lost process 0 is ended by JAX.
+SUITE_CASE = "process_1_during_a_save"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_a_killed_process_ends_the_other_and_the_run_resumes(case, uninterrupted, cache, tmp_path):
+def check_kill_case(case, uninterrupted, cache, workdir):
+    """Kills one process as ``CASES[case]`` says, checks how the survivor ends and that the
+    same command on both processes resumes to ``uninterrupted``."""
     killed, kill, ender = CASES[case]
-    workdir = str(tmp_path / "run")
     status, err, seconds = _kill_and_time_the_survivor(workdir, cache, killed=killed, kill=kill)
     assert seconds < BOUND_S, (seconds, err[-3000:])
     assert "Traceback" not in err, err[-3000:]
@@ -185,6 +190,13 @@ def test_a_killed_process_ends_the_other_and_the_run_resumes(case, uninterrupted
     complete = [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
     assert complete == ["4"]
     _assert_restart_reaches(workdir, cache, uninterrupted, resumed_from=4)
+
+
+@pytest.mark.slow
+def test_a_process_killed_during_a_save_ends_the_other_and_the_run_resumes(
+    uninterrupted, cache, tmp_path
+):
+    check_kill_case(SUITE_CASE, uninterrupted, cache, str(tmp_path / "run"))
 
 
 def test_the_sentence_names_the_lost_process_and_where_to_resume():
