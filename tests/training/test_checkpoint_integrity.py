@@ -132,7 +132,6 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import jax
     jax.config.update("jax_compilation_cache_dir", {cache!r})
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from etils import epath
     from testkit import tiny_config
     from oscqat_jax.training import checkpoint, trainer
