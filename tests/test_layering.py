@@ -147,7 +147,7 @@ def check_layering(package_dir: pathlib.Path) -> list[str]:
 
 
 def _write_tree(root: pathlib.Path, modules: dict[str, str]) -> pathlib.Path:
-    """A synthetic ``oscqat_jax`` under ``root``: ``{"nn/layers.py": source, ...}``."""
+    """A synthetic ``oscqat_jax`` under ``root``: ``{"nn/convbn.py": source, ...}``."""
     package_dir = root / "oscqat_jax"
     for rel, source in {"__init__.py": "", **modules}.items():
         path = package_dir / rel
@@ -161,12 +161,12 @@ def _write_tree(root: pathlib.Path, modules: dict[str, str]) -> pathlib.Path:
 CLEAN = {
     "quant.py": "import jax\n",
     "weight_files.py": "def read(path):\n    import torch\n    return torch.load(path)\n",
-    "nn/layers.py": "import flax.linen as nn\nfrom oscqat_jax import quant\n",
-    "models/mobilenet_v2.py": "from ..nn import layers\nfrom oscqat_jax import weight_files\n",
+    "nn/convbn.py": "import flax.linen as nn\nfrom oscqat_jax import quant\n",
+    "models/mobilenet_v2.py": "from ..nn import convbn\nfrom oscqat_jax import weight_files\n",
     "convert.py": "from oscqat_jax.models import mobilenet_v2\n",
     "training/trainer.py": "from oscqat_jax import convert, export\nfrom . import optim\n",
-    "training/optim.py": "from oscqat_jax.nn.layers import nn\n",
-    "export.py": "from .models.mobilenet_v2 import layers\n",
+    "training/optim.py": "from oscqat_jax.nn.convbn import nn\n",
+    "export.py": "from .models.mobilenet_v2 import convbn\n",
 }
 
 
@@ -243,11 +243,11 @@ def test_reports_an_upward_relative_import_inside_a_function(tmp_path):
 @pytest.mark.parametrize(
     ("rel", "source", "expected"),
     [
-        ("toy.py", "from oscqat_jax.nn import layers", "(core) imports oscqat_jax.nn.layers (nn)"),
+        ("toy.py", "from oscqat_jax.nn import convbn", "(core) imports oscqat_jax.nn.convbn (nn)"),
         ("__init__.py", "from . import models", "(core) imports oscqat_jax.models (models)"),
         ("nn/setups.py", "import oscqat_jax.models", "(nn) imports oscqat_jax.models (models)"),
         (
-            "models/common.py",
+            "models/layers.py",
             "from .. import export",
             "(models) imports oscqat_jax.export (convert/export)",
         ),
