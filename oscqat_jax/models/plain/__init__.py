@@ -5,8 +5,8 @@ Each model is an ordinary ``flax.linen.Module``, called as
 of a :class:`QuantSetup` through the rules interceptor (:func:`oscqat_jax.nn.quantize_model`),
 using the sites the model declares (``model.quant_sites()``). :data:`MODELS` and
 :func:`create_model` build them by name (:mod:`~oscqat_jax.models.plain.registry`);
-:func:`~oscqat_jax.models.plain.mapping.from_package` maps the variables of the ctx models
-(``oscqat_jax.models``) onto these.
+:func:`~oscqat_jax.models.plain.mapping.from_package` maps variables in the layout of the
+former ctx models (files converted before the plain models) onto these.
 
 Example::
 

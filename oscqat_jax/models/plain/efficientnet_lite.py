@@ -1,10 +1,15 @@
 """EfficientNet-lite0..4 (TensorFlow's edge variants, as timm builds them) as plain Flax models.
 
-The network of :mod:`oscqat_jax.models.efficientnet_lite` (timm's ``efficientnet_lite{0..4}``;
-see there for the architecture notes), written with ``ConvBN``, ``nn.Dense`` and ``ActQuant``
-hooks and quantized by rules (:meth:`EfficientNetLite.quant_sites`). Module tree (``s`` =
-stage 0..6, ``b`` = block in the stage; stage 0 is depth-wise separable, the rest inverted
-residuals):
+The architecture of timm's ``efficientnet_lite{0..4}`` (lite0: 4,652,008 parameters at 1000
+classes), which the reference quantizes: ReLU6, no squeeze-excite, stem (32) and head (1280)
+channels not scaled, first and last stage depths not scaled, PyTorch-style symmetric padding,
+BatchNorm eps 1e-5. Variants differ by ``(channel multiplier, depth multiplier, input size)``
+in :data:`VARIANTS`; ``width_multiplier`` multiplies the variant's channel multiplier. Dropout
+defaults to 0.0 as in the reference's timm model (timm's ``drop_rate`` default).
+
+The network is written with ``ConvBN``, ``nn.Dense`` and ``ActQuant`` hooks and quantized by
+rules (:meth:`EfficientNetLite.quant_sites`). Module tree (``s`` = stage 0..6, ``b`` = block in
+the stage; stage 0 is depth-wise separable, the rest inverted residuals):
 
 - ``conv_stem``, ``blocks_s_b/{conv_pw, conv_dw, conv_pwl}``, ``conv_head``: ConvBN, each
   followed by its output hook ``<name>_out``;

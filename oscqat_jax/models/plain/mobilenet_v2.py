@@ -1,9 +1,15 @@
 """MobileNetV2 (Sandler et al., 2018) as a plain Flax model; NHWC input, any size >= 32.
 
-The network of :mod:`oscqat_jax.models.mobilenet_v2` (torchvision's ``mobilenet_v2``; see
-there for the architecture notes), written with ``ConvBN``, ``nn.Dense`` and ``ActQuant``
-hooks and quantized by rules (:meth:`MobileNetV2.quant_sites`). Module tree (``i`` = 1..17
-inverted-residual blocks, ``N`` = the head, 18 at the default setting):
+Architecture of torchvision's ``mobilenet_v2`` and of the reference's ``MobileNetV2``
+(tonylins/pytorch-mobilenet-v2; identical at width 1.0: 3,504,872 parameters at 1000
+classes). Differences: global average pooling instead of the reference's fixed 7x7 pool, so
+any input from 32x32 up works; widths below 1.0 round channels to multiples of 8 as
+torchvision does (the reference truncates ``int(c * width)``); dropout before the classifier
+defaults to 0.0 as in the reference (torchvision: 0.2).
+
+The network is written with ``ConvBN``, ``nn.Dense`` and ``ActQuant`` hooks and quantized by
+rules (:meth:`MobileNetV2.quant_sites`). Module tree (``i`` = 1..17 inverted-residual blocks,
+``N`` = the head, 18 at the default setting):
 
 - ``features_0``, ``features_i/{expand, depthwise, project}``, ``features_N``: ConvBN
   (``conv/kernel``, ``bn/{scale, bias}``, ``batch_stats`` ``bn/{mean, var}``), each followed

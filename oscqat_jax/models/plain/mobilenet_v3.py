@@ -1,10 +1,15 @@
 """MobileNetV3-Small and -Large (Howard et al., 2019) as plain Flax models; NHWC input.
 
-The network of :mod:`oscqat_jax.models.mobilenet_v3` (torchvision's ``mobilenet_v3_small``
-and ``mobilenet_v3_large``; see there for the architecture notes), written with ``ConvBN``,
-``nn.Conv``/``nn.Dense`` and ``ActQuant`` hooks and quantized by rules
-(:meth:`MobileNetV3.quant_sites`). Module tree (``i`` = 1..11 Small, 1..15 Large, ``N`` = the
-head, 12 Small, 16 Large):
+The architecture of torchvision's ``mobilenet_v3_small`` (2,542,856 parameters at 1000
+classes) and ``mobilenet_v3_large`` (5,483,032): hard-swish, squeeze-excite with a
+hard-sigmoid gate, BatchNorm eps 1e-3 and PyTorch momentum 0.01 (Flax 0.99), PyTorch-style
+symmetric padding, global average pooling. Dropout (torchvision: 0.2) defaults to 0.0 here,
+as in the reference's QAT fine-tuning of the other families. The reference code has no
+MobileNetV3.
+
+The network is written with ``ConvBN``, ``nn.Conv``/``nn.Dense`` and ``ActQuant`` hooks and
+quantized by rules (:meth:`MobileNetV3.quant_sites`). Module tree (``i`` = 1..11 Small, 1..15
+Large, ``N`` = the head, 12 Small, 16 Large):
 
 - ``features_0``, ``features_i/{expand, depthwise, project}``, ``features_N``: ConvBN, each
   followed by its output hook ``<name>_out``;

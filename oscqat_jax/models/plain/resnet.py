@@ -1,9 +1,14 @@
 """ResNet-18 and ResNet-50 (He et al., 2016; torchvision's v1.5) as plain Flax models.
 
-The network of :mod:`oscqat_jax.models.resnet` (torchvision's ``resnet18``/``resnet50``; see
-there for the architecture notes), written with ``ConvBN``, ``nn.Dense`` and ``ActQuant``
-hooks and quantized by rules (:meth:`ResNet.quant_sites`). Module tree (``i`` = stage 1..4,
-``j`` = block in the stage):
+The architecture of torchvision's ``resnet18`` (11,689,512 parameters at 1000 classes) and
+``resnet50`` (25,557,032), which the reference quantizes: 7x7 stem with max pooling, basic
+blocks (18) or bottlenecks with the stride on the 3x3 conv (50), a 1x1 conv + BN shortcut
+where the shape changes, global average pooling. The paper uses ResNet-18 as the contrast
+case where oscillations matter little.
+
+The network is written with ``ConvBN``, ``nn.Dense`` and ``ActQuant`` hooks and quantized by
+rules (:meth:`ResNet.quant_sites`). Module tree (``i`` = stage 1..4, ``j`` = block in the
+stage):
 
 - ``conv1``, ``layeri_j/{conv1, conv2[, conv3], downsample}``: ConvBN (``conv/kernel``,
   ``bn/...``), each followed by its output hook ``<name>_out``;
