@@ -12,9 +12,9 @@ order, a copy of every rule so far restricted to the paths the glob matches (``f
 and a site matching several gets each one's change, as :meth:`QuantSetup.layer_quant` does.
 ``act_bits`` changes the activation quantizer the setup uses at the site: the input of a
 conv/dense in ``LSQ_paper``, the output at a hook in the other setups; ``"float"`` switches off
-both. One difference from ``QuantSetup.layer_quant`` on the package's ctx models: there an
-integer ``act_bits`` under ``LSQ_paper`` also switches on the residual adds' output quantizer;
-here the hooks stay as ``LSQ_paper`` leaves them (float).
+both. One difference from ``QuantSetup.layer_quant``'s table: there an integer ``act_bits``
+under ``LSQ_paper`` also switches on the output quantizer of the ``residual`` role; here the
+residual hooks stay as ``LSQ_paper`` leaves them (float).
 """
 
 from __future__ import annotations
