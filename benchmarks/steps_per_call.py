@@ -44,7 +44,7 @@ def _load_config(path: str):
 def _time_phase(config, phase: str, k: int) -> dict:
     import jax
 
-    from oscqat_jax.training import build, context, data, loop, phases
+    from oscqat_jax.training import build, context, data, loop, models, phases
     from oscqat_jax.training import step as step_lib
 
     config = config.copy_and_resolve_references()
@@ -55,15 +55,13 @@ def _time_phase(config, phase: str, k: int) -> dict:
     ctx = context.Context(config, "", source, sharded, writer)
     per_epoch = ctx.steps_per_epoch
     total = config.train.epochs * per_epoch
-    float_model = build.build_model(config, source.num_classes, quantize=False)
-    variables = phases.init_variables(float_model, ctx)
+    forward = models.forward_of(config, source)  # the float phase runs it unquantized
+    variables = phases.init_variables(forward, ctx)
     if phase == "float":
-        model = float_model
         opt = build.optimizer(config, phase="float", total_steps=total, steps_per_epoch=per_epoch)
         schedules, step_config = build.float_schedules(opt), build.FLOAT_STEP
     else:
-        model = build.build_model(config, source.num_classes)
-        variables = phases.calibrate(ctx, model, variables)
+        variables = phases.calibrate(ctx, forward, variables)
         opt = build.optimizer(config, phase="qat", total_steps=total, steps_per_epoch=per_epoch)
         schedules = build.qat_schedules(config, opt, total)
         step_config = build.qat_step_config(config)
@@ -71,7 +69,7 @@ def _time_phase(config, phase: str, k: int) -> dict:
     loop.train_phase(
         ctx,
         state=state,
-        step_fn=step_lib.make_train_step(model, opt.tx, step_config),
+        step_fn=step_lib.make_train_step(forward, opt.tx, step_config),
         table=schedules.table(total),
         total_steps=total,
         prefix=f"{phase} K={k}",

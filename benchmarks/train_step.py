@@ -1,9 +1,11 @@
 """Times the project's train step (issue 5): the function ``train.py`` runs, per QAT variant.
 
 Every case goes through the training program's own code: a ``base_config()`` with synthetic
-data, ``build.build_model``, ``phases.init_variables`` and ``phases.calibrate``,
+data, ``models.forward_of`` (the package's plain model quantized by the config's rules, the
+forward ``train.py`` builds), ``phases.init_variables`` and ``phases.calibrate``,
 ``build.optimizer``, ``step_lib.create_state`` and ``step_lib.make_train_step`` jitted
-by ``Sharded.over_all_devices().jit_train_step``, fed the rows of the schedules' table.
+by ``Sharded.over_all_devices().jit_train_step``, fed the rows of the schedules' table: the
+trainer's one step, with the trainer's options and metrics, for every variant.
 
     python benchmarks/train_step.py            # CPU: MobileNetV2, 32x32, batch 128, float32
     python benchmarks/train_step.py --variants=fp,freeze+dampen --steps=50
@@ -12,17 +14,18 @@ by ``Sharded.over_all_devices().jit_train_step``, fed the rows of the schedules'
 
 Variants (W4A4 ``LSQ_paper`` for all but ``fp``):
 
-- ``fp``: the float phase's step (``mode="float_train"``, float setup, quantizers untouched).
+- ``fp``: the float phase's step (``mode="float_train"``: the plain model, no quantizers).
 - ``lsq``: plain QAT, oscillation tracking off.
 - ``freeze``: tracking and freezing, threshold 0.1 -> 0.01 (cosine from the first step).
 - ``dampen``: the dampening term with weight 0.01 -> 0.1 (cosine from the first step), no tracking.
 - ``freeze+dampen``: both.
-- ``rules``: ``freeze+dampen`` on a MobileNetV2 written with plain ``flax.linen`` layers
-  (``benchmarks/plain_mobilenet_v2.py``) and quantized by ``oscqat_jax.nn.quantize_model``
-  with the ``LSQ_paper`` rules of the config's bit widths, stepped by the trainer's own step
-  through the forward ``train.py`` uses for a user's model (``RulesForward``): the same
-  optimizer, schedules, state and sharding as the package's case. Issue 13 asks it to run within 5 % of ``freeze+dampen`` and to compile no
-  slower; the table's ``vs pkg`` column gives the step-time ratio.
+- ``rules``: ``freeze+dampen`` on a user's MobileNetV2 written with plain ``flax.linen``
+  layers outside the package (``benchmarks/plain_mobilenet_v2.py``) and quantized by
+  ``oscqat_jax.nn.quantize_model`` with the ``LSQ_paper`` rules of the config's bit widths,
+  stepped by the trainer's own step through the forward ``train.py`` uses for a user's model
+  (``RulesForward``, as the package's models): the same optimizer, schedules, state and
+  sharding as the package's case. Issue 13 asks it to run within 5 % of ``freeze+dampen``
+  and to compile no slower; the table's ``vs pkg`` column gives the step-time ratio.
 - ``nnx``: the same on the MobileNetV2 written in ``flax.nnx``
   (``plain_mobilenet_v2.NNXMobileNetV2``), quantized in place by the same rules and stepped
   by the trainer's own step through the forward ``train.py`` uses for a user's NNX model
@@ -67,13 +70,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plain_mobilenet_v2 import (
     CLASSIFIER,
     FIRST_CONV,
-    INVERTED_RESIDUAL_SETTING,
     NNXMobileNetV2,
     PlainMobileNetV2,
 )
 
 from oscqat_jax.nn import paper_rules, quantize_model
-from oscqat_jax.training import build, context, data, forward, metrics, phases
+from oscqat_jax.training import build, context, data, forward, metrics, models, phases
 from oscqat_jax.training import step as step_lib
 from oscqat_jax.training.config import base_config
 from oscqat_jax.training.nnx_forward import NNXForward
@@ -142,14 +144,13 @@ def build_case(
         return build_rules_case(config, ctx, dataset.num_classes, total)
     if variant == NNX_VARIANT:
         return build_nnx_case(config, ctx, dataset.num_classes, total)
-    float_model = build.build_model(config, dataset.num_classes, quantize=False)
-    variables = phases.init_variables(float_model, ctx)
+    model = models.forward_of(config, dataset)  # the fp case runs it unquantized
+    variables = phases.init_variables(model, ctx)
     if variant == "fp":
         opt = build.optimizer(config, phase="float", total_steps=total, steps_per_epoch=1)
-        step_fn = step_lib.make_train_step(float_model, opt.tx, build.FLOAT_STEP)
+        step_fn = step_lib.make_train_step(model, opt.tx, build.FLOAT_STEP)
         table = build.float_schedules(opt).table(total)
     else:
-        model = build.build_model(config, dataset.num_classes)
         opt = build.optimizer(config, phase="qat", total_steps=total, steps_per_epoch=1)
         variables = phases.calibrate(ctx, model, variables)
         step_fn = step_lib.make_train_step(model, opt.tx, build.qat_step_config(config))
@@ -161,16 +162,25 @@ def build_case(
     return sharded.jit_train_step(step_fn), state, batch, table
 
 
-def plain_model(config: ml_collections.ConfigDict, num_classes: int) -> PlainMobileNetV2:
-    """The plain-Linen MobileNetV2 of ``config.model`` (the package model's architecture)."""
+def _architecture(config: ml_collections.ConfigDict) -> dict:
+    """Width, blocks and compute dtype of the package's MobileNetV2 of ``config.model``
+    (:func:`build.plain_model`), which this folder's copies of it take."""
     if config.model.name != "mobilenet_v2":
         raise ValueError(
-            f"The {RULES_VARIANT} variant has a plain-Linen MobileNetV2 only; got model "
-            f"{config.model.name!r} (use --models=mobilenet_v2 or drop the variant)."
+            f"The {RULES_VARIANT} and {NNX_VARIANT} variants have a MobileNetV2 only; got model "
+            f"{config.model.name!r} (use --models=mobilenet_v2 or drop the variants)."
         )
-    options = build.model_options(config)
-    options.pop("fold_bn")
-    return PlainMobileNetV2(num_classes=num_classes, **options)
+    package = build.plain_model(config, num_classes=1)
+    return {
+        "width_multiplier": package.width_multiplier,
+        "block_setting": package.block_setting,
+        "dtype": package.dtype,
+    }
+
+
+def plain_model(config: ml_collections.ConfigDict, num_classes: int) -> PlainMobileNetV2:
+    """The plain-Linen MobileNetV2 of ``config.model`` (the package model's architecture)."""
+    return PlainMobileNetV2(num_classes=num_classes, **_architecture(config))
 
 
 def build_rules_case(config: ml_collections.ConfigDict, ctx, num_classes: int, total: int):
@@ -212,15 +222,15 @@ def build_nnx_case(config: ml_collections.ConfigDict, ctx, num_classes: int, tot
     the trainer's own step through :class:`~oscqat_jax.training.nnx_forward.NNXForward`, the
     forward ``train.py`` gives a user's NNX model, with the ``rules`` case's optimizer,
     schedules, state and sharding."""
-    options = build.model_options(config)
+    options = _architecture(config)
 
     def make_model(rngs: nnx.Rngs) -> NNXMobileNetV2:
         return NNXMobileNetV2(
             num_classes,
             options["width_multiplier"],
             in_features=config.data.channels,
-            block_setting=options.get("block_setting", INVERTED_RESIDUAL_SETTING),
-            dtype=options.get("dtype"),
+            block_setting=options["block_setting"],
+            dtype=options["dtype"],
             rngs=rngs,
         )
 
