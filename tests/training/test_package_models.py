@@ -22,7 +22,7 @@ from oscqat_jax.nn.quantizer import split_quantizer_param
 from oscqat_jax.nn.setups import SETUPS
 from oscqat_jax.training import build, context, data, models, optim, phases, trainer
 from oscqat_jax.training import step as step_lib
-from oscqat_jax.training.forward import PackageForward, RulesForward
+from oscqat_jax.training.forward import RulesForward
 
 IMAGE = 32  # every family's smallest input
 CLASSES = 5
@@ -85,7 +85,7 @@ def _leaves(tree) -> dict[str, jax.ShapeDtypeStruct]:
 def test_a_package_family_is_a_rules_forward_over_its_plain_model():
     config = tiny_config()
     forward = models.forward_of(config, data.load_dataset(config.data))
-    assert isinstance(forward, RulesForward) and not isinstance(forward, PackageForward)
+    assert isinstance(forward, RulesForward)
     model = forward.model
     assert isinstance(model, plain.MobileNetV2)
     assert model.width_multiplier == config.model.width_multiplier == 0.25
