@@ -6,12 +6,14 @@ machine in one run.
 
 Per model (1000 classes), four engines:
 
-- ``jax_float``: the float model (``quant_setup="float"``) in ``float_eval`` mode,
-  ``jax.jit``-compiled, each call ended by ``block_until_ready``;
+- ``jax_float``: the float model (``oscqat_jax.models.plain.create_model``, not quantized)
+  in eval mode (``train=False``), ``jax.jit``-compiled, each call ended by
+  ``block_until_ready``;
 - ``ort_float``: the same float model exported to ONNX (:func:`oscqat_jax.deploy.export_onnx`
   of its forward: float Conv/Gemm with BN folded in);
-- ``ort_int4_qdq``: the W4A4 model (``LSQ_paper``, ranges calibrated on one batch of random
-  images: latency does not depend on the values) exported with ``container="int4"``
+- ``ort_int4_qdq``: the W4A4 model (``LSQ_paper`` rules, ``oscqat_jax.models.plain.quantize``,
+  ranges calibrated on one batch of random images: latency does not depend on the values)
+  exported with ``container="int4"``
   (QuantizeLinear/DequantizeLinear around float operators, int4 weights);
 - ``ort_int8``: the same W4A4 model exported with ``container="int8"`` (the same integers in
   8-bit types: QLinearConv, ConvInteger and MatMulInteger).
@@ -29,6 +31,7 @@ each engine's median against ``jax_float`` and ``ort_float``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -42,8 +45,7 @@ import numpy as np
 # Run as a script from a clone: make the repository's package importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from oscqat_jax.models import create_model  # noqa: E402
-from oscqat_jax.nn.config import QuantContext  # noqa: E402
+from oscqat_jax.models import plain  # noqa: E402
 from oscqat_jax.nn.setups import QuantSetup  # noqa: E402
 
 ENGINES = ("jax_float", "ort_float", "ort_int4_qdq", "ort_int8")
@@ -62,21 +64,19 @@ def timed(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
 
 
 def quantized_variables(name: str, resolution: int, n_bits: int, seed: int = 0):
-    """``(float model, quantized model, float variables, calibrated variables)``."""
-    from oscqat_jax.training import step as step_lib
-
+    """``(float model, quantized model, float variables, calibrated variables)``; both
+    initialised from the same key, so the quantized model quantizes the float weights."""
     setup = QuantSetup(
         n_bits=n_bits, weight_range_method="current_minmax", act_range_method="running_minmax"
     )
-    float_model = create_model(name, num_classes=1000, quant_setup="float")
-    model = create_model(name, num_classes=1000, quant_setup=setup)
+    float_model = plain.create_model(name, num_classes=1000)
+    model = plain.quantize(float_model, setup)
     images = np.random.default_rng(seed).normal(size=(8, resolution, resolution, 3))
     images = images.astype(np.float32)
-    float_variables = jax.jit(
-        lambda key: float_model.init(key, images[:1], QuantContext.create("float_eval"))
-    )(jax.random.key(seed))
-    calibrate = jax.jit(step_lib.make_calibrate_step(model))
-    variables = calibrate(dict(float_variables), images, jax.random.key(seed + 1))
+    key = jax.random.key(seed)
+    float_variables = jax.jit(functools.partial(float_model.init, train=False))(key, images[:1])
+    variables = jax.jit(functools.partial(model.init, train=False))(key, images[:1])
+    variables = model.calibrate(variables, [images], train=False)
     return float_model, model, dict(float_variables), jax.device_get(variables)
 
 
@@ -86,28 +86,22 @@ def onnx_models(name: str, resolution: int, n_bits: int, folder: str):
 
     float_model, model, float_variables, variables = quantized_variables(name, resolution, n_bits)
     shape = (resolution, resolution, 3)
-    float_ctx = QuantContext.create("float_eval")
+    forward = functools.partial(float_model.apply, train=False)
     paths, export_s = {}, {}
     started = time.perf_counter()
     paths["ort_float"] = os.path.join(folder, f"{name}_float.onnx")
-    float_lax = float_model  # depth-wise convolutions as one grouped Conv each
-    if hasattr(float_model, "depthwise_impl"):
-        float_lax = float_model.clone(depthwise_impl="lax")
+    # Traced by the exporter with depth-wise convolutions as one grouped Conv each.
     export_onnx(
-        lambda x: float_lax.apply(float_variables, x, float_ctx),
-        np.zeros((1, *shape), np.float32),
-        paths["ort_float"],
+        lambda x: forward(float_variables, x), np.zeros((1, *shape), np.float32), paths["ort_float"]
     )
     export_s["ort_float"] = time.perf_counter() - started
     for engine, container in (("ort_int4_qdq", "int4"), ("ort_int8", "int8")):
         started = time.perf_counter()
         paths[engine] = os.path.join(folder, f"{name}_{container}.onnx")
-        export_model_onnx(model, variables, paths[engine], input_shape=shape, container=container)
+        export_model_onnx(
+            model, variables, paths[engine], input_shape=shape, container=container, train=False
+        )
         export_s[engine] = time.perf_counter() - started
-
-    def forward(v, x):
-        return float_model.apply(v, x, float_ctx)
-
     return jax.jit(forward), float_variables, paths, export_s
 
 
