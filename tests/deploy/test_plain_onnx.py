@@ -1,12 +1,15 @@
 """ONNX export of the plain model families (``oscqat_jax.models.plain``), quantized by rules.
 
 Every family, cut down (narrow, few blocks, small images), quantized at W4A4 ``LSQ_paper``
-(and MobileNetV3-Small per-channel with BN folded), calibrated on two batches, exported by
+(and MobileNetV3-Small per-channel with BN folded), its variables filled on the host (an
+eager init compiles every initializer on its own: over a minute of a cold run), calibrated on
+one batch, exported by
 ``oscqat_jax.export.onnx.export_model_onnx`` in both containers and run in ONNX Runtime:
 the top-1 classes must be the JAX eval model's, the logits equal up to float summation
 order (``tolerance``, as tests/deploy/test_onnx_export.py argues: the same integers and
 scales, XLA against MLAS). Every depth-wise conv must be one grouped Conv (``group`` equal
-to its channels), not the shifted slices the models run on the CPU. The int8 container
+to its channels), not the shifted slices the models run on the CPU, and every conv of the
+model one Conv node (MobileNetV3's hard-swish reads its conv twice). The int8 container
 requantizes each QLinearConv's output from a rounded int32 bias, which can move an
 activation that lies within that rounding of a threshold by one step; its logits are
 compared exactly with that requantization replaced by its float fallback, and with it the
@@ -15,8 +18,10 @@ top-1 classes and the largest difference are reported.
 Image sizes leave an odd number of positions at the global pool (1x1, or 7x7 for the
 stride-4 MobileNetV2), so the pooled features, re-quantized on their own grid, never sit
 on the exact half-step ties that XLA and ONNX Runtime round differently (see
-tests/deploy/test_onnx_export.py). Negative control: one weight integer of the classifier
-changed by one step moves the ONNX logits far beyond the tolerance.
+tests/deploy/test_onnx_export.py); ``LSQ_paper`` quantizes no sum of quantized values, so
+min-max ranges of one batch put no value on such a tie either. Negative control: one weight
+integer of the classifier changed by one step moves the ONNX logits far beyond the
+tolerance.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
@@ -123,50 +129,55 @@ QUICK = "mobilenet_v2"
 CASE_PARAMS = [c if c == QUICK else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
 
 
-def perturbed(variables, rng: np.random.Generator, classifier: str):
-    """Non-trivial BN: multipliers of both signs (some zero), shifts, running statistics; a
-    classifier of He scale (its init, N(0, 0.01), gives logits of ~0.05, on which a changed
-    weight integer hides below the float tolerance)."""
+def host_variables(qmodel, image: np.ndarray, rng: np.random.Generator):
+    """Every variable filled on the host from an abstract init: He-normal kernels (the
+    classifier's too: Flax's N(0, 0.01) gives logits of ~0.05, on which a changed weight
+    integer hides below the float tolerance), non-trivial BN (multipliers of both signs, some
+    zero, shifts, running statistics), quantizer scales 1 until calibration sets them, zeros
+    elsewhere."""
+    abstract = jax.eval_shape(functools.partial(qmodel.init, train=False), jax.random.key(0), image)
 
-    def perturb(path, leaf):
+    def fill(path, leaf):
         name, parent = path[-1].key, path[-2].key if len(path) > 1 else ""
-        if parent == classifier and name == "kernel":
-            return (rng.standard_normal(leaf.shape) * np.sqrt(2 / leaf.shape[0])).astype(np.float32)
-        if parent != "bn":
-            return leaf
-        if name == "scale":
+        if leaf.dtype != jnp.float32:
+            return np.zeros(leaf.shape, leaf.dtype)
+        if name == "kernel":
+            std = np.sqrt(2 / np.prod(leaf.shape[:-1]))
+            return (rng.standard_normal(leaf.shape) * std).astype(np.float32)
+        if parent == "bn" and name == "scale":
             gamma = rng.uniform(0.5, 1.5, leaf.shape)
             gamma[rng.random(leaf.shape) < 0.1] *= -1
             gamma[rng.random(leaf.shape) < 0.05] = 0
             return gamma.astype(np.float32)
-        if name == "var":
+        if parent == "bn" and name == "var":
             return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-        return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        if parent == "bn":
+            return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        return np.full(leaf.shape, 1.0 if name.endswith("_scale") else 0.0, np.float32)
 
-    return jax.tree_util.tree_map_with_path(perturb, variables)
+    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 _PREPARED: dict = {}
 
 
 def prepared(name: str):
-    """``(quantized model, calibrated variables, test images)`` of a case, once per module."""
+    """``(quantized model, calibrated variables, test images, their JAX eval logits)`` of a
+    case, once per module."""
     if name not in _PREPARED:
         family, setup, fold_bn = CASES[name]
         spec = FAMILIES[family]
         qmodel = plain.quantize(spec.build(), setup, fold_bn=fold_bn)
         rng = np.random.default_rng(0)
         shape = (BATCH, spec.image, spec.image, 3)
-        batches = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
-        variables = jax.device_get(qmodel.init(jax.random.key(0), batches[0][:1]))
-        variables = perturbed(variables, rng, qmodel.model.quant_sites().classifier)
-        variables = qmodel.calibrate(variables, batches[:2], train=False)
-        _PREPARED[name] = qmodel, jax.device_get(variables), batches[2]
+        calibration, images = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+        variables = host_variables(qmodel, images[:1], rng)
+        variables = jax.device_get(qmodel.calibrate(variables, [calibration], train=False))
+        logits = np.asarray(
+            jax.jit(functools.partial(qmodel.apply, train=False))(variables, images)
+        )
+        _PREPARED[name] = qmodel, variables, images, logits
     return _PREPARED[name]
-
-
-def jax_logits(qmodel, variables, images) -> np.ndarray:
-    return np.asarray(jax.jit(lambda v, x: qmodel.apply(v, x, train=False))(variables, images))
 
 
 def tolerance(logits: np.ndarray) -> float:
@@ -174,38 +185,45 @@ def tolerance(logits: np.ndarray) -> float:
     return 1e-4 * max(1.0, float(np.abs(logits).max()))
 
 
-def depthwise_channels(variables) -> list[int]:
-    """The channels of each depth-wise conv: kernels ``(kh, kw, 1, C)`` with ``C > 1``."""
-    kernels = [
-        v for k, v in traverse_util.flatten_dict(variables["params"]).items() if k[-1] == "kernel"
+def conv_kernels(variables) -> list[np.ndarray]:
+    return [
+        v
+        for k, v in traverse_util.flatten_dict(variables["params"]).items()
+        if k[-1] == "kernel" and v.ndim == 4
     ]
-    return sorted(k.shape[-1] for k in kernels if k.ndim == 4 and k.shape[2] == 1 < k.shape[3])
 
 
-def check_grouped_depthwise(proto: onnx.ModelProto, channels: list[int]) -> None:
-    """Each depth-wise conv is a Conv (or QLinearConv) with ``group`` = its channels, and no
-    other conv is grouped. (A conv before a hard-swish is emitted twice, once per use of its
-    output in ``x * hard_sigmoid(x)``: the exporter's lazy conv + BN value is materialized
-    per derived value; correct, but twice the work for those layers of MobileNetV3.)"""
+def check_convs(proto: onnx.ModelProto, variables, container: str) -> None:
+    """Every conv of the model is one Conv node in the int4 container, none emitted twice
+    (MobileNetV3 emitted each conv before a hard-swish twice); each depth-wise conv has
+    ``group`` = its channels, and no other conv is grouped. In the int8 container a conv
+    whose output feeds both a quantizer and a float residual sum is both a QLinearConv and a
+    float Conv, so there each kind is counted at most once per conv."""
     ops = collections.Counter(node.op_type for node in proto.graph.node)
     assert ops["Slice"] == 0, ops  # no shifted taps
     convs = [n for n in proto.graph.node if n.op_type in ("Conv", "QLinearConv")]
+    kernels = len(conv_kernels(variables))
+    if container == "int4":
+        assert len(convs) == kernels, ops
+    else:
+        assert ops["Conv"] <= kernels and ops["QLinearConv"] <= kernels, ops
     groups = collections.Counter(
         g for n in convs if (g := next((a.i for a in n.attribute if a.name == "group"), 1)) > 1
     )
+    channels = sorted(k.shape[-1] for k in conv_kernels(variables) if k.shape[2] == 1 < k.shape[3])
     assert not collections.Counter(channels) - groups, (groups, channels)
     assert set(groups) == set(channels), (groups, channels)
 
 
 def export(name: str, container: str) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     """``(proto, onnx logits, jax logits)`` of a case in ``container``."""
-    qmodel, variables, images = prepared(name)
+    qmodel, variables, images, logits = prepared(name)
     spec = FAMILIES[CASES[name][0]]
     proto = export_model_onnx(
         qmodel, variables, input_shape=(spec.image, spec.image, 3), container=container, train=False
     )
-    check_grouped_depthwise(proto, depthwise_channels(variables))
-    return proto, run_onnx(proto, images), jax_logits(qmodel, variables, images)
+    check_convs(proto, variables, container)
+    return proto, run_onnx(proto, images), logits
 
 
 @pytest.mark.parametrize("name", CASE_PARAMS)
@@ -236,7 +254,7 @@ def test_int8_container_gives_the_jax_logits(name, monkeypatch):
 
 
 def test_one_weight_integer_changed_moves_the_onnx_logits(tmp_path):
-    qmodel, variables, images = prepared(QUICK)
+    images = prepared(QUICK)[2]
     proto, got, want = export(QUICK, "int4")
     assert np.abs(got - want).max() <= tolerance(want)
     matmul = next(n for n in proto.graph.node if n.op_type == "MatMul")
