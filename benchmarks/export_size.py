@@ -1,5 +1,5 @@
 """File sizes of the integer export (``oscqat_jax.export``) of the package's families as plain
-Flax models quantized by rules (``oscqat_jax.models.plain``), against their float32
+Flax models quantized by rules (``oscqat_jax.models``), against their float32
 parameters: 4-bit kernels packed two per byte, 8-bit ones as int8, BN folded at every ConvBN
 site into per-channel scales and one bias per channel (format version 5).
 
@@ -39,16 +39,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from oscqat_jax import export, weight_files  # noqa: E402
-from oscqat_jax.models import plain  # noqa: E402
+from oscqat_jax import models as families  # noqa: E402
 from oscqat_jax.nn.setups import SETUPS, QuantSetup  # noqa: E402
 
 FAMILIES = {
-    "mobilenet_v2": plain.MobileNetV2,
-    "mobilenet_v3_small": functools.partial(plain.MobileNetV3, variant="small"),
-    "mobilenet_v3_large": functools.partial(plain.MobileNetV3, variant="large"),
-    "efficientnet_lite0": functools.partial(plain.EfficientNetLite, variant="lite0"),
-    "resnet18": functools.partial(plain.ResNet, depth=18),
-    "resnet50": functools.partial(plain.ResNet, depth=50),
+    "mobilenet_v2": families.MobileNetV2,
+    "mobilenet_v3_small": functools.partial(families.MobileNetV3, variant="small"),
+    "mobilenet_v3_large": functools.partial(families.MobileNetV3, variant="large"),
+    "efficientnet_lite0": functools.partial(families.EfficientNetLite, variant="lite0"),
+    "resnet18": functools.partial(families.ResNet, depth=18),
+    "resnet50": functools.partial(families.ResNet, depth=50),
 }
 DEFAULT_MODELS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
 DEFAULT_MODELS += ("efficientnet_lite0", "resnet18")
@@ -82,7 +82,7 @@ def host_variables(qmodel, input_shape: tuple[int, ...], seed: int = 0) -> dict:
 def measure(name: str, setup: QuantSetup, fold_bn: bool, resolution: int, folder: str) -> dict:
     """The sizes of one model's export (see the module docstring)."""
     model = FAMILIES[name](num_classes=CLASSES)
-    qmodel = plain.quantize(model, setup, fold_bn=fold_bn)
+    qmodel = families.quantize(model, setup, fold_bn=fold_bn)
     input_shape = (resolution, resolution, 3)
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     float_params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)

@@ -6,12 +6,12 @@ machine in one run.
 
 Per model (1000 classes), four engines:
 
-- ``jax_float``: the float model (``oscqat_jax.models.plain.create_model``, not quantized)
+- ``jax_float``: the float model (``oscqat_jax.models.create_model``, not quantized)
   in eval mode (``train=False``), ``jax.jit``-compiled, each call ended by
   ``block_until_ready``;
 - ``ort_float``: the same float model exported to ONNX (:func:`oscqat_jax.deploy.export_onnx`
   of its forward: float Conv/Gemm with BN folded in);
-- ``ort_int4_qdq``: the W4A4 model (``LSQ_paper`` rules, ``oscqat_jax.models.plain.quantize``,
+- ``ort_int4_qdq``: the W4A4 model (``LSQ_paper`` rules, ``oscqat_jax.models.quantize``,
   ranges calibrated on one batch of random images: latency does not depend on the values)
   exported with ``container="int4"``
   (QuantizeLinear/DequantizeLinear around float operators, int4 weights);
@@ -45,7 +45,7 @@ import numpy as np
 # Run as a script from a clone: make the repository's package importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from oscqat_jax.models import plain  # noqa: E402
+from oscqat_jax import models as families  # noqa: E402
 from oscqat_jax.nn.setups import QuantSetup  # noqa: E402
 
 ENGINES = ("jax_float", "ort_float", "ort_int4_qdq", "ort_int8")
@@ -69,8 +69,8 @@ def quantized_variables(name: str, resolution: int, n_bits: int, seed: int = 0):
     setup = QuantSetup(
         n_bits=n_bits, weight_range_method="current_minmax", act_range_method="running_minmax"
     )
-    float_model = plain.create_model(name, num_classes=1000)
-    model = plain.quantize(float_model, setup)
+    float_model = families.create_model(name, num_classes=1000)
+    model = families.quantize(float_model, setup)
     images = np.random.default_rng(seed).normal(size=(8, resolution, resolution, 3))
     images = images.astype(np.float32)
     key = jax.random.key(seed)

@@ -1,6 +1,6 @@
 """MobileNetV2 written with plain ``flax.linen`` layers only, as a user would bring it.
 
-The architecture of ``oscqat_jax.models.plain.MobileNetV2`` (same stages, widths, PyTorch
+The architecture of ``oscqat_jax.models.MobileNetV2`` (same stages, widths, PyTorch
 padding, BatchNorm momentum and epsilon, ReLU6, global mean pooling, dense classifier), but no
 package layer and no activation hook: ``model.apply(variables, x, train=...)``. The benchmark (``train_step.py``, variant ``rules``) quantizes it with
 ``oscqat_jax.nn.quantize_model`` and the ``LSQ_paper`` rules and times its train step against
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from oscqat_jax.models.plain.layers import CONV_INIT, DENSE_INIT, make_divisible
-from oscqat_jax.models.plain.mobilenet_v2 import (
+from oscqat_jax.models.layers import CONV_INIT, DENSE_INIT, make_divisible
+from oscqat_jax.models.mobilenet_v2 import (
     INVERTED_RESIDUAL_SETTING,
     LAST_CHANNELS,
     STEM_CHANNELS,
@@ -99,7 +99,7 @@ class InvertedResidual(nn.Module):
 
 class PlainMobileNetV2(nn.Module):
     """``(N, H, W, C) -> (N, num_classes)`` logits; fields as
-    ``oscqat_jax.models.plain.MobileNetV2``."""
+    ``oscqat_jax.models.MobileNetV2``."""
 
     num_classes: int = 1000
     width_multiplier: float = 1.0

@@ -5,7 +5,7 @@
 
 The network is torchvision's ``mobilenet_v2`` (width 1.0: 3,504,872 parameters at 1000
 classes) written out here, so torchvision is not needed, with global average pooling and no
-dropout like ``oscqat_jax.models.plain.MobileNetV2``. One step is forward, cross-entropy,
+dropout like ``oscqat_jax.models.MobileNetV2``. One step is forward, cross-entropy,
 backward and an SGD update (momentum 0.9, weight decay 5e-5) in training mode (BatchNorm on
 batch statistics), as the float phase of the training program. Prints one JSON line with the
 median of ``--steps`` steps after ``--warmup`` untimed ones.
@@ -27,7 +27,7 @@ from torch import nn
 # Run as a script from a clone: make the repository's package importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from oscqat_jax.models.plain.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
+from oscqat_jax.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
 
 # The same stage table as the Flax model, so both sides time one network.
 SETTING = INVERTED_RESIDUAL_SETTING

@@ -17,7 +17,7 @@ few hundred steps, so this uses momentum 0.01 and a threshold annealed from 0.05
 and keeps a learning-rate floor (0.002) so that oscillations stay visible until the end.
 """
 
-from oscqat_jax.models.plain.mobilenet_v2 import SMALL_INPUT_SETTING
+from oscqat_jax.models.mobilenet_v2 import SMALL_INPUT_SETTING
 from oscqat_jax.training.config import base_config
 
 

@@ -29,7 +29,7 @@ and with it the freezing threshold (0.05 -> 0.005, cosine after the first quarte
 paper 0.1 -> 0.011). Dampening as the paper: 0 -> 0.1 after the first quarter, kernel_mean.
 """
 
-from oscqat_jax.models.plain.mobilenet_v2 import SMALL_INPUT_SETTING
+from oscqat_jax.models.mobilenet_v2 import SMALL_INPUT_SETTING
 from oscqat_jax.training.config import base_config
 from oscqat_jax.training.recipes import METHODS, RECIPE_VALUES
 

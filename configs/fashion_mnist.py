@@ -27,7 +27,7 @@ first quarter (as the paper), and the learning rate decays by cosine to a floor 
 its peak instead of 0, so that weights still move, and oscillate, at the end.
 """
 
-from oscqat_jax.models.plain.mobilenet_v2 import SMALL_INPUT_SETTING
+from oscqat_jax.models.mobilenet_v2 import SMALL_INPUT_SETTING
 from oscqat_jax.training.config import base_config
 from oscqat_jax.training.recipes import RECIPE_VALUES, parse_arg
 

@@ -2,7 +2,7 @@
 
 QAT starts from a pretrained float network (docs/method.md §9). This module reads a PyTorch
 state dict and places every tensor in the variables of one of our models, the plain Flax
-models of :mod:`oscqat_jax.models.plain` (the ones the training program runs):
+models of :mod:`oscqat_jax.models` (the ones the training program runs):
 
 - conv weights OIHW ``(O, I, kh, kw)`` -> HWIO ``(kh, kw, I, O)`` (depth-wise:
   ``(C, 1, kh, kw)`` -> ``(kh, kw, 1, C)``) at ``<layer>/conv/kernel`` of a ``ConvBN`` (or

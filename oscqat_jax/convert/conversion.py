@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from oscqat_jax import models as families
 from oscqat_jax import weight_files
 from oscqat_jax.convert.layouts import (
     AUTO,
@@ -31,7 +32,6 @@ from oscqat_jax.convert.layouts import (
     model_name_of,
     with_plain_paths,
 )
-from oscqat_jax.models import plain
 from oscqat_jax.nn.quantizer import is_quantizer_param
 
 StateDict = weight_files.StateDict
@@ -232,7 +232,7 @@ def convert_state_dict(
       state_dict: ``{key: array}`` (numpy, or anything ``np.asarray`` takes), e.g. from
         :func:`load_torch_state_dict`; a ``module.`` prefix is removed.
       model: a registry name (``mobilenet_v2``, ``resnet18``, ``efficientnet_lite0``, ...) or a
-        plain model (``oscqat_jax.models.plain.create_model``).
+        plain model (``oscqat_jax.models.create_model``).
       variables_template: the model's variables or their shapes (``jax.eval_shape`` of
         ``model.init``); only ``params`` and ``batch_stats`` are read.
       layout: one of :func:`layouts_of`, or ``auto`` for :func:`detect_layout`.
@@ -335,7 +335,7 @@ def save_converted(path: str | os.PathLike, conversion: Conversion) -> None:
 
 def _template(model_name: str, num_classes: int, width_multiplier: float) -> dict:
     """Variable shapes of the plain model ``model_name`` (no arrays are allocated)."""
-    model = plain.create_model(
+    model = families.create_model(
         model_name, num_classes=num_classes, width_multiplier=width_multiplier
     )
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
@@ -359,7 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m oscqat_jax.convert",
         description="Convert a PyTorch checkpoint into an .npz of oscqat_jax float weights.",
     )
-    parser.add_argument("--model", required=True, choices=list(plain.MODELS), help="registry name")
+    parser.add_argument(
+        "--model", required=True, choices=list(families.MODELS), help="registry name"
+    )
     parser.add_argument(
         "--layout",
         default=AUTO,

@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 from flax import traverse_util
 
-from oscqat_jax.models import plain
+from oscqat_jax import models as families
 
 TreePath = tuple[str, ...]
 LayerNames = tuple[str, str | None]
@@ -114,10 +114,10 @@ FAMILIES: dict[str, dict[str, Mapper]] = {
 def model_name_of(model: str | nn.Module) -> str:
     """The registry name of ``model``: itself if a string, else that of the plain model's
     class and fixed attributes (e.g. ``mobilenet_v3_small`` for
-    ``MobileNetV3(variant="small")``, :func:`oscqat_jax.models.plain.model_name_of`)."""
+    ``MobileNetV3(variant="small")``, :func:`oscqat_jax.models.model_name_of`)."""
     if isinstance(model, str):
         return model
-    return plain.model_name_of(model)
+    return families.model_name_of(model)
 
 
 def family_of(model: str | nn.Module) -> str:
@@ -153,7 +153,7 @@ def mapper_of(model_name: str, layout: str) -> Mapper | None:
 def with_plain_paths(state_dict: Mapping[str, Any]) -> dict:
     """``state_dict`` with the keys of a ``converted`` file written for the ctx models (a
     conv's kernel at ``params/<layer>/kernel`` beside ``<layer>/bn``) moved to the plain
-    models' paths (``params/<layer>/conv/kernel``, :func:`oscqat_jax.models.plain.from_package`),
+    models' paths (``params/<layer>/conv/kernel``, :func:`oscqat_jax.models.from_package`),
     so such files still load; keys of PyTorch layouts and of the plain paths are kept."""
     trees: dict[str, dict] = {}
     for key, value in state_dict.items():
@@ -162,7 +162,7 @@ def with_plain_paths(state_dict: Mapping[str, Any]) -> dict:
             trees.setdefault(collection, {})[tuple(path.split("/"))] = value
     if not trees:
         return dict(state_dict)
-    mapped = plain.from_package({c: traverse_util.unflatten_dict(t) for c, t in trees.items()})
+    mapped = families.from_package({c: traverse_util.unflatten_dict(t) for c, t in trees.items()})
     out = {k: v for k, v in state_dict.items() if k.partition("/")[0] not in trees}
     for collection, tree in mapped.items():
         for path, value in traverse_util.flatten_dict(tree).items():

@@ -5,7 +5,7 @@
 the file against the model it is given and returns variables whose quantized kernels are
 dequantized from the stored integers, so the model's ``eval`` forward runs on the exported
 integers. Models: a Linen model quantized by rules (``oscqat_jax.nn.quantize_model``; the
-package's families are such models, ``oscqat_jax.models.plain.quantize``) or an NNX model
+package's families are such models, ``oscqat_jax.models.quantize``) or an NNX model
 quantized by ``quantize_model``.
 
 File layout (format version 5), ``.safetensors`` or ``.npz`` (compressed) by suffix; keys
@@ -95,7 +95,7 @@ def export_model(
       variables: the model's variables: ``params``, ``batch_stats``, ``quant_stats`` and
         ``oscillation`` (its frozen weights are exported at their frozen integers).
       model: a ``QuantizedModel`` (``oscqat_jax.nn.quantize_model``; the package's families:
-        ``oscqat_jax.models.plain.quantize``); then ``model_kwargs`` are the model's own
+        ``oscqat_jax.models.quantize``); then ``model_kwargs`` are the model's own
         keyword arguments for inference (e.g. ``train=False``). Or an NNX model quantized by
         ``quantize_model`` (its variables are its own: pass none).
       input_shape: ``(H, W, C)`` of one image; one zero image of this shape is pushed through
@@ -109,7 +109,7 @@ def export_model(
     if model is None:
         raise ValueError(
             "export_model needs model=<a QuantizedModel> (oscqat_jax.nn.quantize_model; the "
-            "package's families: oscqat_jax.models.plain.quantize) or an NNX model quantized "
+            "package's families: oscqat_jax.models.quantize) or an NNX model quantized "
             "by quantize_model."
         )
     return rules_model.export_rules_model(path, model, variables, input_shape, model_kwargs)

@@ -1,101 +1,55 @@
-"""Image classifiers built from quantized layers, and a registry to create them by name.
+"""The package's model families as plain Flax models, quantized by rules.
 
-Every model maps an NHWC float image batch ``(N, H, W, 3)`` (H, W >= 32) and a
-:class:`~oscqat_jax.nn.config.QuantContext` to logits ``(N, num_classes)``; its
-``quant_setup`` decides which tensors are quantized (:mod:`oscqat_jax.nn.setups`). Each model
-file documents how its module tree maps onto the torchvision/timm/reference weights.
+Each model is an ordinary ``flax.linen.Module``, called as
+``model.apply(variables, images, train=train)``; :func:`quantize` gives it the quantizers
+of a :class:`QuantSetup` through the rules interceptor (:func:`oscqat_jax.nn.quantize_model`),
+using the sites the model declares (``model.quant_sites()``). :data:`MODELS` and
+:func:`create_model` build them by name (:mod:`~oscqat_jax.models.registry`);
+:func:`~oscqat_jax.models.mapping.from_package` maps variables in the layout of the
+former ctx models (files converted before the plain models) onto these.
 
 Example::
 
-    model = create_model("mobilenet_v2", num_classes=1000, quant_setup=QuantSetup(n_bits=4))
-    variables = model.init(key, images, QuantContext.create("eval"))
+    model = MobileNetV2(num_classes=10, block_setting=SMALL_INPUT_SETTING)
+    qmodel = quantize(model, QuantSetup("LSQ_paper", n_bits=4))
+    variables = qmodel.calibrate(qmodel.init(key, images), batches, train=False)
+    logits = qmodel.apply(variables, images)
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from collections.abc import Callable
-from typing import Any
-
-import flax.linen as nn
-
-from oscqat_jax.models.common import quant_plan
-from oscqat_jax.models.efficientnet_lite import VARIANTS as EFFICIENTNET_LITE_VARIANTS
 from oscqat_jax.models.efficientnet_lite import EfficientNetLite
+from oscqat_jax.models.mapping import from_package
 from oscqat_jax.models.mobilenet_v2 import MobileNetV2
 from oscqat_jax.models.mobilenet_v3 import MobileNetV3
+from oscqat_jax.models.registry import MODELS, create_model, model_name_of
 from oscqat_jax.models.resnet import ResNet
+from oscqat_jax.nn.intercept import QuantizedModel, quantize_model
+from oscqat_jax.nn.setup_rules import setup_rules
 from oscqat_jax.nn.setups import QuantSetup
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mobilenet_v2": MobileNetV2,
-    "mobilenet_v3_small": functools.partial(MobileNetV3, variant="small"),
-    "mobilenet_v3_large": functools.partial(MobileNetV3, variant="large"),
-    **{
-        f"efficientnet_{variant}": functools.partial(EfficientNetLite, variant=variant)
-        for variant in EFFICIENTNET_LITE_VARIANTS
-    },
-    "resnet18": functools.partial(ResNet, depth=18),
-    "resnet50": functools.partial(ResNet, depth=50),
-}
-"""Model names and their constructors."""
 
-
-def _model_class(factory) -> type[nn.Module]:
-    return factory.func if isinstance(factory, functools.partial) else factory
-
-
-def create_model(
-    name: str,
-    *,
-    num_classes: int,
-    quant_setup: QuantSetup | str,
-    width_multiplier: float = 1.0,
-    fold_bn: bool = False,
-    dtype: Any = None,
-    **kwargs,
-) -> nn.Module:
-    """The model ``name`` (see :data:`MODELS`) with the given head, setup and options.
-
-    ``quant_setup`` may be a :class:`QuantSetup` or a setup name (defaults for the rest);
-    ``kwargs`` are further attributes of the model class (e.g. ``dropout_rate``,
-    ``bn_momentum``).
-    """
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; valid models are {', '.join(MODELS)}.")
-    if isinstance(quant_setup, str):
-        quant_setup = QuantSetup(name=quant_setup)
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
-    if not width_multiplier > 0:
-        raise ValueError(f"width_multiplier must be positive, got {width_multiplier!r}.")
-    factory = MODELS[name]
-    fields = {f.name for f in dataclasses.fields(_model_class(factory))} - {"parent", "name"}
-    options = dict(
-        num_classes=num_classes,
-        quant_setup=quant_setup,
-        width_multiplier=width_multiplier,
-        fold_bn=fold_bn,
-        dtype=dtype,
-    )
-    fixed = set(factory.keywords) if isinstance(factory, functools.partial) else set()
-    unknown = sorted(set(kwargs) - (fields - fixed - set(options)))
-    if unknown:
-        valid = sorted(fields - fixed - set(options))
-        raise ValueError(
-            f"{name} has no option {', '.join(unknown)}; its options are {', '.join(valid)}."
-        )
-    return factory(**options, **kwargs)
+def quantize(
+    model, setup: QuantSetup | str, *, fold_bn: bool = False, depthwise_impl: str | None = None
+) -> QuantizedModel:
+    """``model`` (a plain family model) quantized as ``setup`` says (a :class:`QuantSetup` or
+    a setup name), BN folded into the quantized kernels when ``fold_bn``. Quantized
+    depth-wise convs use ``depthwise_impl`` (default: the model's own)."""
+    if isinstance(setup, str):
+        setup = QuantSetup(name=setup)
+    rules = setup_rules(setup, model.quant_sites(), fold_bn=fold_bn)
+    impl = getattr(model, "depthwise_impl", "auto") if depthwise_impl is None else depthwise_impl
+    return quantize_model(model, rules, depthwise_impl=impl)
 
 
 __all__ = [
-    "EFFICIENTNET_LITE_VARIANTS",
-    "EfficientNetLite",
     "MODELS",
+    "EfficientNetLite",
     "MobileNetV2",
     "MobileNetV3",
     "ResNet",
     "create_model",
-    "quant_plan",
+    "from_package",
+    "model_name_of",
+    "quantize",
 ]

@@ -1,4 +1,4 @@
-"""EfficientNet-lite0..4 (TensorFlow's edge variants, as timm builds them) from quantized layers.
+"""EfficientNet-lite0..4 (TensorFlow's edge variants, as timm builds them) as plain Flax models.
 
 The architecture of timm's ``efficientnet_lite{0..4}`` (lite0: 4,652,008 parameters at 1000
 classes), which the reference quantizes: ReLU6, no squeeze-excite, stem (32) and head (1280)
@@ -7,47 +7,36 @@ BatchNorm eps 1e-5. Variants differ by ``(channel multiplier, depth multiplier, 
 in :data:`VARIANTS`; ``width_multiplier`` multiplies the variant's channel multiplier. Dropout
 defaults to 0.0 as in the reference's timm model (timm's ``drop_rate`` default).
 
-Module tree and where timm's (and the reference's) weights go; ``s`` = stage 0..6, ``b`` =
-block in the stage. Stage 0 is a depth-wise separable (DS) block, every later block an
-inverted residual (IR). Each of our conv layers holds ``kernel`` (HWIO; PyTorch's OIHW
-transposed) and ``bn/{scale, bias}`` with ``batch_stats`` ``bn/{mean, var}``:
+The network is written with ``ConvBN``, ``nn.Dense`` and ``ActQuant`` hooks and quantized by
+rules (:meth:`EfficientNetLite.quant_sites`). Module tree (``s`` = stage 0..6, ``b`` = block in
+the stage; stage 0 is depth-wise separable, the rest inverted residuals):
 
-- ``conv_stem``: timm ``conv_stem`` + ``bn1``.
-- ``blocks_s_b/conv_dw``: timm ``blocks.s.b.conv_dw`` + ``bn1`` (DS) or + ``bn2`` (IR).
-- ``blocks_s_b/conv_pw``: timm ``conv_pw`` + ``bn2`` (DS: the projection) or + ``bn1``
-  (IR: the expansion).
-- ``blocks_s_b/conv_pwl``: timm ``conv_pwl`` + ``bn3`` (IR).
-- ``conv_head``: timm ``conv_head`` + ``bn2``.
-- ``classifier`` (dense, ``kernel`` = ``weight`` transposed, ``bias``): timm ``classifier``.
-
-The reference's quantized model fuses each conv + BN (+ ReLU6) into one module holding
-``weight``, ``gamma``, ``beta``, ``running_mean``, ``running_var``, named ``conv_stem``,
-``blocks.s.b.conv_dw`` (DS) / ``blocks.s.b.conv_dw.0`` (IR), ``blocks.s.b.conv_pw``,
-``blocks.s.b.conv_pwl``, ``conv_head``, and keeps ``classifier``.
-
-Roles: ``conv_stem`` first_conv, ``conv_dw`` depthwise, ``conv_head`` head, ``classifier``
-classifier, ``residual`` (``residual_scale`` in blocks with a residual connection) residual,
-other point-wise convs conv. The reference does not re-quantize the pooled features of this
-model in its output-quantizing setups; here the ``pool`` role does so for every family.
+- ``conv_stem``, ``blocks_s_b/{conv_pw, conv_dw, conv_pwl}``, ``conv_head``: ConvBN, each
+  followed by its output hook ``<name>_out``;
+- ``blocks_s_b/residual``: the hook on a residual sum;
+- ``classifier`` (dense) and its hook ``classifier_out`` (the logits).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 
-from oscqat_jax.models.common import (
-    BlockConfig,
+from oscqat_jax.models.layers import (
+    ModuleDef,
+    conv_bn_act,
+    conv_bn_factory,
+    dense_act,
     dropout,
-    global_pool,
     make_divisible,
-    residual_add,
+    pool_and_requantize,
 )
-from oscqat_jax.nn.config import QuantContext
-from oscqat_jax.nn.setups import QuantSetup
+from oscqat_jax.nn.intercept import ActQuant
+from oscqat_jax.nn.setup_rules import ModelSites
 
 
 class Variant(NamedTuple):
@@ -90,72 +79,43 @@ STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 
 
-def stage_repeats(depth_multiplier: float) -> tuple[int, ...]:
+def stage_repeats(stages: tuple[StageSpec, ...], depth_multiplier: float) -> tuple[int, ...]:
     """Blocks per stage: ``ceil(repeats * depth_multiplier)``, first and last stage fixed."""
-    last = len(STAGES) - 1
+    last = len(stages) - 1
     return tuple(
         s.repeats if i in (0, last) else int(math.ceil(s.repeats * depth_multiplier))
-        for i, s in enumerate(STAGES)
+        for i, s in enumerate(stages)
     )
 
 
-class DepthwiseSeparable(nn.Module):
-    """Depth-wise kxk (ReLU6) -> point-wise 1x1 (linear) [+ input]; ``(N, H, W, C) -> (N, H/s, W/s, features)``."""
-
-    features: int
-    kernel_size: int
-    strides: int
-    cfg: BlockConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-        cfg, in_features = self.cfg, x.shape[-1]
-        y = cfg.conv_bn_act(
-            self,
-            "conv_dw",
-            "depthwise",
-            in_features,
-            self.kernel_size,
-            strides=self.strides,
-            groups=in_features,
-            activation=jax.nn.relu6,
-        )(x, ctx)
-        y = cfg.conv_bn_act(self, "conv_pw", "conv", self.features, 1)(y, ctx)
-        if self.strides == 1 and in_features == self.features:
-            y = residual_add(self, cfg, y, x, ctx)
-        return y
-
-
-class InvertedResidualLite(nn.Module):
-    """Expand 1x1 (ReLU6) -> depth-wise kxk (ReLU6) -> project 1x1 (linear) [+ input].
-
-    ``(N, H, W, C_in) -> (N, H / strides, W / strides, features)``.
-    """
+class Block(nn.Module):
+    """Depth-wise separable (``expand_ratio`` 1: depth-wise kxk ReLU6, point-wise 1x1) or
+    inverted residual (expand 1x1 ReLU6, depth-wise kxk ReLU6, project 1x1), + input when
+    the shape allows; ``(N, H, W, C) -> (N, H / strides, W / strides, features)``."""
 
     features: int
     kernel_size: int
     strides: int
     expand_ratio: int
-    cfg: BlockConfig
+    conv_bn: ModuleDef
 
     @nn.compact
-    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-        cfg, in_features = self.cfg, x.shape[-1]
-        hidden = make_divisible(in_features * self.expand_ratio)
-        y = cfg.conv_bn_act(self, "conv_pw", "conv", hidden, 1, activation=jax.nn.relu6)(x, ctx)
-        y = cfg.conv_bn_act(
-            self,
-            "conv_dw",
-            "depthwise",
-            hidden,
-            self.kernel_size,
-            strides=self.strides,
-            groups=hidden,
-            activation=jax.nn.relu6,
-        )(y, ctx)
-        y = cfg.conv_bn_act(self, "conv_pwl", "conv", self.features, 1)(y, ctx)
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        in_features, relu6 = x.shape[-1], jax.nn.relu6
+        block = functools.partial(conv_bn_act, self.conv_bn, train=train)
+        depthwise = functools.partial(
+            block, name="conv_dw", kernel_size=self.kernel_size, strides=self.strides
+        )
+        if self.expand_ratio == 1:
+            y = depthwise(x, features=in_features, groups=in_features, activation=relu6)
+            y = block(y, "conv_pw", self.features, 1)
+        else:
+            hidden = make_divisible(in_features * self.expand_ratio)
+            y = block(x, "conv_pw", hidden, 1, activation=relu6)
+            y = depthwise(y, features=hidden, groups=hidden, activation=relu6)
+            y = block(y, "conv_pwl", self.features, 1)
         if self.strides == 1 and in_features == self.features:
-            y = residual_add(self, cfg, y, x, ctx)
+            y = ActQuant(name="residual")(y + x)
         return y
 
 
@@ -166,62 +126,63 @@ class EfficientNetLite(nn.Module):
       variant: ``"lite0"`` .. ``"lite4"`` (see :data:`VARIANTS`).
       num_classes: output classes.
       width_multiplier: extra channel multiplier on top of the variant's.
-      quant_setup: assigns every layer its quantizers.
-      fold_bn: fold BN into the quantized conv weights.
-      dropout_rate: dropout before the classifier in training modes.
+      dropout_rate: dropout before the classifier while training.
       bn_momentum: BatchNorm momentum, Flax convention (PyTorch's 0.1).
       bn_epsilon: BatchNorm epsilon.
       dtype: compute dtype (None: float32).
       depthwise_impl: depth-wise conv implementation (see ``oscqat_jax.nn.depthwise``).
+      stages: the stages before scaling (None: :data:`STAGES`); fewer make cheaper tests.
     """
 
     variant: str = "lite0"
     num_classes: int = 1000
     width_multiplier: float = 1.0
-    quant_setup: QuantSetup = QuantSetup()
-    fold_bn: bool = False
     dropout_rate: float = 0.0
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = None
     depthwise_impl: str = "auto"
+    stages: tuple[StageSpec, ...] | None = None
+
+    def quant_sites(self) -> ModelSites:
+        """Where the paper's roles are, for :func:`~oscqat_jax.nn.setup_rules.setup_rules`."""
+        return ModelSites(
+            first_conv="conv_stem",
+            classifier="classifier",
+            head_output="conv_head_out",
+            logits="classifier_out",
+        )
 
     @nn.compact
-    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}.")
-        cfg = BlockConfig(
-            self.quant_setup,
-            self.fold_bn,
-            self.bn_momentum,
-            self.bn_epsilon,
-            self.dtype,
-            self.depthwise_impl,
-        )
-        variant = VARIANTS[self.variant]
+        variant, stages = VARIANTS[self.variant], self.stages or STAGES
         multiplier = variant.channel_multiplier * self.width_multiplier
-        x = cfg.conv_bn_act(
-            self, "conv_stem", "first_conv", STEM_CHANNELS, 3, strides=2, activation=jax.nn.relu6
-        )(x, ctx)
-        for s, (stage, repeats) in enumerate(
-            zip(STAGES, stage_repeats(variant.depth_multiplier), strict=True)
-        ):
-            for b in range(repeats):
-                common = dict(
+        conv_bn = conv_bn_factory(self)
+        x = conv_bn_act(
+            conv_bn,
+            x,
+            "conv_stem",
+            STEM_CHANNELS,
+            3,
+            strides=2,
+            activation=jax.nn.relu6,
+            train=train,
+        )
+        repeats = stage_repeats(stages, variant.depth_multiplier)
+        for s, (stage, count) in enumerate(zip(stages, repeats, strict=True)):
+            for b in range(count):
+                x = Block(
                     features=make_divisible(stage.features * multiplier),
                     kernel_size=stage.kernel_size,
                     strides=stage.strides if b == 0 else 1,
-                    cfg=cfg,
+                    expand_ratio=stage.expand_ratio,
+                    conv_bn=conv_bn,
                     name=f"blocks_{s}_{b}",
-                )
-                if stage.expand_ratio == 1:
-                    x = DepthwiseSeparable(**common)(x, ctx)
-                else:
-                    x = InvertedResidualLite(expand_ratio=stage.expand_ratio, **common)(x, ctx)
-        head = cfg.conv_bn_act(self, "conv_head", "head", HEAD_CHANNELS, 1, activation=jax.nn.relu6)
-        x = head(x, ctx)
-        x = global_pool(
-            self, cfg, x, ctx, source=head, source_quantizer="output", source_spec=head.output_quant
-        )
-        x = dropout(self, self.dropout_rate, x, ctx)
-        return cfg.dense(self, "classifier", "classifier", self.num_classes)(x, ctx)
+                )(x, train)
+        x = conv_bn(HEAD_CHANNELS, (1, 1), padding=0, name="conv_head")(x, train)
+        head_hook = ActQuant(name="conv_head_out")
+        x = pool_and_requantize(head_hook(jax.nn.relu6(x)), head_hook)
+        x = dropout(x, self.dropout_rate, train=train)
+        return dense_act(x, "classifier", self.num_classes, dtype=self.dtype)

@@ -1,4 +1,4 @@
-"""MobileNetV2 (Sandler et al., 2018) built from quantized layers; NHWC input, any size >= 32.
+"""MobileNetV2 (Sandler et al., 2018) as a plain Flax model; NHWC input, any size >= 32.
 
 Architecture of torchvision's ``mobilenet_v2`` and of the reference's ``MobileNetV2``
 (tonylins/pytorch-mobilenet-v2; identical at width 1.0: 3,504,872 parameters at 1000
@@ -7,51 +7,36 @@ any input from 32x32 up works; widths below 1.0 round channels to multiples of 8
 torchvision does (the reference truncates ``int(c * width)``); dropout before the classifier
 defaults to 0.0 as in the reference (torchvision: 0.2).
 
-Module tree and where PyTorch weights go. ``i`` = 1..17 are the inverted-residual blocks;
-block 1 has expansion t=1 and no ``expand``, the others t=6. Each of our conv layers holds
-``kernel`` (HWIO; PyTorch's OIHW transposed) and ``bn/{scale, bias}`` with ``batch_stats``
-``bn/{mean, var}`` (PyTorch's ``weight``, ``bias``, ``running_mean``, ``running_var``):
+The network is written with ``ConvBN``, ``nn.Dense`` and ``ActQuant`` hooks and quantized by
+rules (:meth:`MobileNetV2.quant_sites`). Module tree (``i`` = 1..17 inverted-residual blocks,
+``N`` = the head, 18 at the default setting):
 
-- ``features_0``: torchvision ``features.0.0`` + ``features.0.1``; reference float model
-  (tonylins checkpoint) the same.
-- ``features_i/expand``: torchvision ``features.i.conv.0.0`` + ``.conv.0.1``; reference
-  ``features.i.conv.0`` + ``.conv.1``.
-- ``features_i/depthwise``: torchvision ``conv.1.0`` + ``conv.1.1`` (t=1: ``conv.0.0`` +
-  ``conv.0.1``); reference ``conv.3`` + ``conv.4`` (t=1: ``conv.0`` + ``conv.1``).
-- ``features_i/project``: torchvision ``conv.2`` + ``conv.3`` (t=1: ``conv.1`` + ``conv.2``);
-  reference ``conv.6`` + ``conv.7`` (t=1: ``conv.3`` + ``conv.4``).
-- ``features_18``: ``features.18.0`` + ``features.18.1`` in both.
-- ``classifier`` (dense, ``kernel`` = PyTorch ``weight`` transposed, ``bias``):
-  ``classifier.1`` in both.
-
-The reference's *quantized* model (its QAT checkpoints) fuses each conv + BN (+ ReLU6) into
-one module holding ``weight``, ``gamma``, ``beta``, ``running_mean``, ``running_var``:
-``features.0.0``, ``features.i.conv.{0,1,2}`` (expand, depthwise, project; t=1:
-``conv.{0,1}``), ``features.18.0`` and ``classifier.1``.
-
-Quantizer variables live in the layer that owns them (``weight_scale``, ``input_scale``,
-``output_scale``); a block with a residual connection (stride 1 and equal channels; at width
-1.0 blocks 3, 5, 6, 8, 9, 10, 12, 13, 15, 16) holds ``residual_scale``. Roles:
-``features_0`` first_conv, ``depthwise`` depthwise, ``features_18`` head, ``classifier``
-classifier, ``residual`` residual, every other conv conv.
+- ``features_0``, ``features_i/{expand, depthwise, project}``, ``features_N``: ConvBN
+  (``conv/kernel``, ``bn/{scale, bias}``, ``batch_stats`` ``bn/{mean, var}``), each followed
+  by its output hook ``<name>_out``;
+- ``features_i/residual``: the hook on a residual sum (blocks with stride 1, equal channels);
+- ``classifier`` (dense) and its hook ``classifier_out`` (the logits).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 
-from oscqat_jax.models.common import (
-    BlockConfig,
+from oscqat_jax.models.layers import (
+    ModuleDef,
+    conv_bn_act,
+    conv_bn_factory,
+    dense_act,
     dropout,
-    global_pool,
     make_divisible,
-    residual_add,
+    pool_and_requantize,
 )
-from oscqat_jax.nn.config import QuantContext
-from oscqat_jax.nn.setups import QuantSetup
+from oscqat_jax.nn.intercept import ActQuant
+from oscqat_jax.nn.setup_rules import ModelSites
 
 # (expansion t, output channels c, repeats n, first stride s) of the paper's Table 2.
 INVERTED_RESIDUAL_SETTING = (
@@ -81,28 +66,22 @@ class InvertedResidual(nn.Module):
     features: int
     strides: int
     expand_ratio: int
-    cfg: BlockConfig
+    conv_bn: ModuleDef
 
     @nn.compact
-    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-        cfg, in_features = self.cfg, x.shape[-1]
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        in_features = x.shape[-1]
         hidden = int(round(in_features * self.expand_ratio))
+        block = functools.partial(conv_bn_act, self.conv_bn, train=train)
         y = x
         if self.expand_ratio != 1:
-            y = cfg.conv_bn_act(self, "expand", "conv", hidden, 1, activation=jax.nn.relu6)(y, ctx)
-        y = cfg.conv_bn_act(
-            self,
-            "depthwise",
-            "depthwise",
-            hidden,
-            3,
-            strides=self.strides,
-            groups=hidden,
-            activation=jax.nn.relu6,
-        )(y, ctx)
-        y = cfg.conv_bn_act(self, "project", "conv", self.features, 1)(y, ctx)
+            y = block(y, "expand", hidden, 1, activation=jax.nn.relu6)
+        y = block(
+            y, "depthwise", hidden, 3, strides=self.strides, groups=hidden, activation=jax.nn.relu6
+        )
+        y = block(y, "project", self.features, 1)
         if self.strides == 1 and in_features == self.features:
-            y = residual_add(self, cfg, y, x, ctx)
+            y = ActQuant(name="residual")(y + x)
         return y
 
 
@@ -112,22 +91,17 @@ class MobileNetV2(nn.Module):
     Attributes:
       num_classes: output classes.
       width_multiplier: channel multiplier (torchvision rounding to multiples of 8).
-      quant_setup: assigns every layer its quantizers.
-      fold_bn: fold BN into the quantized conv weights (the reference does not).
-      dropout_rate: dropout before the classifier in training modes.
+      dropout_rate: dropout before the classifier while training.
       bn_momentum: BatchNorm momentum, Flax convention (PyTorch's 0.1).
       bn_epsilon: BatchNorm epsilon.
       dtype: compute dtype (None: float32).
       depthwise_impl: depth-wise conv implementation (see ``oscqat_jax.nn.depthwise``).
       block_setting: ``(expansion t, channels c, repeats n, first stride s)`` per stage; the
-        paper's Table 2 by default. Small inputs may drop a stride (32x32 digits keep 2x2
-        maps with the sixth stage at stride 1); parameter counts refer to the default.
+        paper's Table 2 by default (:data:`SMALL_INPUT_SETTING` for 32x32 inputs).
     """
 
     num_classes: int = 1000
     width_multiplier: float = 1.0
-    quant_setup: QuantSetup = QuantSetup()
-    fold_bn: bool = False
     dropout_rate: float = 0.0
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
@@ -135,43 +109,43 @@ class MobileNetV2(nn.Module):
     depthwise_impl: str = "auto"
     block_setting: tuple[tuple[int, int, int, int], ...] = INVERTED_RESIDUAL_SETTING
 
-    @nn.compact
-    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-        cfg = BlockConfig(
-            self.quant_setup,
-            self.fold_bn,
-            self.bn_momentum,
-            self.bn_epsilon,
-            self.dtype,
-            self.depthwise_impl,
+    @property
+    def head_index(self) -> int:
+        return 1 + sum(n for _, _, n, _ in self.block_setting)
+
+    def quant_sites(self) -> ModelSites:
+        """Where the paper's roles are, for :func:`~oscqat_jax.nn.setup_rules.setup_rules`."""
+        return ModelSites(
+            first_conv="features_0",
+            classifier="classifier",
+            head_output=f"features_{self.head_index}_out",
+            logits="classifier_out",
         )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        conv_bn = conv_bn_factory(self)
         width = self.width_multiplier
-        channels = make_divisible(STEM_CHANNELS * width)
-        x = cfg.conv_bn_act(
-            self, "features_0", "first_conv", channels, 3, strides=2, activation=jax.nn.relu6
-        )(x, ctx)
+        stem = make_divisible(STEM_CHANNELS * width)
+        x = conv_bn_act(
+            conv_bn, x, "features_0", stem, 3, strides=2, activation=jax.nn.relu6, train=train
+        )
         index = 1
         for t, c, n, s in self.block_setting:
             for repeat in range(n):
                 x = InvertedResidual(
-                    features=make_divisible(c * width),
-                    strides=s if repeat == 0 else 1,
-                    expand_ratio=t,
-                    cfg=cfg,
+                    make_divisible(c * width),
+                    s if repeat == 0 else 1,
+                    t,
+                    conv_bn,
                     name=f"features_{index}",
-                )(x, ctx)
+                )(x, train)
                 index += 1
-        head = cfg.conv_bn_act(
-            self,
-            f"features_{index}",
-            "head",
-            make_divisible(LAST_CHANNELS * max(1.0, width)),
-            1,
-            activation=jax.nn.relu6,
+        head = f"features_{index}"
+        x = conv_bn(make_divisible(LAST_CHANNELS * max(1.0, width)), (1, 1), padding=0, name=head)(
+            x, train
         )
-        x = head(x, ctx)
-        x = global_pool(
-            self, cfg, x, ctx, source=head, source_quantizer="output", source_spec=head.output_quant
-        )
-        x = dropout(self, self.dropout_rate, x, ctx)
-        return cfg.dense(self, "classifier", "classifier", self.num_classes)(x, ctx)
+        head_hook = ActQuant(name=f"{head}_out")
+        x = pool_and_requantize(head_hook(jax.nn.relu6(x)), head_hook)
+        x = dropout(x, self.dropout_rate, train=train)
+        return dense_act(x, "classifier", self.num_classes, dtype=self.dtype)

@@ -1,4 +1,4 @@
-"""MobileNetV3-Small and -Large (Howard et al., 2019) built from quantized layers; NHWC input.
+"""MobileNetV3-Small and -Large (Howard et al., 2019) as plain Flax models; NHWC input.
 
 The architecture of torchvision's ``mobilenet_v3_small`` (2,542,856 parameters at 1000
 classes) and ``mobilenet_v3_large`` (5,483,032): hard-swish, squeeze-excite with a
@@ -7,44 +7,39 @@ symmetric padding, global average pooling. Dropout (torchvision: 0.2) defaults t
 as in the reference's QAT fine-tuning of the other families. The reference code has no
 MobileNetV3.
 
-Module tree and where torchvision's weights go (``i`` = 1..11 Small, 1..15 Large; ``j`` is
-the index of the sub-layer inside torchvision's ``features.i.block``, counting only those
-present: expand (when the expanded width differs from the input), depthwise, squeeze-excite
-(when used), project). Each conv layer holds ``kernel`` (HWIO; PyTorch's OIHW transposed)
-and, where a BatchNorm follows, ``bn/{scale, bias}`` with ``batch_stats`` ``bn/{mean, var}``:
+The network is written with ``ConvBN``, ``nn.Conv``/``nn.Dense`` and ``ActQuant`` hooks and
+quantized by rules (:meth:`MobileNetV3.quant_sites`). Module tree (``i`` = 1..11 Small, 1..15
+Large, ``N`` = the head, 12 Small, 16 Large):
 
-- ``features_0``: ``features.0.0`` + ``features.0.1``.
-- ``features_i/expand``, ``depthwise``, ``project``: ``features.i.block.j.0`` +
-  ``features.i.block.j.1``.
-- ``features_i/se/fc1``, ``se/fc2`` (``kernel`` + ``bias``, no BN):
-  ``features.i.block.j.fc1``, ``fc2``.
-- ``features_N`` (N = 12 Small, 16 Large): ``features.N.0`` + ``features.N.1``.
-- ``classifier_0`` (dense + hard-swish) and ``classifier_3`` (the logits):
-  ``classifier.0`` and ``classifier.3`` (``kernel`` = ``weight`` transposed, ``bias``).
-
-Roles: ``features_0`` first_conv, ``depthwise`` depthwise, ``features_N`` head,
-``classifier_3`` classifier, ``residual`` (``residual_scale`` in blocks with a residual
-connection) residual; every other conv/dense (expand, project, squeeze-excite,
-``classifier_0``) is conv. The squeeze-excite gating product is not quantized.
+- ``features_0``, ``features_i/{expand, depthwise, project}``, ``features_N``: ConvBN, each
+  followed by its output hook ``<name>_out``;
+- ``features_i/se/{fc1, fc2}``: squeeze-excite 1x1 convs with bias (no BN), each followed by
+  its hook ``<name>_out``; the gating product is not quantized;
+- ``features_i/residual``: the hook on a residual sum;
+- ``classifier_0`` (dense + hard-swish), ``classifier_3`` (the logits), each with its hook.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from oscqat_jax.models.common import (
-    BlockConfig,
+from oscqat_jax.models.layers import (
+    CONV_INIT,
+    ModuleDef,
+    conv_bn_act,
+    conv_bn_factory,
+    dense_act,
     dropout,
-    global_pool,
     make_divisible,
-    residual_add,
+    pool_and_requantize,
 )
-from oscqat_jax.nn.config import QuantContext
-from oscqat_jax.nn.setups import QuantSetup
+from oscqat_jax.nn.intercept import ActQuant
+from oscqat_jax.nn.setup_rules import ModelSites
 
 
 class BlockSpec(NamedTuple):
@@ -98,16 +93,19 @@ class SqueezeExcite(nn.Module):
     """``x * hard_sigmoid(fc2(relu(fc1(mean_hw(x)))))`` with 1x1 convs; shape ``(N, H, W, C)`` kept."""
 
     squeeze: int
-    cfg: BlockConfig
+    dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-        cfg = self.cfg
+    def __call__(self, x: jax.Array) -> jax.Array:
         scale = jnp.mean(x, axis=(1, 2), keepdims=True)
-        scale = cfg.conv_act(self, "fc1", "conv", self.squeeze, activation=jax.nn.relu)(scale, ctx)
-        scale = cfg.conv_act(self, "fc2", "conv", x.shape[-1], activation=jax.nn.hard_sigmoid)(
-            scale, ctx
-        )
+        for name, features, activation in (
+            ("fc1", self.squeeze, jax.nn.relu),
+            ("fc2", x.shape[-1], jax.nn.hard_sigmoid),
+        ):
+            conv = nn.Conv(
+                features, (1, 1), padding=0, kernel_init=CONV_INIT, dtype=self.dtype, name=name
+            )
+            scale = ActQuant(name=f"{name}_out")(activation(conv(scale)))
         return x * scale
 
 
@@ -117,36 +115,32 @@ class InvertedResidualV3(nn.Module):
     ``(N, H, W, C_in) -> (N, H / strides, W / strides, features)``; channels already scaled.
     """
 
-    kernel_size: int
-    expanded: int
-    features: int
-    use_se: bool
-    hard_swish: bool
-    strides: int
-    cfg: BlockConfig
+    spec: BlockSpec
+    conv_bn: ModuleDef
+    dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-        cfg, in_features = self.cfg, x.shape[-1]
-        act = jax.nn.hard_swish if self.hard_swish else jax.nn.relu
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        spec, in_features = self.spec, x.shape[-1]
+        act = jax.nn.hard_swish if spec.hard_swish else jax.nn.relu
+        block = functools.partial(conv_bn_act, self.conv_bn, train=train)
         y = x
-        if self.expanded != in_features:
-            y = cfg.conv_bn_act(self, "expand", "conv", self.expanded, 1, activation=act)(y, ctx)
-        y = cfg.conv_bn_act(
-            self,
+        if spec.expanded != in_features:
+            y = block(y, "expand", spec.expanded, 1, activation=act)
+        y = block(
+            y,
             "depthwise",
-            "depthwise",
-            self.expanded,
-            self.kernel_size,
-            strides=self.strides,
-            groups=self.expanded,
+            spec.expanded,
+            spec.kernel_size,
+            strides=spec.strides,
+            groups=spec.expanded,
             activation=act,
-        )(y, ctx)
-        if self.use_se:
-            y = SqueezeExcite(make_divisible(self.expanded // 4), cfg, name="se")(y, ctx)
-        y = cfg.conv_bn_act(self, "project", "conv", self.features, 1)(y, ctx)
-        if self.strides == 1 and in_features == self.features:
-            y = residual_add(self, cfg, y, x, ctx)
+        )
+        if spec.use_se:
+            y = SqueezeExcite(make_divisible(spec.expanded // 4), self.dtype, name="se")(y)
+        y = block(y, "project", spec.features, 1)
+        if spec.strides == 1 and in_features == spec.features:
+            y = ActQuant(name="residual")(y + x)
         return y
 
 
@@ -158,81 +152,70 @@ class MobileNetV3(nn.Module):
       num_classes: output classes.
       width_multiplier: channel multiplier (torchvision's rounding to multiples of 8; the
         last hidden dense layer is scaled too).
-      quant_setup: assigns every layer its quantizers.
-      fold_bn: fold BN into the quantized conv weights.
-      dropout_rate: dropout before the last dense layer in training modes.
+      dropout_rate: dropout before the last dense layer while training.
       bn_momentum: BatchNorm momentum, Flax convention (torchvision's 0.01 is 0.99).
       bn_epsilon: BatchNorm epsilon (torchvision: 1e-3).
       dtype: compute dtype (None: float32).
       depthwise_impl: depth-wise conv implementation (see ``oscqat_jax.nn.depthwise``).
+      block_setting: the blocks (None: the variant's :data:`SETTINGS`); fewer make cheaper
+        tests.
     """
 
     variant: str = "large"
     num_classes: int = 1000
     width_multiplier: float = 1.0
-    quant_setup: QuantSetup = QuantSetup()
-    fold_bn: bool = False
     dropout_rate: float = 0.0
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     dtype: Any = None
     depthwise_impl: str = "auto"
+    block_setting: tuple[BlockSpec, ...] | None = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
+    def _setting(self) -> tuple[BlockSpec, ...]:
         if self.variant not in SETTINGS:
             raise ValueError(f"variant must be 'small' or 'large', got {self.variant!r}.")
-        cfg = BlockConfig(
-            self.quant_setup,
-            self.fold_bn,
-            self.bn_momentum,
-            self.bn_epsilon,
-            self.dtype,
-            self.depthwise_impl,
+        return SETTINGS[self.variant] if self.block_setting is None else self.block_setting
+
+    def quant_sites(self) -> ModelSites:
+        """Where the paper's roles are, for :func:`~oscqat_jax.nn.setup_rules.setup_rules`."""
+        return ModelSites(
+            first_conv="features_0",
+            classifier="classifier_3",
+            head_output=f"features_{len(self._setting()) + 1}_out",
+            logits="classifier_3_out",
         )
-        setting = SETTINGS[self.variant]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        setting = self._setting()
+        conv_bn = conv_bn_factory(self)
 
         def scaled(channels: int) -> int:
             return make_divisible(channels * self.width_multiplier)
 
-        x = cfg.conv_bn_act(
-            self,
+        x = conv_bn_act(
+            conv_bn,
+            x,
             "features_0",
-            "first_conv",
             scaled(STEM_CHANNELS),
             3,
             strides=2,
             activation=jax.nn.hard_swish,
-        )(x, ctx)
+            train=train,
+        )
         for index, spec in enumerate(setting, start=1):
-            x = InvertedResidualV3(
-                kernel_size=spec.kernel_size,
-                expanded=scaled(spec.expanded),
-                features=scaled(spec.features),
-                use_se=spec.use_se,
-                hard_swish=spec.hard_swish,
-                strides=spec.strides,
-                cfg=cfg,
-                name=f"features_{index}",
-            )(x, ctx)
-        head = cfg.conv_bn_act(
-            self,
-            f"features_{len(setting) + 1}",
-            "head",
-            6 * scaled(setting[-1].features),
-            1,
-            activation=jax.nn.hard_swish,
-        )
-        x = head(x, ctx)
-        x = global_pool(
-            self, cfg, x, ctx, source=head, source_quantizer="output", source_spec=head.output_quant
-        )
-        x = cfg.dense(
-            self,
+            spec = spec._replace(expanded=scaled(spec.expanded), features=scaled(spec.features))
+            x = InvertedResidualV3(spec, conv_bn, self.dtype, name=f"features_{index}")(x, train)
+        head = f"features_{len(setting) + 1}"
+        x = conv_bn(6 * scaled(setting[-1].features), (1, 1), padding=0, name=head)(x, train)
+        head_hook = ActQuant(name=f"{head}_out")
+        x = pool_and_requantize(head_hook(jax.nn.hard_swish(x)), head_hook)
+        x = dense_act(
+            x,
             "classifier_0",
-            "conv",
             scaled(LAST_CHANNELS[self.variant]),
+            dtype=self.dtype,
             activation=jax.nn.hard_swish,
-        )(x, ctx)
-        x = dropout(self, self.dropout_rate, x, ctx)
-        return cfg.dense(self, "classifier_3", "classifier", self.num_classes)(x, ctx)
+        )
+        x = dropout(x, self.dropout_rate, train=train)
+        return dense_act(x, "classifier_3", self.num_classes, dtype=self.dtype)

@@ -174,7 +174,12 @@ class QuantizedModel:
         return variables
 
     def calibrate(
-        self, variables: Mapping[str, Any], batches: Iterable[Any], **kwargs
+        self,
+        variables: Mapping[str, Any],
+        batches: Iterable[Any],
+        *,
+        compiler_options: Mapping[str, Any] | None = None,
+        **kwargs,
     ) -> dict[str, Any]:
         """Sets every quantizer's range from data (docs/method.md §3); returns the full variables.
 
@@ -184,7 +189,9 @@ class QuantizedModel:
         updates the range estimators, writes the scales they give and restarts the
         oscillation state from the newly rounded weights; quantizers downstream see the
         already-quantized network. Runs jitted: one compile for the first batch (it
-        creates the range estimators) and one for the rest, per input shape.
+        creates the range estimators) and one for the rest, per input shape;
+        ``compiler_options`` go to those compiles (``jax.jit``'s, e.g. the training
+        program's ``train.fast_compile`` options).
         """
         ctx, sites = QuantContext.create("calibrate"), []
 
@@ -199,7 +206,8 @@ class QuantizedModel:
                 **kwargs,
             )[1]
 
-        step = jax.jit(one_batch)
+        options = None if compiler_options is None else dict(compiler_options)
+        step = jax.jit(one_batch, compiler_options=options)
         variables = _without_dampening(variables)
         count = 0
         for batch in batches:

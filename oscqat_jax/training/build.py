@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from oscqat_jax import models as families
 from oscqat_jax import schedules
 from oscqat_jax.convert import LAYOUTS
-from oscqat_jax.models import plain
 from oscqat_jax.nn import QuantizedModel
 from oscqat_jax.nn.config import RANGE_METHODS
 from oscqat_jax.nn.setups import SETUPS, QuantSetup
@@ -95,8 +95,8 @@ LIMITS: dict[str, Limit] = {
     "data.min_crop_area": Limit(finite(lambda v: 0.0 < v <= 1.0), "use a fraction in (0, 1]"),
     "data.train_subset": Limit(whole(0), "use 0 (all images) or a number of images"),
     "model.name": Limit(
-        lambda v: v in plain.MODELS or is_import_path(v),
-        f"use one of {', '.join(plain.MODELS)}, or the import path package.module:function "
+        lambda v: v in families.MODELS or is_import_path(v),
+        f"use one of {', '.join(families.MODELS)}, or the import path package.module:function "
         "of your own flax.linen model",
     ),
     "model.train_flag": Limit(
@@ -277,7 +277,7 @@ def quant_setup(config: ml_collections.ConfigDict) -> QuantSetup:
 
 
 def plain_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """The plain Flax model of ``config.model`` (:mod:`oscqat_jax.models.plain`), with its
+    """The plain Flax model of ``config.model`` (:mod:`oscqat_jax.models`), with its
     width, block setting and compute dtype (``model.fold_bn`` is a choice of the
     quantization: :func:`quantized_model`)."""
     m = config.model
@@ -287,13 +287,13 @@ def plain_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
     }
     if m.block_setting is not None:
         options["block_setting"] = tuple(tuple(b) for b in m.block_setting)
-    return plain.create_model(m.name, num_classes=num_classes, **options)
+    return families.create_model(m.name, num_classes=num_classes, **options)
 
 
 def quantized_model(config: ml_collections.ConfigDict, num_classes: int) -> QuantizedModel:
     """:func:`plain_model` quantized by the rules of the config's quant setup, BN folded into
     the quantized kernels when ``model.fold_bn`` (what the training program runs)."""
-    return plain.quantize(
+    return families.quantize(
         plain_model(config, num_classes), quant_setup(config), fold_bn=config.model.fold_bn
     )
 

@@ -17,7 +17,7 @@ _NOT_SET = "(not recorded)"
 FORMAT_VERSION = 2
 """The layout of the saved variables, recorded in every checkpoint's metadata: 1 (metadata
 without a version) for the package's ctx models, 2 since the training program runs the plain
-Flax models (``oscqat_jax.models.plain``: a ConvBN's kernel at ``<layer>/conv/kernel``, output
+Flax models (``oscqat_jax.models``: a ConvBN's kernel at ``<layer>/conv/kernel``, output
 quantizers at ``<layer>_out/output_scale``)."""
 VERSION_KEY = "format_version"
 _UNVERSIONED = 1

@@ -23,7 +23,7 @@ call a *forward*, an object with these methods (``variables`` as ``Module.apply`
 
 :class:`RulesForward` runs any ``flax.linen`` model quantized by rules
 (:func:`oscqat_jax.nn.quantize_model`): the training program's forward for the package's
-families (plain Flax models, :mod:`oscqat_jax.models.plain`) and for a user's own model
+families (plain Flax models, :mod:`oscqat_jax.models`) and for a user's own model
 (:mod:`.models`); :class:`~.nnx_forward.NNXForward` runs a ``flax.nnx`` model. :class:`Forward`
 is the interface both satisfy, what the steps, phases and evaluation take.
 """
@@ -154,7 +154,12 @@ class RulesForward:
             compiler_options=compiler_options,
         )
         variables = with_values(jax.device_get(init(key)), variables)
-        return self.quantized.calibrate(variables, _chain(first, batches), **self._flag(False))
+        return self.quantized.calibrate(
+            variables,
+            _chain(first, batches),
+            compiler_options=compiler_options,
+            **self._flag(False),
+        )
 
     def template(self, key, image_shape, first_batch: Callable) -> dict:
         """The shapes of calibrated variables: the range estimators appear only with a

@@ -2,7 +2,7 @@
 package's models by name, or your own ``flax.linen`` model by import path; both are plain
 Flax models quantized by rules (:class:`~oscqat_jax.training.forward.RulesForward`).
 
-The package's models: ``config.model.name`` one of :data:`oscqat_jax.models.plain.MODELS`,
+The package's models: ``config.model.name`` one of :data:`oscqat_jax.models.MODELS`,
 built with ``model.width_multiplier``, ``block_setting`` and ``dtype`` and quantized by the
 rules of ``config.quant`` (:func:`.build.quantized_model`, ``model.fold_bn`` folding BN into
 the quantized kernels); ``model.pretrained`` is a PyTorch checkpoint (or a converted
@@ -95,7 +95,7 @@ def forward_of(config: ml_collections.ConfigDict, source) -> Forward:
 
 def package_forward(config: ml_collections.ConfigDict, num_classes: int) -> RulesForward:
     """The forward of one of the package's families (``config.model.name`` a name of
-    :data:`oscqat_jax.models.plain.MODELS`): the plain model quantized by the rules of
+    :data:`oscqat_jax.models.MODELS`): the plain model quantized by the rules of
     ``config.quant`` (:func:`.build.quantized_model`), called with ``train=...``; its
     ``model.pretrained`` is a PyTorch checkpoint in ``model.pretrained_layout``."""
     return RulesForward(

@@ -42,9 +42,9 @@ from flax import traverse_util
 from onnx import TensorProto, numpy_helper
 from testkit import TEST_BLOCKS
 
+from oscqat_jax import models as families
 from oscqat_jax import quant
 from oscqat_jax.deploy import export_model_onnx, export_onnx, run_onnx
-from oscqat_jax.models import plain
 from oscqat_jax.nn.setups import SETUPS, QuantSetup
 
 NUM_CLASSES = 10
@@ -54,11 +54,11 @@ IMAGE = (28, 28, 3)
 MINMAX = dict(weight_range_method="current_minmax", act_range_method="running_minmax")
 
 
-def tiny_v2(setup: QuantSetup, fold_bn: bool = False) -> plain.QuantizedModel:
-    model = plain.MobileNetV2(
+def tiny_v2(setup: QuantSetup, fold_bn: bool = False) -> families.QuantizedModel:
+    model = families.MobileNetV2(
         num_classes=NUM_CLASSES, width_multiplier=0.25, block_setting=TEST_BLOCKS
     )
-    return plain.quantize(model, setup, fold_bn=fold_bn)
+    return families.quantize(model, setup, fold_bn=fold_bn)
 
 
 def host_variables(qmodel, seed=0):

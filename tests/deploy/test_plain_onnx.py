@@ -1,4 +1,4 @@
-"""ONNX export of the plain model families (``oscqat_jax.models.plain``), quantized by rules.
+"""ONNX export of the plain model families (``oscqat_jax.models``), quantized by rules.
 
 Every family, cut down (narrow, few blocks, small images), quantized at W4A4 ``LSQ_paper``
 (and MobileNetV3-Small per-channel with BN folded), its variables filled on the host (an
@@ -38,6 +38,7 @@ import pytest
 from flax import traverse_util
 from onnx import numpy_helper
 
+from oscqat_jax import models as families
 from oscqat_jax.export.onnx import (
     INPUT_NAME,
     _integer,
@@ -45,8 +46,7 @@ from oscqat_jax.export.onnx import (
     inference_session,
     run_onnx,
 )
-from oscqat_jax.models import plain
-from oscqat_jax.models.plain import efficientnet_lite, mobilenet_v2, mobilenet_v3
+from oscqat_jax.models import efficientnet_lite, mobilenet_v2, mobilenet_v3
 from oscqat_jax.nn.setups import QuantSetup
 
 CLASSES = 10
@@ -67,13 +67,13 @@ class Family:
 FAMILIES = {
     "mobilenet_v2": Family(
         functools.partial(
-            plain.MobileNetV2, block_setting=mobilenet_v2.SMALL_INPUT_SETTING[:2], **MOBILE
+            families.MobileNetV2, block_setting=mobilenet_v2.SMALL_INPUT_SETTING[:2], **MOBILE
         ),
         28,
     ),
     "resnet18": Family(
         functools.partial(
-            plain.ResNet,
+            families.ResNet,
             depth=18,
             num_classes=CLASSES,
             width_multiplier=0.125,
@@ -83,7 +83,7 @@ FAMILIES = {
     ),
     "resnet50": Family(
         functools.partial(
-            plain.ResNet,
+            families.ResNet,
             depth=50,
             num_classes=CLASSES,
             width_multiplier=0.0625,
@@ -93,7 +93,7 @@ FAMILIES = {
     ),
     "mobilenet_v3_small": Family(
         functools.partial(
-            plain.MobileNetV3,
+            families.MobileNetV3,
             variant="small",
             block_setting=mobilenet_v3.SMALL_SETTING[:5],
             **MOBILE,
@@ -102,7 +102,7 @@ FAMILIES = {
     ),
     "mobilenet_v3_large": Family(
         functools.partial(
-            plain.MobileNetV3,
+            families.MobileNetV3,
             variant="large",
             block_setting=(*mobilenet_v3.LARGE_SETTING[:5], mobilenet_v3.LARGE_SETTING[6]),
             **MOBILE,
@@ -111,7 +111,10 @@ FAMILIES = {
     ),
     "efficientnet_lite0": Family(
         functools.partial(
-            plain.EfficientNetLite, variant="lite0", stages=efficientnet_lite.STAGES[:3], **MOBILE
+            families.EfficientNetLite,
+            variant="lite0",
+            stages=efficientnet_lite.STAGES[:3],
+            **MOBILE,
         ),
         24,
     ),
@@ -167,7 +170,7 @@ def prepared(name: str):
     if name not in _PREPARED:
         family, setup, fold_bn = CASES[name]
         spec = FAMILIES[family]
-        qmodel = plain.quantize(spec.build(), setup, fold_bn=fold_bn)
+        qmodel = families.quantize(spec.build(), setup, fold_bn=fold_bn)
         rng = np.random.default_rng(0)
         shape = (BATCH, spec.image, spec.image, 3)
         calibration, images = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))

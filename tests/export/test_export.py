@@ -1,5 +1,5 @@
 """Tests of oscqat_jax.export on the package's MobileNetV2 (a plain model quantized by
-rules, ``oscqat_jax.models.plain``): round trips through both formats, the stored integers
+rules, ``oscqat_jax.models``): round trips through both formats, the stored integers
 and the folded BN, the file size of a real network, and the errors. The folded layout of
 every family is tests/export/test_folded_export.py's, a user's model's
 tests/export/test_any_model_export.py's.
@@ -25,8 +25,8 @@ from flax import traverse_util
 from testkit import TEST_BLOCKS
 
 from oscqat_jax import export, quant, weight_files
+from oscqat_jax import models as families
 from oscqat_jax.export import fileformat
-from oscqat_jax.models import plain
 from oscqat_jax.nn import collect
 from oscqat_jax.nn.setups import QuantSetup
 
@@ -36,10 +36,10 @@ FROZEN_LAYER = "features_2/expand"
 LOGIT_ATOL = 1e-5  # the folded BN's float rounding on logits of magnitude ~1 (measured ~1e-6)
 
 
-def tiny_model(setup=W4A4, fold_bn=False) -> plain.QuantizedModel:
+def tiny_model(setup=W4A4, fold_bn=False) -> families.QuantizedModel:
     """A MobileNetV2 with three inverted-residual blocks, 4 classes, quantized by ``setup``."""
-    model = plain.MobileNetV2(num_classes=4, width_multiplier=0.25, block_setting=TEST_BLOCKS)
-    return plain.quantize(model, setup, fold_bn=fold_bn)
+    model = families.MobileNetV2(num_classes=4, width_multiplier=0.25, block_setting=TEST_BLOCKS)
+    return families.quantize(model, setup, fold_bn=fold_bn)
 
 
 def host_variables(qmodel, input_shape, seed=0):
@@ -226,7 +226,7 @@ def test_a_4_bit_export_is_packed_to_a_fraction_of_its_float_parameters(tmp_path
     setup = QuantSetup(
         n_bits=4, weight_range_method="current_minmax", act_range_method="current_minmax"
     )
-    qmodel = plain.quantize(plain.create_model(name, num_classes=1000), setup)
+    qmodel = families.quantize(families.create_model(name, num_classes=1000), setup)
     image = np.zeros((1, 32, 32, 3), np.float32)
     variables = host_variables(qmodel, image.shape[1:])
     # Marked calibrated as a loaded export is (min-max ranges keep no accumulator).
@@ -302,9 +302,9 @@ def test_files_of_another_format_version_or_without_manifest_are_refused(tmp_pat
     np.savez(tmp_path / "v99.npz", **{export.MANIFEST_KEY: np.asarray(json.dumps(manifest))})
     with pytest.raises(ValueError, match="format version 99, but this code reads version 4 or 5"):
         export.load_export(tmp_path / "v99.npz")
-    np.savez(tmp_path / "plain.npz", kernel=np.zeros(3))
+    np.savez(tmp_path / "families.npz", kernel=np.zeros(3))
     with pytest.raises(ValueError, match="is not an oscqat_jax export"):
-        export.load_export(tmp_path / "plain.npz")
+        export.load_export(tmp_path / "families.npz")
 
 
 def test_a_call_without_a_model_is_refused(tiny, tmp_path):
@@ -322,7 +322,7 @@ def test_uncalibrated_variables_are_refused(tmp_path):
     uncalibrated = host_variables(qmodel, TINY_INPUT)
     with pytest.raises(ValueError, match="not calibrated .*features_0/weight_range"):
         export_tiny(tmp_path / "a.npz", qmodel, uncalibrated)
-    float_variables = host_variables(plain.quantize(qmodel.model, "float"), TINY_INPUT)
+    float_variables = host_variables(families.quantize(qmodel.model, "float"), TINY_INPUT)
     with pytest.raises(ValueError, match="no quantizer scale params/features_0/weight_scale"):
         export_tiny(tmp_path / "a.npz", qmodel, float_variables)
     assert not list(tmp_path.iterdir())

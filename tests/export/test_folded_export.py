@@ -1,5 +1,5 @@
 """The native export of the package's families as plain Flax models quantized by rules
-(``oscqat_jax.models.plain``): BatchNorm folded at every quantized ConvBN site (format
+(``oscqat_jax.models``): BatchNorm folded at every quantized ConvBN site (format
 version 5), the file loaded back (``load_export(path, model=qmodel)``) giving the trained
 model's eval logits, per family, per-tensor and per-channel, ``fold_bn`` off and on.
 
@@ -25,9 +25,9 @@ import pytest
 from flax import traverse_util
 
 from oscqat_jax import export, quant, weight_files
+from oscqat_jax import models as families
 from oscqat_jax.export import fileformat
-from oscqat_jax.models import plain
-from oscqat_jax.models.plain import efficientnet_lite, mobilenet_v2, mobilenet_v3
+from oscqat_jax.models import efficientnet_lite, mobilenet_v2, mobilenet_v3
 from oscqat_jax.nn.setups import QuantSetup
 
 CLASSES = 10
@@ -40,37 +40,37 @@ W4A4 = QuantSetup("LSQ_paper", 4)
 ATOL = 1e-5
 
 FAMILIES = {
-    "mobilenet_v2": lambda: plain.MobileNetV2(
+    "mobilenet_v2": lambda: families.MobileNetV2(
         num_classes=CLASSES,
         width_multiplier=0.25,
         block_setting=mobilenet_v2.SMALL_INPUT_SETTING[:2],
         depthwise_impl=IMPL,
     ),
-    "mobilenet_v3_small": lambda: plain.MobileNetV3(
+    "mobilenet_v3_small": lambda: families.MobileNetV3(
         variant="small",
         num_classes=CLASSES,
         width_multiplier=0.25,
         block_setting=mobilenet_v3.SMALL_SETTING[:4],
         depthwise_impl=IMPL,
     ),
-    "mobilenet_v3_large": lambda: plain.MobileNetV3(
+    "mobilenet_v3_large": lambda: families.MobileNetV3(
         variant="large",
         num_classes=CLASSES,
         width_multiplier=0.25,
         block_setting=(*mobilenet_v3.LARGE_SETTING[:5], mobilenet_v3.LARGE_SETTING[6]),
         depthwise_impl=IMPL,
     ),
-    "efficientnet_lite0": lambda: plain.EfficientNetLite(
+    "efficientnet_lite0": lambda: families.EfficientNetLite(
         variant="lite0",
         num_classes=CLASSES,
         width_multiplier=0.25,
         stages=efficientnet_lite.STAGES[:3],
         depthwise_impl=IMPL,
     ),
-    "resnet18": lambda: plain.ResNet(
+    "resnet18": lambda: families.ResNet(
         depth=18, num_classes=CLASSES, width_multiplier=0.125, stage_sizes=(1, 1, 1, 2)
     ),
-    "resnet50": lambda: plain.ResNet(
+    "resnet50": lambda: families.ResNet(
         depth=50, num_classes=CLASSES, width_multiplier=0.0625, stage_sizes=(1, 1, 1, 1)
     ),
 }
@@ -131,7 +131,7 @@ def _with_frozen_weights(variables: dict) -> tuple[dict, str]:
 
 @dataclasses.dataclass
 class Trained:
-    qmodel: plain.QuantizedModel
+    qmodel: families.QuantizedModel
     variables: dict
     logits: np.ndarray  # eval logits of the trained model on TEST_IMAGES
     frozen_site: str
@@ -144,7 +144,7 @@ TEST_IMAGES = images(4, seed=7)
 def trained(family: str, setup: QuantSetup, per_channel: bool, fold_bn: bool) -> Trained:
     """A calibrated cut-down model of ``family`` with random BN and frozen weights."""
     setup = dataclasses.replace(setup, per_channel=per_channel)
-    qmodel = plain.quantize(FAMILIES[family](), setup, fold_bn=fold_bn)
+    qmodel = families.quantize(FAMILIES[family](), setup, fold_bn=fold_bn)
     variables = qmodel.calibrate(host_variables(qmodel, seed=1), [images(8, 2)], train=False)
     variables, site = _with_frozen_weights(variables)
     logits = np.asarray(_eval(qmodel)(variables, TEST_IMAGES))

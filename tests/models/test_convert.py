@@ -25,7 +25,7 @@ from flax import traverse_util
 from torch_references import NETWORKS, parameter_count, state_dict_shapes
 
 from oscqat_jax import convert
-from oscqat_jax.models import plain
+from oscqat_jax import models as families
 from oscqat_jax.nn.quantizer import is_quantizer_param
 from oscqat_jax.nn.setups import QuantSetup
 
@@ -53,7 +53,7 @@ def _random_state_dict(keys, seed=0):
 
 def _model(name, quant_setup, num_classes=1000):
     """The plain model ``name`` quantized by the rules of ``quant_setup``."""
-    return plain.quantize(plain.create_model(name, num_classes=num_classes), quant_setup)
+    return families.quantize(families.create_model(name, num_classes=num_classes), quant_setup)
 
 
 def _template(name, quant_setup, num_classes=1000):
@@ -118,9 +118,9 @@ def test_every_tensor_lands_once_in_the_quantized_model(name, layout):
     assert len(result.untouched) + len(params) == len(jax.tree_util.tree_leaves(template["params"]))
 
 
-@pytest.mark.parametrize("name", list(plain.MODELS))
+@pytest.mark.parametrize("name", list(families.MODELS))
 def test_models_are_known_by_their_registry_name(name):
-    model = plain.create_model(name, num_classes=10)
+    model = families.create_model(name, num_classes=10)
     assert convert.model_name_of(model) == name
     assert convert.layouts_of(model)[-1] == "converted"
 
@@ -335,13 +335,13 @@ def test_command_writes_an_npz_that_loads_into_a_quantized_model(
 def test_a_converted_file_of_the_ctx_models_loads_onto_the_plain_paths(tmp_path, resnet18_template):
     state_dict = _random_state_dict(state_dict_shapes("resnet18", "torchvision"))
     conversion = convert.convert_state_dict(state_dict, "resnet18", resnet18_template)
-    convert.save_converted(tmp_path / "plain.npz", conversion)
+    convert.save_converted(tmp_path / "families.npz", conversion)
     # The same weights as the ctx models kept them: a ConvBN's kernel at <layer>/kernel.
-    arrays = dict(np.load(tmp_path / "plain.npz"))
+    arrays = dict(np.load(tmp_path / "families.npz"))
     old = {k.replace("/conv/kernel", "/kernel"): v for k, v in arrays.items()}
     assert len(old) == len(arrays) and "params/layer1_0/conv1/kernel" in old
     np.savez(tmp_path / "ctx.npz", **old)
-    new = convert.load_pretrained(tmp_path / "plain.npz", "resnet18", resnet18_template)
+    new = convert.load_pretrained(tmp_path / "families.npz", "resnet18", resnet18_template)
     loaded = convert.load_pretrained(tmp_path / "ctx.npz", "resnet18", resnet18_template)
     assert convert.detect_layout(old, "resnet18", resnet18_template) == "converted"
     for collection in ("params", "batch_stats"):

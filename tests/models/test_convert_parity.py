@@ -4,7 +4,7 @@ For each network of ``torch_references`` (written after torchvision, timm and th
 reference): random weights, BN scales and shifts, and BN statistics averaged over a few
 train-mode passes on random batches (so eval-mode activations stay O(1) and the logits depend
 on the input); the state dict goes through a ``.pth`` file and ``convert.load_pretrained``
-into our plain model (``oscqat_jax.models.plain``, what the training program runs). Three checks, measured as the largest absolute logit difference over
+into our plain model (``oscqat_jax.models``, what the training program runs). Three checks, measured as the largest absolute logit difference over
 the largest absolute PyTorch logit:
 
 - the converted model gives PyTorch's eval-mode logits within ``TOLERANCE`` (float32);
@@ -31,7 +31,7 @@ import torch_references
 from flax import traverse_util
 
 from oscqat_jax import convert
-from oscqat_jax.models import plain
+from oscqat_jax import models as families
 from oscqat_jax.training.step import FAST_COMPILE
 
 TOLERANCE = 1e-4
@@ -104,7 +104,7 @@ def _parity(name: str, layout: str) -> Parity:
     finally:
         torch.set_num_threads(threads)
 
-    model = plain.create_model(name, num_classes=NUM_CLASSES)
+    model = families.create_model(name, num_classes=NUM_CLASSES)
     nhwc = x.transpose(0, 2, 3, 1)
     template = jax.eval_shape(
         model.init, jax.random.key(0), jax.ShapeDtypeStruct(nhwc.shape, jnp.float32)

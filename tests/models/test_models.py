@@ -1,4 +1,4 @@
-"""Tests of the plain model families (oscqat_jax.models.plain): parameter counts against the
+"""Tests of the plain model families (oscqat_jax.models): parameter counts against the
 official models, the registry, the quantizer variables the rules add, input sizes, compute
 dtype and BN folding, width multipliers, and bad options refused in one sentence. (Every
 family and setup taking a train step is tests/training/test_package_models.py's.)
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from oscqat_jax.models import plain
-from oscqat_jax.models.plain import MODELS, MobileNetV2, ResNet, create_model
+from oscqat_jax import models as families
+from oscqat_jax.models import MODELS, MobileNetV2, ResNet, create_model
 
 SMALL = (2, 32, 32, 3)
 
@@ -52,13 +52,13 @@ def test_parameter_counts(name):
 def test_registry_covers_the_counted_models():
     assert set(MODELS) == set(PARAM_COUNTS)
     for name in MODELS:
-        assert plain.model_name_of(create_model(name, num_classes=10)) == name
+        assert families.model_name_of(create_model(name, num_classes=10)) == name
 
 
 def test_quantized_model_adds_only_quantizer_parameters():
     model = create_model("mobilenet_v2", num_classes=1000)
     floats = traverse_util.flatten_dict(abstract_variables(model)["params"])
-    quantized = abstract_variables(plain.quantize(model, "LSQ_paper"))
+    quantized = abstract_variables(families.quantize(model, "LSQ_paper"))
     params = traverse_util.flatten_dict(quantized["params"])
     added = {k for k in params if k not in floats}
     assert floats.keys() <= params.keys()
@@ -84,7 +84,7 @@ def test_mobilenet_v2_input_sizes():
 def test_small_input_setting_keeps_the_resolution_of_32x32_images_longer():
     x = jax.ShapeDtypeStruct(SMALL, jnp.float32)
     default = MobileNetV2(num_classes=10)
-    small = MobileNetV2(num_classes=10, block_setting=plain.mobilenet_v2.SMALL_INPUT_SETTING)
+    small = MobileNetV2(num_classes=10, block_setting=families.mobilenet_v2.SMALL_INPUT_SETTING)
     # The same layers and parameters, fewer strides: more compute per image.
     assert jax.tree.structure(abstract_variables(small)) == jax.tree.structure(
         abstract_variables(default)
@@ -98,7 +98,7 @@ def test_small_input_setting_keeps_the_resolution_of_32x32_images_longer():
 
 def test_dtype_and_fold_bn_pass_through():
     model = MobileNetV2(num_classes=10, width_multiplier=0.25, dtype=jnp.bfloat16)
-    folded = plain.quantize(model, "LSQ_paper", fold_bn=True)
+    folded = families.quantize(model, "LSQ_paper", fold_bn=True)
     variables = abstract_variables(folded)
     out, _ = jax.eval_shape(
         lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
@@ -109,7 +109,7 @@ def test_dtype_and_fold_bn_pass_through():
     params = jax.tree.leaves(variables["params"])
     assert {str(p.dtype) for p in params} == {"float32"}  # parameters and scales stay float32
     # Folding keeps the unfolded layout, so checkpoints move between the two.
-    unfolded = abstract_variables(plain.quantize(model, "LSQ_paper"))
+    unfolded = abstract_variables(families.quantize(model, "LSQ_paper"))
     assert jax.tree.structure(unfolded) == jax.tree.structure(variables)
 
 
@@ -158,6 +158,14 @@ def test_resnet_rejects_bad_depth():
             "mobilenet_v2 has no option quant_setup; its options are ",
         ),
         (dict(name="mobilenet_v2", num_classes=0), "num_classes must be a positive int"),
+        (
+            dict(name="resnet18", width_multiplier=0),
+            "width_multiplier must be a positive number, got 0",
+        ),
+        (
+            dict(name="mobilenet_v2", width_multiplier=-0.5),
+            "width_multiplier must be a positive number, got -0.5",
+        ),
     ],
 )
 def test_create_model_errors(kwargs, match):

@@ -1,6 +1,6 @@
 """The plain models against stored references of the package's ctx models (issue 22).
 
-The parity gate ran each family's plain model (``oscqat_jax.models.plain``, quantized by
+The parity gate ran each family's plain model (``oscqat_jax.models``, quantized by
 rules) beside its ctx model on the same weights. The ctx models are gone from later trees;
 ``tests/models/make_plain_reference.py`` ran them, at the commit that
 ``data/plain_reference.json`` records, and stored under the plain models' paths what they
@@ -64,8 +64,8 @@ from flax import traverse_util
 if __name__ == "__main__":  # run as a script from a clone: the package is the repository's
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from oscqat_jax.models import plain
-from oscqat_jax.models.plain import efficientnet_lite, mobilenet_v2, mobilenet_v3
+from oscqat_jax import models as families
+from oscqat_jax.models import efficientnet_lite, mobilenet_v2, mobilenet_v3
 from oscqat_jax.nn.rules import QuantRule
 from oscqat_jax.nn.setups import QuantSetup
 
@@ -90,32 +90,36 @@ MOBILE = dict(num_classes=CLASSES, depthwise_impl=IMPL, width_multiplier=0.25)
 FAMILIES = {
     # name: a cut-down plain model (narrow, few blocks, 32x32 images)
     "mobilenet_v2": functools.partial(
-        plain.MobileNetV2, **dict(MOBILE, block_setting=mobilenet_v2.SMALL_INPUT_SETTING[:2])
+        families.MobileNetV2, **dict(MOBILE, block_setting=mobilenet_v2.SMALL_INPUT_SETTING[:2])
     ),
     "resnet18": functools.partial(
-        plain.ResNet,
+        families.ResNet,
         depth=18,
         num_classes=CLASSES,
         width_multiplier=0.125,
         stage_sizes=(1, 1, 1, 2),
     ),
     "resnet50": functools.partial(
-        plain.ResNet, depth=50, num_classes=CLASSES, width_multiplier=0.0625, stage_sizes=(1,) * 4
+        families.ResNet,
+        depth=50,
+        num_classes=CLASSES,
+        width_multiplier=0.0625,
+        stage_sizes=(1,) * 4,
     ),
     "mobilenet_v3_small": functools.partial(
-        plain.MobileNetV3,
+        families.MobileNetV3,
         variant="small",
         block_setting=mobilenet_v3.SMALL_SETTING[:5],  # SE + ReLU, stride 2, residual, 5x5
         **MOBILE,
     ),
     "mobilenet_v3_large": functools.partial(
-        plain.MobileNetV3,
+        families.MobileNetV3,
         variant="large",
         block_setting=(*mobilenet_v3.LARGE_SETTING[:5], mobilenet_v3.LARGE_SETTING[6]),
         **MOBILE,
     ),
     "efficientnet_lite0": functools.partial(
-        plain.EfficientNetLite,
+        families.EfficientNetLite,
         variant="lite0",
         stages=efficientnet_lite.STAGES[:3],  # depth-wise separable, inverted residuals, 5x5
         **MOBILE,
@@ -434,7 +438,7 @@ class PlainRun:
     def __init__(self, case: Case, rules=None, fold_bn: bool | None = None):
         self.model = FAMILIES[case.family]()
         fold_bn = case.fold_bn if fold_bn is None else fold_bn
-        self.qmodel = plain.quantize(self.model, case.quant_setup, fold_bn=fold_bn)
+        self.qmodel = families.quantize(self.model, case.quant_setup, fold_bn=fold_bn)
         if rules is not None:
             self.qmodel = dataclasses.replace(self.qmodel, rules=rules)
         self.float = case.setup == "float"
@@ -576,7 +580,7 @@ def test_float_depthwise_convs_break_agreement():
 def test_a_pool_call_that_updates_the_range_breaks_agreement(monkeypatch):
     """The tied pool quantizer fed to the head hook's range estimator a second time."""
     monkeypatch.setattr(
-        plain.mobilenet_v2, "pool_and_requantize", lambda x, hook: hook(x.mean(axis=(1, 2)))
+        families.mobilenet_v2, "pool_and_requantize", lambda x, hook: hook(x.mean(axis=(1, 2)))
     )
     assert "features_4_out/output_" in _first_disagreement()  # the head hook's scale or range
 

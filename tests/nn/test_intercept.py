@@ -250,6 +250,22 @@ def test_calibrate_sets_scales_from_data_and_needs_a_batch(net):
         model.calibrate(variables, [])
 
 
+def test_calibrate_compiles_with_the_compiler_options_it_is_given(net):
+    """The training program's ``train.fast_compile`` options reach calibration's compiles:
+    XLA rejects an option it does not know, which it can only do if the option is passed."""
+    model, variables = net
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        model.calibrate(
+            variables, [X], compiler_options={"xla_no_such_option": True}, train=False
+        )
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    got = model.calibrate(variables, [X], compiler_options=fast, train=False)
+    want = model.calibrate(variables, [X], train=False)
+    np.testing.assert_allclose(
+        got["params"]["conv"]["weight_scale"], want["params"]["conv"]["weight_scale"], rtol=1e-5
+    )
+
+
 def test_a_user_step_compiles_once_while_the_freezing_threshold_changes(calibrated):
     model, variables = calibrated
     traces = []

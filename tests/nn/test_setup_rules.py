@@ -15,7 +15,7 @@ import jax
 import pytest
 from nn_helpers import paper_roles
 
-from oscqat_jax.models import plain
+from oscqat_jax import models as families
 from oscqat_jax.nn.config import FLOAT, LayerQuant
 from oscqat_jax.nn.intercept import quantize_model
 from oscqat_jax.nn.setup_rules import setup_rules
@@ -42,12 +42,14 @@ OPTIONS = {
 
 def model(family: str):
     if family == "mobilenet_v2":
-        return plain.MobileNetV2(
+        return families.MobileNetV2(
             num_classes=10,
             width_multiplier=0.25,
-            block_setting=plain.mobilenet_v2.SMALL_INPUT_SETTING[:2],
+            block_setting=families.mobilenet_v2.SMALL_INPUT_SETTING[:2],
         )
-    return plain.ResNet(depth=18, num_classes=10, width_multiplier=0.125, stage_sizes=(1, 1, 1, 2))
+    return families.ResNet(
+        depth=18, num_classes=10, width_multiplier=0.125, stage_sizes=(1, 1, 1, 2)
+    )
 
 
 def site_quant(got: dict, path: str, role: str) -> LayerQuant:

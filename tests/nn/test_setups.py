@@ -8,7 +8,7 @@ import jax
 import pytest
 from nn_helpers import paper_roles
 
-from oscqat_jax.models import plain
+from oscqat_jax import models as families
 from oscqat_jax.nn.setups import ROLES, SETUPS, QuantSetup
 
 N_BITS, N_BITS_ACT = 3, 5  # distinct, so a weight/activation mix-up shows
@@ -83,7 +83,7 @@ def bits(layer_quant):
 @pytest.fixture(scope="module")
 def roles() -> dict[str, str]:
     """MobileNetV2's ``{site path: role}``; the model's sites and roles do not depend on the setup."""
-    model = plain.MobileNetV2(num_classes=10, width_multiplier=1.0)
+    model = families.MobileNetV2(num_classes=10, width_multiplier=1.0)
     return paper_roles(model, jax.ShapeDtypeStruct((1, 32, 32, 3), "float32"))
 
 

@@ -1,5 +1,5 @@
 """The package's families in the training program (training/models.py ``package_forward``):
-each is its plain Flax model (``oscqat_jax.models.plain``) quantized by the rules of the
+each is its plain Flax model (``oscqat_jax.models``) quantized by the rules of the
 config, with every option the config accepts; the steps take them abstractly (``eval_shape``,
 nothing compiled) except one real run of a family other than the tiny config's MobileNetV2.
 """
@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 from testkit import tiny_config
 
-from oscqat_jax.models import plain
+from oscqat_jax import models as families
 from oscqat_jax.nn import intercept
 from oscqat_jax.nn.quantizer import split_quantizer_param
 from oscqat_jax.nn.setups import SETUPS
@@ -87,7 +87,7 @@ def test_a_package_family_is_a_rules_forward_over_its_plain_model():
     forward = models.forward_of(config, data.load_dataset(config.data))
     assert isinstance(forward, RulesForward)
     model = forward.model
-    assert isinstance(model, plain.MobileNetV2)
+    assert isinstance(model, families.MobileNetV2)
     assert model.width_multiplier == config.model.width_multiplier == 0.25
     assert model.block_setting == tuple(map(tuple, config.model.block_setting))
     assert model.num_classes == config.data.num_classes
@@ -100,7 +100,9 @@ def test_a_package_family_is_a_rules_forward_over_its_plain_model():
 # Every architecture at width 0.25 with the defaults of the tiny config (LSQ_paper, 3 bits);
 # about 10 s each on 2 CPU cores. EfficientNet-lite1-3 are lite0's blocks at widths and depths
 # between lite0's and lite4's, which are both here.
-ARCHITECTURES = [n for n in plain.MODELS if n not in {f"efficientnet_lite{i}" for i in (1, 2, 3)}]
+ARCHITECTURES = [
+    n for n in families.MODELS if n not in {f"efficientnet_lite{i}" for i in (1, 2, 3)}
+]
 
 
 @pytest.mark.slow
@@ -108,7 +110,7 @@ ARCHITECTURES = [n for n in plain.MODELS if n not in {f"efficientnet_lite{i}" fo
 def test_every_family_builds_and_takes_a_train_step(name):
     config = _config(name)
     forward = models.package_forward(config, CLASSES)
-    assert plain.model_name_of(forward.model) == name
+    assert families.model_name_of(forward.model) == name
     variables, state, metrics = _abstract_step(forward, config)
     params = _leaves(variables["params"])
     kernels = [p for p in params if p.endswith("/kernel")]
@@ -233,5 +235,5 @@ def test_another_family_trains_end_to_end_with_folded_per_channel_quantizers(tmp
     finally:
         context.close_run(ctx)
     params = _leaves(state.params)
-    assert isinstance(forward.model, plain.ResNet) and "layer1_0/conv1/conv/kernel" in params
+    assert isinstance(forward.model, families.ResNet) and "layer1_0/conv1/conv/kernel" in params
     assert np.shape(params["layer1_0/conv1/weight_scale"])[-1] == 8  # per channel

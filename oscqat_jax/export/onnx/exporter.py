@@ -112,7 +112,7 @@ like any other quantized conv. A function jitted and traced before keeps its fir
 that holds the shifted form, the export says so instead of writing slices.
 
 :func:`export_model_onnx` exports a model and its variables: a Linen model quantized by rules
-(``oscqat_jax.nn.quantize_model``; the package's families: ``oscqat_jax.models.plain.quantize``;
+(``oscqat_jax.nn.quantize_model``; the package's families: ``oscqat_jax.models.quantize``;
 run in ``eval`` mode) or an NNX model (quantized by ``quantize_nnx`` or not; a copy in ``eval()`` with its quantizers in
 ``"eval"`` is traced, the model itself is left as it is).
 """
@@ -268,7 +268,7 @@ def export_model_onnx(
 
     Args:
       model: a ``QuantizedModel`` (``oscqat_jax.nn.quantize_model``; the package's families:
-        ``oscqat_jax.models.plain.quantize``) or a ``flax.nnx`` model.
+        ``oscqat_jax.models.quantize``) or a ``flax.nnx`` model.
       variables: the Linen model's variables; None for an NNX model, which holds its own.
       path: file to write (atomically), or None.
       input_shape: one image ``(H, W, C)``.
@@ -316,7 +316,7 @@ def _inference_function(model, variables, model_kwargs: dict):
         raise ValueError(
             f"export_model_onnx takes a Linen model quantized by rules, got the plain "
             f"{type(model).__name__}; pass quantize_model(model, rules) (the package's "
-            "families: oscqat_jax.models.plain.quantize(model, setup)), or export a float "
+            "families: oscqat_jax.models.quantize(model, setup)), or export a float "
             "function with export_onnx."
         )
     if not isinstance(model, QuantizedModel):

@@ -15,11 +15,11 @@ from collections.abc import Callable
 
 import flax.linen as nn
 
-from oscqat_jax.models.plain.efficientnet_lite import VARIANTS as EFFICIENTNET_LITE_VARIANTS
-from oscqat_jax.models.plain.efficientnet_lite import EfficientNetLite
-from oscqat_jax.models.plain.mobilenet_v2 import MobileNetV2
-from oscqat_jax.models.plain.mobilenet_v3 import MobileNetV3
-from oscqat_jax.models.plain.resnet import ResNet
+from oscqat_jax.models.efficientnet_lite import VARIANTS as EFFICIENTNET_LITE_VARIANTS
+from oscqat_jax.models.efficientnet_lite import EfficientNetLite
+from oscqat_jax.models.mobilenet_v2 import MobileNetV2
+from oscqat_jax.models.mobilenet_v3 import MobileNetV3
+from oscqat_jax.models.resnet import ResNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v2": MobileNetV2,
@@ -62,6 +62,9 @@ def create_model(name: str, *, num_classes: int, **options) -> nn.Module:
         raise ValueError(
             f"{name} has no option {', '.join(unknown)}; its options are {', '.join(valid)}."
         )
+    width = options.get("width_multiplier", 1.0)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise ValueError(f"width_multiplier must be a positive number, got {width!r}.")
     return MODELS[name](num_classes=num_classes, **options)
 
 
@@ -73,7 +76,7 @@ def model_name_of(model: nn.Module) -> str:
         if type(model) is cls and all(getattr(model, k) == v for k, v in fixed.items()):
             return name
     raise ValueError(
-        f"{type(model).__name__} is not a model of oscqat_jax.models.plain.MODELS; name one of "
+        f"{type(model).__name__} is not a model of oscqat_jax.models.MODELS; name one of "
         f"{', '.join(MODELS)}."
     )
 
