@@ -8,9 +8,9 @@ site into per-channel scales and one bias per channel (format version 5).
 
 Each model is built at its real size (1000 classes, ``--resolution`` 224), its variables
 filled on the host from an abstract init (He-normal kernels, random BN parameters and
-statistics) and calibrated on one random image with min-max ranges (``current_minmax``: the
-``.safetensors`` size does not depend on the values, the ``.npz`` one does, as the integers'
-spread sets how well they deflate), then exported to ``.safetensors`` (uncompressed) and
+statistics) and calibrated on one random image with min-max ranges (``current_minmax``; the
+setup's own MSE ranges with ``--ranges=mse``: the ``.safetensors`` size does not depend on
+the values, the ``.npz`` one does, as the integers' spread sets how well they deflate), then exported to ``.safetensors`` (uncompressed) and
 ``.npz`` (deflated). Prints one JSON line per model, then a table: the float32 bytes of the
 float model's ``params``, each file's bytes and ratio, and where the ``.safetensors`` bytes
 go: the packed 4-bit kernels (``packed_bytes``), the int8 kernels (``int8_bytes``: the first
@@ -133,14 +133,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--n_bits", type=int, default=4, help="weight and activation bits")
     parser.add_argument("--fold_bn", action="store_true", help="quantize BN-folded kernels")
     parser.add_argument("--resolution", type=int, default=224, help="input size")
+    parser.add_argument(
+        "--ranges",
+        default="minmax",
+        choices=("minmax", "mse"),
+        help="range initialisation of the scales: min-max (default) or the setup's MSE",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models.split(",")) - set(FAMILIES))
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; use any of {', '.join(FAMILIES)}")
     setup = QuantSetup(name=args.setup, n_bits=args.n_bits)
-    setup = dataclasses.replace(
-        setup, weight_range_method="current_minmax", act_range_method="current_minmax"
-    )
+    if args.ranges == "minmax":
+        setup = dataclasses.replace(
+            setup, weight_range_method="current_minmax", act_range_method="current_minmax"
+        )
     records = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
