@@ -217,7 +217,10 @@ def expected_bytes(qmodel, variables, image):
     return total + sum(1 for k in signed if k.endswith("_signed"))
 
 
-@pytest.mark.parametrize(("name", "ratio"), [("mobilenet_v2", 5.3), ("resnet18", 7.5)])
+@pytest.mark.parametrize(
+    ("name", "ratio"),
+    [pytest.param("mobilenet_v2", 5.3, marks=pytest.mark.slow), ("resnet18", 7.5)],
+)
 def test_a_4_bit_export_is_packed_to_a_fraction_of_its_float_parameters(tmp_path, name, ratio):
     # Full-size networks with 1000 classes, their variables filled on the host (the file's
     # size does not depend on their values; min-max ranges need no calibration). LSQ_paper
@@ -248,6 +251,7 @@ def test_a_4_bit_export_is_packed_to_a_fraction_of_its_float_parameters(tmp_path
     assert float_bytes / size >= ratio
 
 
+@pytest.mark.slow
 def test_asymmetric_per_channel_quantizers_and_folded_bn_round_trip(tmp_path):
     # The `all` setup adds output, residual and pooling quantizers. (ResNet-18 round-trips
     # the same way but costs three times as long to compile; nothing here is depth-wise.)

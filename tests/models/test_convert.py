@@ -126,7 +126,7 @@ def test_models_are_known_by_their_registry_name(name):
 
 
 def test_a_model_outside_the_registry_is_named():
-    with pytest.raises(ValueError, match=r"^Dense is not a model of oscqat_jax\.models\.plain"):
+    with pytest.raises(ValueError, match=r"^Dense is not a model of oscqat_jax\.models\.MODELS"):
         convert.model_name_of(nn.Dense(3))
 
 

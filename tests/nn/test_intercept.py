@@ -255,9 +255,7 @@ def test_calibrate_compiles_with_the_compiler_options_it_is_given(net):
     XLA rejects an option it does not know, which it can only do if the option is passed."""
     model, variables = net
     with pytest.raises(Exception, match="xla_no_such_option"):
-        model.calibrate(
-            variables, [X], compiler_options={"xla_no_such_option": True}, train=False
-        )
+        model.calibrate(variables, [X], compiler_options={"xla_no_such_option": True}, train=False)
     fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
     got = model.calibrate(variables, [X], compiler_options=fast, train=False)
     want = model.calibrate(variables, [X], train=False)

@@ -133,6 +133,7 @@ def _stack(variables: dict) -> dict:
 
 
 @pytest.mark.parametrize("remat", [False, True], ids=["scan", "remat_scan"])
+@pytest.mark.slow
 def test_a_scanned_block_is_the_unrolled_model_without_listing_collections(remat):
     unrolled = quantize_model(Unrolled(), RULES)
     scanned = quantize_model(Scanned(remat=remat), RULES)

@@ -89,6 +89,7 @@ def test_a_step_that_recompiles_is_reported(monkeypatch):
         bench.main(argv, overrides={"model.block_setting": TINY_BLOCKS})
 
 
+@pytest.mark.slow
 def test_dampening_rounds_no_weight_twice():
     bench = load_script("benchmarks/train_step.py", "train_step_benchmark")
     sharded = bench.step_lib.Sharded.over_all_devices(fast_compile=True)

@@ -80,6 +80,7 @@ def test_errors_are_one_sentence_naming_the_field_or_file(args, expected, tmp_pa
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_a_missing_checkpoint_names_the_workdir_and_creates_nothing(tmp_path):
     # The config is valid (the control of the cases above): the error is the checkpoint's.
     workdir = tmp_path / "run"

@@ -87,6 +87,7 @@ def largest_data_file_orbax_reads(workdir: str, config, scratch) -> tuple[str, f
     raise AssertionError(f"no data file of {step_dir} is read unchecked")
 
 
+@pytest.mark.slow
 def test_a_bit_flip_in_the_newest_checkpoint_is_reported_and_resumed_past(
     uninterrupted, tmp_path, caplog, capsys
 ):

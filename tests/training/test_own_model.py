@@ -335,6 +335,7 @@ def test_an_own_models_steps_on_four_devices_match_one_device(tmp_path):
 # ----------------------------------------------------------------------------- no BatchNorm
 
 
+@pytest.mark.slow
 def test_a_model_without_batchnorm_trains_without_bn_reestimation(tmp_path, capsys):
     config = own_config(
         **{
@@ -449,6 +450,7 @@ def test_weight_only_quantization_leaves_every_activation_float():
         ({"model.name": "own_models:nnx_factory"}, "takes no 'rngs' argument"),
     ],
 )
+@pytest.mark.slow
 def test_train_py_refuses_in_one_sentence_and_writes_nothing(tmp_path, overrides, message):
     workdir = tmp_path / "run"
     result = train_py(str(workdir), extra=overrides)
@@ -510,6 +512,7 @@ def test_the_package_models_record_none_of_the_own_model_fields():
 # ----------------------------------------------------------------------------- the forward
 
 
+@pytest.mark.slow
 def test_bn_reestimation_batch_by_batch_equals_the_verb_over_all_batches():
     forward = models.forward_of(own_config(), FakeSource())
     images = [jax.random.normal(jax.random.key(i), (16, 8, 8, 1)) for i in range(3)]

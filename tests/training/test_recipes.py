@@ -35,7 +35,7 @@ TRACED = [
     pytest.param("efficientnet_lite0", "w3_freeze", marks=_SLOW),
     pytest.param("mobilenet_v3_small", "w4_damp", marks=_SLOW),
     pytest.param("mobilenet_v3_small", "w3_freeze", marks=_SLOW),
-    ("bn_study", "mobilenet_v2"),
+    pytest.param("bn_study", "mobilenet_v2", marks=_SLOW),
 ]
 TRACED_IDS = [
     "mobilenet_v2:w4_freeze",

@@ -260,6 +260,7 @@ def _frozen(state) -> int:
     )
 
 
+@pytest.mark.slow
 def test_k_steps_per_call_end_where_one_step_per_call_ends(calibrated):
     one, one_log, none = _run_loop(_loop_config(1), calibrated)
     many, many_log, program = _run_loop(_loop_config(4), calibrated)

@@ -119,6 +119,7 @@ def test_the_final_checkpoint_holds_the_re_estimated_bn_statistics(full_run, run
         np.testing.assert_allclose(final[f"eval/{key}"], value, rtol=1e-12, err_msg=key)
 
 
+@pytest.mark.slow
 def test_a_stopped_and_resumed_run_ends_in_the_same_state(full_run, tmp_path):
     workdir, config, full_summary = full_run
     resumed = str(tmp_path / "resumed")
@@ -221,6 +222,7 @@ class _NaNAtStep:
             yield images, labels
 
 
+@pytest.mark.slow
 def test_an_injected_nan_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     tmp_path, monkeypatch
 ):
@@ -261,6 +263,7 @@ def _nan_learning_rate_at(bad_step):
     ],
     ids=["pixel_at_checkpoint_step", "pixel_before_a_flush_of_two", "learning_rate"],
 )
+@pytest.mark.slow
 def test_a_nan_between_flushes_names_an_older_finite_checkpoint(
     injected, nan_step, message, tmp_path, monkeypatch
 ):
