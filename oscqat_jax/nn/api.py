@@ -14,36 +14,29 @@ collections. Each helper here removes one way of getting that wrong:
   host, naming the layer (call it every N steps, or after each evaluation).
 - :func:`strip_dampening`: the dampening term is an output of a train call, never an input
   (the layers raise if it is passed back in).
-- :func:`calibrate`: range initialisation for the package's own models, with the
-  collections it writes already chosen.
 
-A training loop over the package's layers (``model(x, ctx)``)::
+A training loop over a model quantized by rules (``qmodel = quantize_model(model, rules)``,
+calibrated by ``qmodel.calibrate``)::
 
     tx = quant_optimizer(optax.sgd(0.02, momentum=0.9), optax.adam(1e-3))
-    ctx = QuantContext.create("train", freeze_threshold=f_th)
 
     def loss_fn(params, variables, x, y):
-        logits, mutated = model.apply(
-            {**variables, "params": params}, x, ctx,
-            mutable=["batch_stats", "oscillation", "dampening"])
-        damp, updates = strip_dampening(mutated)  # updates: batch_stats, oscillation
-        return cross_entropy(logits, y) + lam * damp, updates
+        logits, aux = qmodel.apply({**variables, "params": params}, x, train=True,
+                                   mode="train", freeze_threshold=f_th, mutable=["batch_stats"])
+        return cross_entropy(logits, y) + lam * aux.dampening, aux.updates
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from oscqat_jax.nn import collect
-from oscqat_jax.nn.config import QuantContext
 from oscqat_jax.nn.quantizer import (
     DAMPENING,
     OSCILLATION,
@@ -191,93 +184,10 @@ def strip_dampening(mutated: Mapping[str, Any]) -> tuple[jax.Array, dict]:
     return collect.dampening_total(mutated), rest
 
 
-def calibration_step(model: nn.Module) -> Callable:
-    """``step(variables, inputs, key, **apply_kwargs) -> variables``: one calibration batch.
-
-    ``inputs`` is the tuple of positional arguments the model takes before its
-    :class:`QuantContext` (``(images,)`` for the package's models and layers). The step runs
-    the model in ``calibrate`` mode with :data:`CALIBRATION_COLLECTIONS` mutable and returns
-    ``variables`` updated by them. ``variables`` may lack the quantizer variables (those of
-    the float model): they are created on the first batch (``key`` seeds their
-    initialisers). Not jitted.
-    """
-    ctx = QuantContext.create("calibrate")
-
-    def step(variables: Mapping, inputs: tuple, key: jax.Array, **apply_kwargs) -> dict:
-        _, mutated = model.apply(
-            variables,
-            *inputs,
-            ctx,
-            mutable=list(CALIBRATION_COLLECTIONS),
-            rngs={"params": key},
-            **apply_kwargs,
-        )
-        return dict(variables, **mutated)
-
-    return step
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_calibration_step(model: nn.Module) -> Callable:
-    """:func:`calibration_step` jitted, kept per model so repeated calls compile once."""
-    return jax.jit(calibration_step(model))
-
-
-def calibrate(
-    model: nn.Module,
-    variables: Mapping,
-    batches: Iterable,
-    *,
-    key: jax.Array | None = None,
-    **apply_kwargs,
-) -> dict:
-    """Initialises the quantizers' ranges of a package model (docs/method.md §3) on ``batches``.
-
-    Args:
-      model: a module of the package's layers called as ``model(*inputs, ctx)``.
-      variables: its variables (those of the float model are enough: the quantizer
-        variables are created on the first batch).
-      batches: an iterable of inputs, each an array (e.g. ``(N, H, W, C)`` float32 images)
-        or a tuple of the positional arguments before the context. Each batch updates every
-        range estimator; the scales are those of the estimators after the last one.
-      key: seeds the initialisers of variables created on the first batch (default
-        ``jax.random.key(0)``).
-      apply_kwargs: further keyword arguments of ``model.apply`` (``method=``, keyword
-        inputs); not ``mutable`` or ``rngs``, which calibration sets.
-
-    Returns:
-      The complete variables (a new dict): ``params`` with calibrated scales,
-      ``quant_stats`` and a fresh ``oscillation`` state, and every other collection of
-      ``variables`` unchanged. Compiled once per input shape.
-    """
-    if apply_kwargs:
-        one_batch = calibration_step(model)
-        step = jax.jit(lambda v, inputs, k: one_batch(v, inputs, k, **apply_kwargs))
-    else:
-        step = _jitted_calibration_step(model)
-    key = jax.random.key(0) if key is None else key
-    variables = dict(variables)
-    if DAMPENING in variables:
-        raise ValueError(
-            "calibrate got variables with a 'dampening' collection; pass the model's variables "
-            "without it (see strip_dampening)."
-        )
-    count = 0
-    for batch in batches:
-        inputs = tuple(batch) if isinstance(batch, tuple) else (batch,)
-        variables = step(variables, inputs, key)
-        count += 1
-    if count == 0:
-        raise ValueError("calibrate got no batches; pass at least one batch of inputs.")
-    return variables
-
-
 __all__ = [
     "CALIBRATION_COLLECTIONS",
     "QUANTIZER",
     "WEIGHTS",
-    "calibrate",
-    "calibration_step",
     "check_scales",
     "min_scale",
     "param_labels",

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from flax.linen.module import _context
 
-from oscqat_jax.nn import api, bn, collect, intercept, nnx_quant
+from oscqat_jax.nn import bn, collect, intercept, nnx_quant
 from oscqat_jax.nn.rules import QuantRule, SitePlan
 
 MODES = ("float", "calibrate", "train", "eval")
@@ -100,9 +100,9 @@ def calibrate(model, *args, **kwargs):
     - ``calibrate(qm, variables, batches, **model_kwargs) -> variables`` for a Linen model
       quantized by rules (pass the model's inference arguments, e.g. ``train=False``);
     - ``calibrate(model, batches, **call_kwargs) -> model`` for an NNX model (in place; its
-      quantizers are left in ``eval``);
-    - ``calibrate(model, variables, batches, key=None, **apply_kwargs) -> variables`` for the
-      package's own models.
+      quantizers are left in ``eval``).
+
+    A Linen model not yet quantized has nothing to calibrate: it is refused in one sentence.
 
     ``batches`` yields the model's positional input: an array, or a tuple of arguments.
     Each batch is checked before it is used: non-empty numeric arrays with finite values,
@@ -110,6 +110,11 @@ def calibrate(model, *args, **kwargs):
     once per input shape); a bad one is refused in one sentence naming its index.
     """
     kind = _kind(model)
+    if kind == "linen":
+        raise ValueError(
+            f"calibrate got the Linen model {type(model).__name__}, which has no quantizers; "
+            "quantize it first (quantize_model(model, rules)) and calibrate the result."
+        )
     position = 0 if kind == "nnx" else 1
     if kind != "nnx":
         _check_variables(args[0] if args else kwargs.get("variables"))
@@ -119,9 +124,7 @@ def calibrate(model, *args, **kwargs):
         args = (*args[:position], checked, *args[position + 1 :])
     if kind == "rules":
         return model.calibrate(*args, **kwargs)
-    if kind == "nnx":
-        return nnx_quant.calibrate_nnx(model, *args, **kwargs)
-    return api.calibrate(model, *args, **kwargs)
+    return nnx_quant.calibrate_nnx(model, *args, **kwargs)
 
 
 def _check_variables(variables) -> None:

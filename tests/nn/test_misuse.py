@@ -181,3 +181,15 @@ def test_parameters_are_labelled_quantizers_only_when_a_quantizer_made_them():
         nnx_labels["stem"]["weight_scale"] == "quantizer"
         and nnx_labels["stem"]["kernel"] == "weights"
     )
+
+
+def test_calibrating_a_linen_model_that_was_never_quantized_is_refused_in_one_sentence():
+    from oscqat_jax.nn import calibrate
+
+    variables = Net().init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"^calibrate got the Linen model Net, which has no ") as e:
+        calibrate(Net(), variables, [X])
+    assert "quantize_model(model, rules)" in str(e.value) and "\n" not in str(e.value)
+    # Control: the same model quantized calibrates.
+    qm = quantize_model(Net(), W4A4)
+    assert "quant_stats" in calibrate(qm, qm.init(jax.random.key(0), X), [X])
