@@ -1,5 +1,5 @@
-"""Shared test set-up: the two tiers, a persistent XLA compilation cache, and the one
-trained digits run that several test files read (``digits_run``).
+"""Shared test set-up: the two tiers, a persistent XLA compilation cache, and the trained runs
+that several test files read (``digits_run``, ``tiny_run``).
 
 Tiers: ``python -m pytest -q -m "not slow"`` is the quick run (unit tests and small
 integration tests of every module, about 5 minutes on two cores); ``python -m pytest -q`` the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,3 +130,24 @@ def digits_run(tmp_path_factory, compile_cache_dir) -> TrainedRun:
             err.write_text(result.stderr)
             done.touch()
     return TrainedRun(digits_run_config(), workdir, out.read_text(), err.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> str:
+    """The workdir of testkit's uninterrupted tiny run (:data:`testkit.TINY_RUN`), trained once
+    per test session in the process of the first worker to ask (the others wait on a file
+    lock). Shared: read it, or copy it (``shutil.copytree``) before training on it."""
+    import filelock
+    from testkit import tiny_run_config
+
+    from oscqat_jax.training import trainer
+
+    shared = _shared_dir(tmp_path_factory)
+    workdir, done = shared / "tiny_run", shared / "tiny_run.ok"
+    with filelock.FileLock(str(shared / "tiny_run.lock"), timeout=1200):
+        if not done.exists():
+            if workdir.exists():  # a worker that failed half way
+                shutil.rmtree(workdir)
+            trainer.train_and_evaluate(tiny_run_config(), str(workdir))
+            done.touch()
+    return str(workdir)

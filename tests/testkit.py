@@ -1,6 +1,6 @@
 """Helpers shared by the test folders: the repository root, loading a script of the
-repository as a module, the tiny config of ``configs/tiny.py``, the suite's one trained digits
-run, and comparing trees."""
+repository as a module, the tiny config of ``configs/tiny.py``, the suite's trained digits run
+and uninterrupted tiny run, and comparing trees."""
 
 from __future__ import annotations
 
@@ -66,6 +66,20 @@ DIGITS_IMAGE_SHAPE = (16, 16, 1)
 def digits_run_config():
     """The config of :data:`DIGITS_RUN` (what ``train.py`` with :data:`DIGITS_RUN_FLAGS` runs)."""
     return tiny_config(**{k.replace(".", "__"): v for k, v in DIGITS_RUN.items()})
+
+
+# The suite's one uninterrupted tiny run: configs/tiny.py (two QAT epochs of 6 steps) with a
+# checkpoint every 2 steps (all kept) and every step logged, trained once per test session
+# (tests/conftest.py's ``tiny_run``). The preemption, checkpoint-integrity and divergence tests
+# compare their interrupted, damaged or diverged runs with it: they run these overrides (the
+# divergence tests their own checkpointing and logging, which must not change the state).
+TINY_RUN = {"train__checkpoint_every": 2, "train__log_every": 1}
+TINY_RUN_QAT_STEPS = 12
+
+
+def tiny_run_config():
+    """The config of :data:`TINY_RUN`."""
+    return tiny_config(**TINY_RUN)
 
 
 def qat_schedules_with_model_lr(index: int, value: float):

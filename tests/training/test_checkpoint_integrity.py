@@ -15,19 +15,27 @@ import time
 import jax
 import numpy as np
 import pytest
-from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
+from testkit import (
+    ROOT,
+    TESTS,
+    TINY_RUN,
+    TINY_RUN_QAT_STEPS,
+    assert_trees_equal,
+    restore_final,
+    tiny_config,
+)
 
 from oscqat_jax.training import checkpoint, checksums, trainer
 
-OVERRIDES = {"train__checkpoint_every": 2}
-QAT_STEPS = 12  # 2 epochs of 6 steps (tiny_config)
+# The suite's uninterrupted tiny run (conftest's ``tiny_run``): 2 epochs of 6 steps, a
+# checkpoint every 2 steps, every step logged.
+OVERRIDES = TINY_RUN
+QAT_STEPS = TINY_RUN_QAT_STEPS
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    trainer.train_and_evaluate(tiny_config(**OVERRIDES), workdir)
-    return workdir
+@pytest.fixture
+def uninterrupted(tiny_run):
+    return tiny_run
 
 
 def copy_of(workdir: str, destination) -> str:

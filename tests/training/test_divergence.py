@@ -6,7 +6,13 @@ import os
 
 import numpy as np
 import pytest
-from testkit import assert_trees_equal, qat_schedules_with_model_lr, restore_final, tiny_config
+from testkit import (
+    assert_trees_equal,
+    qat_schedules_with_model_lr,
+    restore_final,
+    tiny_config,
+    tiny_run_config,
+)
 
 from oscqat_jax.training import build, checkpoint, loop, metrics, trainer
 
@@ -172,11 +178,11 @@ def _absurd_rate_at(step):
     return qat_schedules_with_model_lr(step - 1, 1e30)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    trainer.train_and_evaluate(tiny_config(**OVERRIDES), workdir)
-    return restore_final(workdir, tiny_config(**OVERRIDES))
+@pytest.fixture
+def uninterrupted(tiny_run):
+    """The suite's uninterrupted tiny run (conftest's ``tiny_run``): the same 12 steps with
+    checkpoints and logs at other steps, which leave the state as it is."""
+    return restore_final(tiny_run, tiny_run_config())
 
 
 def _assert_resumes_to(workdir, uninterrupted, capsys, resumed_from):

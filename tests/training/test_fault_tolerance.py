@@ -11,9 +11,17 @@ import time
 
 import jax
 import pytest
-from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
+from testkit import (
+    ROOT,
+    TESTS,
+    TINY_RUN,
+    TINY_RUN_QAT_STEPS,
+    assert_trees_equal,
+    restore_final,
+    tiny_config,
+)
 
-from oscqat_jax.training import metrics, trainer
+from oscqat_jax.training import metrics
 
 # One command, as a user would re-run it. KILL_AFTER_SAVE makes the process SIGKILL itself
 # right after a QAT checkpoint save has started (the files are still being written by the
@@ -44,8 +52,10 @@ WORKER = textwrap.dedent(
     print("FINISHED")
     """
 )
-OVERRIDES = {"train__checkpoint_every": 2, "train__log_every": 1}
-QAT_STEPS = 12  # 2 epochs of 6 steps (tiny_config)
+# The suite's uninterrupted tiny run (conftest's ``tiny_run``): 2 epochs of 6 steps, a
+# checkpoint every 2 steps, every step logged.
+OVERRIDES = TINY_RUN
+QAT_STEPS = TINY_RUN_QAT_STEPS
 
 
 def _command(workdir: str, cache: str) -> list[str]:
@@ -76,15 +86,9 @@ def _latest_by_step(workdir: str) -> dict[int, dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    trainer.train_and_evaluate(tiny_config(**OVERRIDES), workdir)
-    return workdir
-
-
 @pytest.mark.slow
-def test_sigkilled_runs_resume_to_the_uninterrupted_result(uninterrupted, tmp_path):
+def test_sigkilled_runs_resume_to_the_uninterrupted_result(tiny_run, tmp_path):
+    uninterrupted = tiny_run
     rng = random.Random(20261128)
     cache = jax.config.jax_compilation_cache_dir or str(tmp_path / "xla_cache")
     workdir = str(tmp_path / "preempted")
