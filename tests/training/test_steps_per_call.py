@@ -349,7 +349,7 @@ def _records(workdir) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Whole runs through the trainer: K = 1; K = 4 with the images on the device; K = 4 with
-    host batches; K = 4 stopped after step 5 and resumed; K = 4 with another seed."""
+    host batches; K = 4 stopped after step 5 (its state kept) and resumed."""
     out = {}
 
     def train(name, config):
@@ -362,12 +362,9 @@ def runs(tmp_path_factory):
     train("host", _run_config(4, data__resident_max_mb=0))
     stopped = str(tmp_path_factory.mktemp("resumed"))
     trainer.train_and_evaluate(_run_config(4, train__stop_at_step=5), stopped)
-    out["stopped_at"] = restore_final(stopped, _run_config(4))[0]
+    out["stopped_at"], out["stopped"] = restore_final(stopped, _run_config(4))
     summary = trainer.train_and_evaluate(_run_config(4), stopped)
     out["resumed"] = (stopped, summary, *restore_final(stopped, _run_config(4)))
-    seed = _run_config(4)
-    seed.seed = 1
-    train("seed", seed)
     return out
 
 
@@ -410,8 +407,10 @@ def test_a_resumed_run_with_k_steps_per_call_is_exact(runs):
 
 
 @pytest.mark.slow
-def test_the_run_comparison_fails_for_another_seed(runs):
-    assert len(_mismatches(runs["one"][3], runs["seed"][3])) > 10
+def test_the_run_comparison_fails_for_another_run(runs):
+    # The same run stopped 7 steps short (no extra run: the stopped one above): parameters,
+    # statistics, tracking and optimizer states all differ, and the comparison must say so.
+    assert len(_mismatches(runs["one"][3], runs["stopped"])) > 10
 
 
 FOUR_DEVICES = textwrap.dedent(
