@@ -1,5 +1,5 @@
 """Shared test set-up: the two tiers, a persistent XLA compilation cache, and the trained runs
-that several test files read (``digits_run``, ``tiny_run``).
+that several test files read (``digits_run``, ``tiny_run``, ``two_process_run``).
 
 Tiers: ``python -m pytest -q -m "not slow"`` is the quick run (unit tests and small
 integration tests of every module, about 5 minutes on two cores); ``python -m pytest -q`` the
@@ -151,3 +151,42 @@ def tiny_run(tmp_path_factory) -> str:
             trainer.train_and_evaluate(tiny_run_config(), str(workdir))
             done.touch()
     return str(workdir)
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoProcessRun:
+    """testkit's uninterrupted two-process run: its workdir and what each process reported
+    (``testkit.DISTRIBUTED_WORKER``'s RESULT), process 0 first. Read it; write elsewhere."""
+
+    workdir: str
+    results: list
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory) -> TwoProcessRun:
+    """testkit's :data:`~testkit.TWO_PROCESS_RUN`, trained once per test session (the first
+    worker to ask starts both processes while the others wait on a file lock)."""
+    import json
+
+    import filelock
+    from testkit import distributed_result, free_port, launch_distributed
+
+    shared = _shared_dir(tmp_path_factory)
+    workdir, done = shared / "two_process_run", shared / "two_process_run.json"
+    with filelock.FileLock(str(shared / "two_process_run.lock"), timeout=1200):
+        if not done.exists():
+            if workdir.exists():  # a worker that failed half way
+                shutil.rmtree(workdir)
+            coordinator = f"localhost:{free_port()}"
+            procs = [
+                launch_distributed(
+                    str(workdir),
+                    process_id=i,
+                    num_processes=2,
+                    local_devices=2,
+                    coordinator=coordinator,
+                )
+                for i in range(2)
+            ]
+            done.write_text(json.dumps([distributed_result(p) for p in procs]))
+    return TwoProcessRun(str(workdir), json.loads(done.read_text()))

@@ -1,15 +1,19 @@
 """Helpers shared by the test folders: the repository root, loading a script of the
 repository as a module, the tiny config of ``configs/tiny.py``, the suite's trained digits run
-and uninterrupted tiny run, and comparing trees."""
+and uninterrupted tiny and two-process runs, and comparing trees."""
 
 from __future__ import annotations
 
 import ast
 import collections
 import importlib.util
+import json
 import os
 import pathlib
+import socket
+import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -80,6 +84,89 @@ TINY_RUN_QAT_STEPS = 12
 def tiny_run_config():
     """The config of :data:`TINY_RUN`."""
     return tiny_config(**TINY_RUN)
+
+
+# The suite's one uninterrupted two-process run (jax.distributed on CPU, localhost; two
+# devices per process): configs/tiny.py for one QAT epoch of 6 steps with seed 2, every step
+# logged, a checkpoint every 2 steps, trained once per test session by two ``python -c
+# DISTRIBUTED_WORKER`` processes (tests/conftest.py's ``two_process_run``). test_multihost.py
+# compares a one-process run with it; test_dead_peer.py a killed and resumed run.
+TWO_PROCESS_RUN = {"train__epochs": 1, "train__log_every": 1, "train__checkpoint_every": 2}
+TWO_PROCESS_SEED = 2
+TWO_PROCESS_QAT_STEPS = 6
+
+
+def two_process_run_config():
+    """The config of :data:`TWO_PROCESS_RUN` (and of the one-process run compared with it)."""
+    config = tiny_config(**TWO_PROCESS_RUN)
+    config.seed = TWO_PROCESS_SEED
+    return config
+
+
+# One process of a distributed run of :func:`two_process_run_config` (``process_id`` of
+# ``num_processes``, ``local_devices`` CPU devices each); it prints ``RESULT`` and a JSON of
+# the run's summary and of how the trainer placed this process's rows of a global batch.
+DISTRIBUTED_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={local_devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    from testkit import two_process_run_config
+    from oscqat_jax.training import data, trainer
+    from oscqat_jax.training import step as step_lib
+
+    config = two_process_run_config()
+    config.distributed.coordinator_address = {coordinator!r}
+    config.distributed.num_processes = {num_processes}
+    config.distributed.process_id = {process_id}
+    summary = trainer.train_and_evaluate(config, {workdir!r})
+    import jax
+    # How the trainer places this process's rows of a global batch on the mesh.
+    source = data.load_dataset(config.data)
+    images, _ = next(source.train_batches(
+        0, batch_size=config.data.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count()))
+    placed = step_lib.Sharded.over_all_devices().put_batch(images)
+    shards = sorted((s.device.id, *s.index[0].indices(placed.shape[0])[:2], s.data.shape[0])
+                    for s in placed.addressable_shards)
+    print("RESULT", json.dumps(dict(
+        process=jax.process_index(), processes=jax.process_count(),
+        devices=len(jax.devices()), local_rows=len(images), global_rows=placed.shape[0],
+        shards=shards, summary={{k: v for k, v in summary.items() if k != "wall_time_s"}})))
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch_distributed(workdir, *, process_id, num_processes, local_devices, coordinator=""):
+    """Starts one :data:`DISTRIBUTED_WORKER` process (a ``subprocess.Popen``)."""
+    script = DISTRIBUTED_WORKER.format(
+        local_devices=local_devices,
+        root=ROOT,
+        tests=TESTS,
+        coordinator=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        workdir=workdir,
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def distributed_result(proc, timeout=900) -> dict:
+    """What a :data:`DISTRIBUTED_WORKER` process printed after ``RESULT``; fails the test with
+    its stderr when it exits non-zero."""
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return json.loads(out.split("RESULT", 1)[1])
 
 
 def qat_schedules_with_model_lr(index: int, value: float):
@@ -199,7 +286,6 @@ def run_pickling_script(code: str, output: str, *, timeout: int = 900):
     ``output``, e.g. one that sets XLA flags before importing JAX) and returns what it
     pickled; fails the test with the script's stderr when it exits non-zero."""
     import pickle
-    import subprocess
 
     result = subprocess.run(
         [sys.executable, "-c", code, output],

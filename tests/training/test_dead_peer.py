@@ -14,7 +14,14 @@ import time
 
 import jax
 import pytest
-from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
+from testkit import (
+    ROOT,
+    TESTS,
+    TWO_PROCESS_QAT_STEPS,
+    assert_trees_equal,
+    restore_final,
+    two_process_run_config,
+)
 
 from oscqat_jax.training import peers
 
@@ -22,8 +29,10 @@ HEARTBEAT_S = 10
 # The survivor must end this soon after the other process is gone: the watch's heartbeat
 # timeout, a beat, and the time to print and exit (JAX's own default timeout is 100 s).
 BOUND_S = HEARTBEAT_S + 20
-OVERRIDES = {"train__checkpoint_every": 4, "train__log_every": 1}
-QAT_STEPS = 12  # 2 epochs of 6 steps
+# The suite's uninterrupted two-process run (conftest's ``two_process_run``) is the result a
+# killed run must resume to: one QAT epoch of 6 steps, seed 2, a checkpoint every 2 steps, so
+# a kill at step 3, or in step 4's save, leaves step 2 as the newest complete checkpoint.
+QAT_STEPS = TWO_PROCESS_QAT_STEPS
 
 # KILL="<process id>:step:<n>" makes that process SIGKILL itself just before it runs QAT step n
 # (1-based); "<process id>:save:<n>" right after the save of step n has started (its files
@@ -37,7 +46,7 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import jax
     jax.config.update("jax_compilation_cache_dir", {cache!r})
-    from testkit import tiny_config
+    from testkit import two_process_run_config
     from oscqat_jax.training import checkpoint, step as step_lib, trainer
 
     process_id = {process_id}
@@ -61,7 +70,7 @@ WORKER = textwrap.dedent(
             return started
 
         checkpoint.Checkpointer.save = save_then_die
-    config = tiny_config(**{overrides!r})
+    config = two_process_run_config()
     config.distributed.coordinator_address = {coordinator!r}
     config.distributed.num_processes = 2
     config.distributed.process_id = process_id
@@ -88,7 +97,6 @@ def _start_both(workdir, cache, kill=""):
             cache=cache,
             process_id=process_id,
             qat_steps=QAT_STEPS,
-            overrides=OVERRIDES,
             coordinator=coordinator,
             heartbeat=HEARTBEAT_S,
             workdir=workdir,
@@ -139,16 +147,14 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache):
-    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    _run_both(workdir, cache)
-    return restore_final(workdir, tiny_config(**OVERRIDES))
+def uninterrupted(two_process_run):
+    return restore_final(two_process_run.workdir, two_process_run_config())
 
 
 def _assert_restart_reaches(workdir, cache, uninterrupted, resumed_from):
     outs = _run_both(workdir, cache)
     assert f"Resuming QAT from step {resumed_from} " in outs[0][0]
-    step, state = restore_final(workdir, tiny_config(**OVERRIDES))
+    step, state = restore_final(workdir, two_process_run_config())
     assert step == uninterrupted[0] == QAT_STEPS
     assert_trees_equal(state, uninterrupted[1])
 
@@ -158,13 +164,13 @@ def _assert_restart_reaches(workdir, cache, uninterrupted, resumed_from):
 # The suite runs SUITE_CASE; the other cases (each as costly, 1.5 to 2 minutes on two cores)
 # run with `python tests/training/dead_peer_matrix.py`.
 CASES = {
-    "process_1_mid_training": (1, "step:7", "watch"),
-    "process_1_during_a_save": (1, "save:8", "watch"),
-    "process_0_during_a_save": (0, "save:8", "jax"),
+    "process_1_mid_training": (1, "step:3", "watch"),
+    "process_1_during_a_save": (1, "save:4", "watch"),
+    "process_0_during_a_save": (0, "save:4", "jax"),
 }
 # The case with the most of this project's code at stake: our watch must notice the lost
 # process, name it in its sentence and exit with its status in time, and the save it cut short
-# (step 8's, its files half written by the other process's background thread) must not be
+# (step 4's, its files half written by the other process's background thread) must not be
 # trusted on the restart. Mid-training has no save in flight; a lost process 0 is ended by JAX.
 SUITE_CASE = "process_1_during_a_save"
 
@@ -186,10 +192,11 @@ def check_kill_case(case, uninterrupted, cache, workdir):
         assert sentence.endswith(f"checkpoint in {os.path.join(workdir, 'checkpoints')}.")
     else:
         assert status != 0 and "the leader task was preempted/died" in err, err[-3000:]
-    # Step 8's save was cut short: it is no checkpoint; step 4 is the newest complete one.
+    # Step 4's save was cut short (or never started): it is no checkpoint; step 2 is the
+    # newest complete one.
     complete = [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
-    assert complete == ["4"]
-    _assert_restart_reaches(workdir, cache, uninterrupted, resumed_from=4)
+    assert complete == ["2"]
+    _assert_restart_reaches(workdir, cache, uninterrupted, resumed_from=2)
 
 
 @pytest.mark.slow

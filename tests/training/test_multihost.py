@@ -7,81 +7,24 @@ writes the metrics.
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
-from testkit import ROOT, TESTS, assert_trees_equal, restore_final, tiny_config
-
-# A seed whose epoch freezes weights and rounds every value alike in both runs: with the plain
-# models' initial values seed 0's six steps freeze none, and seeds 1 and 4 round one value
-# differently (a 3-bit network's legitimate parting, as in test_training's device test).
-SEED = 2
-WORKER = textwrap.dedent(
-    """
-    import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={local_devices}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, {root!r})
-    sys.path.insert(0, {tests!r})
-    from testkit import tiny_config
-    from oscqat_jax.training import data, trainer
-    from oscqat_jax.training import step as step_lib
-
-    # Every step's loss logged; the tiny config's tracking (momentum 0.3, threshold annealed
-    # from 0.2 at step 2) freezes a few weights within the epoch.
-    config = tiny_config(train__epochs=1, train__log_every=1)
-    config.seed = {seed}
-    config.distributed.coordinator_address = {coordinator!r}
-    config.distributed.num_processes = {num_processes}
-    config.distributed.process_id = {process_id}
-    summary = trainer.train_and_evaluate(config, {workdir!r})
-    import jax
-    # How the trainer places this process's rows of a global batch on the mesh.
-    source = data.load_dataset(config.data)
-    images, _ = next(source.train_batches(
-        0, batch_size=config.data.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count()))
-    placed = step_lib.Sharded.over_all_devices().put_batch(images)
-    shards = sorted((s.device.id, *s.index[0].indices(placed.shape[0])[:2], s.data.shape[0])
-                    for s in placed.addressable_shards)
-    print("RESULT", json.dumps(dict(
-        process=jax.process_index(), processes=jax.process_count(),
-        devices=len(jax.devices()), local_rows=len(images), global_rows=placed.shape[0],
-        shards=shards, summary={{k: v for k, v in summary.items() if k != "wall_time_s"}})))
-    """
+from testkit import (
+    TWO_PROCESS_QAT_STEPS,
+    assert_trees_equal,
+    distributed_result,
+    launch_distributed,
+    restore_final,
+    two_process_run_config,
 )
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _launch(workdir, *, process_id, num_processes, local_devices, coordinator=""):
-    script = WORKER.format(
-        local_devices=local_devices,
-        root=ROOT,
-        tests=TESTS,
-        coordinator=coordinator,
-        num_processes=num_processes,
-        process_id=process_id,
-        workdir=workdir,
-        seed=SEED,
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def _result(proc, timeout=900):
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-4000:]
-    return json.loads(out.split("RESULT", 1)[1])
+# The two-process run is the suite's (conftest's ``two_process_run``: testkit's
+# DISTRIBUTED_WORKER, one QAT epoch of 6 steps, every step's loss logged, the tiny config's
+# tracking freezing a few weights). Its seed, 2, is one whose epoch freezes weights and rounds
+# every value alike in both runs: with the plain models' initial values seed 0's six steps
+# freeze none, and seeds 1 and 4 round one value differently (a 3-bit network's legitimate
+# parting, as in test_training's device test).
 
 
 def _oscillation_states(collection) -> list[dict]:
@@ -97,15 +40,14 @@ def _step_losses(workdir) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_two_processes_end_in_the_state_of_one_process(tmp_path):
-    single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
-    coordinator = f"localhost:{_free_port()}"
-    procs = [
-        _launch(multi_dir, process_id=i, num_processes=2, local_devices=2, coordinator=coordinator)
-        for i in range(2)
-    ]
-    single = _result(_launch(single_dir, process_id=0, num_processes=1, local_devices=4))
-    multi = [_result(p) for p in procs]
+def test_two_processes_end_in_the_state_of_one_process(request, tmp_path):
+    single_dir = str(tmp_path / "single")
+    # Started first: it runs beside the two processes when this test is the first to ask for
+    # them (each process waits on its peers and the file system a good part of the time).
+    single_process = launch_distributed(single_dir, process_id=0, num_processes=1, local_devices=4)
+    two_process_run = request.getfixturevalue("two_process_run")
+    multi_dir, multi = two_process_run.workdir, two_process_run.results
+    single = distributed_result(single_process)
 
     assert [m["process"] for m in multi] == [0, 1]
     assert all(m["processes"] == 2 and m["devices"] == 4 for m in multi)
@@ -121,11 +63,10 @@ def test_two_processes_end_in_the_state_of_one_process(tmp_path):
     assert (single["local_rows"], single["global_rows"]) == (8, 8)
     assert [s[1:] for s in single["shards"]] == [[r, r + 2, 2] for r in range(0, 8, 2)]
 
-    config = tiny_config(train__epochs=1, train__log_every=1)
-    config.seed = SEED
+    config = two_process_run_config()
     step_s, state_s = restore_final(single_dir, config)
     step_m, state_m = restore_final(multi_dir, config)
-    assert step_s == step_m == 6
+    assert step_s == step_m == TWO_PROCESS_QAT_STEPS == 6
     frozen = [
         sum(int(np.sum(s["frozen"])) for s in _oscillation_states(state["oscillation"]))
         for state in (state_s, state_m)
