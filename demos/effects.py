@@ -16,9 +16,11 @@ runs its pilots first, then its main regime, and reports every run of every regi
 started. Each run lives in ``<workdir>/runs/<regime>/<name>``; a run whose ``result.json``
 exists is skipped, so re-running the command continues the study, and the report (with
 ``figures/results_*.png`` beside it) is rewritten after every run. ``--quick`` is a tiny
-version (a 16x16 MobileNetV2, a few epochs) for the tests. The GPU version of the study,
-its main regime at three seeds with a time prediction from this study's step costs, is the
-module ``effects_gpu`` beside this script, which ``benchmarks/gpu_check.py`` runs.
+version (a 16x16 MobileNetV2, a few epochs) to try the script; the tests train these tiny
+runs through ``benchmarks/gpu_check.py --dry-run``. The GPU version of the study, its main
+regime at three seeds with a time prediction from this study's step costs, is the module
+``effects_gpu`` beside this script, which ``benchmarks/gpu_check.py`` runs (``--dry-run``:
+this study's tiny runs, one epoch each).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The effects study (demos/effects.py, effects_report.py, configs/effects.py): its recipe, its
-plan, its statistics on results worked out by hand, and its quick version end to end."""
+plan, its statistics on results worked out by hand, and the study loop. Its tiny runs train
+end to end in tests/scripts/test_gpu_check.py (the GPU check's dry run is this study's
+``one_run`` over every kind of run at the quick version's tiny sizes)."""
 
 import copy
+import json
 import os
 
 import numpy as np
@@ -183,25 +186,65 @@ def test_report_of_fabricated_results_has_every_section(tmp_path):
     assert os.path.getsize(tmp_path / "figures" / "results_bn_gap.png") > 1000
 
 
-@pytest.mark.slow
-def test_quick_study_end_to_end(tmp_path):
-    out = tmp_path / "results.md"
-    results = demo.run_study(demo.QUICK, str(tmp_path / "work"), str(out))
-    assert [f for f in results] == [r.folder for r in demo.plan(demo.QUICK)]
-    for folder, r in results.items():
-        if r["run"]["kind"] == "float":
-            assert len(r["float_loss_per_epoch"]) == demo.QUICK.float_epochs["mobilenet_v2"]
-            continue
-        assert len(r["curve"]) == demo.QUICK.regimes[0].qat_epochs, folder
-        assert all(
-            0 <= e["top1_pre_bn"] <= 100 and 0 <= e["top1_post_bn"] <= 100 for e in r["curve"]
-        )
-        assert r["curve"][-1]["top1_pre_bn"] == pytest.approx(r["pre_bn"])
-        assert r["step_ms"] > 0 and r["steps"] == 3 * 11
-    text = out.read_text(encoding="utf-8")
-    assert "| W3A3 | LSQ + freezing | 1 |" in text and "| quick | 3 epochs" in text
-    again = demo.run_study(demo.QUICK, str(tmp_path / "work"), str(out))  # all skipped
-    assert again == results
+def test_run_study_runs_the_plan_in_order_and_rewrites_the_report_after_each_run(
+    tmp_path, monkeypatch
+):
+    # The runs themselves train in tests/scripts/test_gpu_check.py: its dry run trains every
+    # kind of run of this study's tiny configs through one_run, and reports them again through
+    # run_study without training.
+    trained, reported = [], []
+
+    def one_run(settings, run, workdir):
+        assert settings is demo.QUICK and workdir == str(tmp_path)
+        trained.append(run.folder)
+        return {"run": {"kind": run.kind}}
+
+    monkeypatch.setattr(demo, "one_run", one_run)
+    monkeypatch.setattr(demo, "write_report", lambda s, r, out, w: reported.append(list(r)))
+    results = demo.run_study(demo.QUICK, str(tmp_path), str(tmp_path / "results.md"))
+    folders = [r.folder for r in demo.plan(demo.QUICK)]
+    assert trained == list(results) == folders
+    assert reported == [folders[: i + 1] for i in range(len(folders))]
+
+
+def _write_metrics(run_dir, rows: list[dict]) -> str:
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(run_dir)
+
+
+def test_a_runs_losses_per_epoch_curve_and_step_time_come_from_its_metrics(tmp_path):
+    # Three float epochs of 4 steps logged every 2 steps, 1 s a step; three QAT epochs of 4
+    # steps, 2 s a step, each evaluated before and after BN re-estimation.
+    rows = [{"step": s, "time": 10.0 + s, "float/loss": float(s)} for s in range(2, 13, 2)]
+    rows += [{"step": s, "time": 30.0 + 2 * s, "qat/loss": 1.0} for s in range(2, 13, 2)]
+    evals = [
+        {
+            "step": 4 * e,
+            "time": 31.0 + 8 * e,
+            "eval/top1_pre_bn": 50.0 + e,
+            "eval/top1_post_bn": 60.0 + e,
+            "eval/top5_pre_bn": 99.0,
+            "eval/bn_mean_shift/depthwise": 0.1 * e,
+        }
+        for e in (1, 2, 3)
+    ]
+    run_dir = _write_metrics(tmp_path / "run", rows + evals)
+    assert demo.float_losses(run_dir, 3) == [3.0, 7.0, 11.0]  # steps (2, 4), (6, 8), (10, 12)
+    assert demo.step_ms(run_dir, "float") == pytest.approx(1000.0)
+    assert demo.step_ms(run_dir, "qat") == pytest.approx(2000.0)
+    assert demo.curve(run_dir) == [
+        {
+            "step": 4 * e,
+            "top1_pre_bn": 50.0 + e,
+            "top1_post_bn": 60.0 + e,
+            "bn_mean_shift/depthwise": 0.1 * e,
+        }
+        for e in (1, 2, 3)
+    ]
+    one_record = _write_metrics(tmp_path / "short", rows[:1])
+    assert demo.step_ms(one_record, "float") is None
 
 
 def test_bn_rows_of_a_w3a3_regime_take_the_partners_lsq_runs():

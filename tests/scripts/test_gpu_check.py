@@ -59,6 +59,7 @@ def test_dry_run_measures_every_part(dry_run):
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_step_s"])
         assert r["compile_s"] > 0 and r["xla_bytes"] > 0 and r["peak_memory_bytes"] > 0
     assert fp["vs_fp"] == 1.0
+    assert fp["round_ops"] == 0 < qat["round_ops"] and fp["conv_ops"] == qat["conv_ops"]
     assert qat["vs_fp"] == pytest.approx(fp["median_step_s"] / qat["median_step_s"])
     assert [t["met"] for t in speed["targets"]] == [None] * 3  # batch 256 is not in a dry run
 
@@ -97,6 +98,27 @@ def test_dry_run_report_has_the_tables(dry_run):
     ):
         assert header in text, header
     assert "| W3A3 | LSQ + freezing | 1 |" in text and "| mobilenet_v2 | 1 |" in text
+
+
+@pytest.mark.slow
+def test_the_study_script_reports_the_dry_runs_without_training_them_again(
+    dry_run, tmp_path, monkeypatch
+):
+    """``demos/effects.py`` continuing the dry run's study: every run has its result, so none
+    trains again, and the study's own report is written from them."""
+    data, _, _, workdir = dry_run
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(study.effects.trainer, "train_and_evaluate", no_training)
+    out = tmp_path / "results.md"
+    results = study.effects.run_study(study.DRY, str(workdir), str(out))
+    assert list(results) == [r.folder for r in study.effects.plan(study.DRY)]
+    assert results == json.loads(json.dumps(data["effects"]["results"]))
+    text = out.read_text(encoding="utf-8")
+    assert "| W3A3 | LSQ + freezing | 1 |" in text and "| dry | 1 epochs" in text
+    assert os.path.getsize(tmp_path / "figures" / "results_bn_gap.png") > 1000
 
 
 @pytest.mark.slow
