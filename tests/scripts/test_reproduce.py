@@ -119,7 +119,7 @@ def test_plan_runs_every_method_bit_width_and_seed_after_its_float_model():
 def test_a_float_run_writes_the_weights_its_qat_runs_start_from():
     config = demo.run_config(demo.QUICK, demo.Run("float", "mobilenet_v2"), float_weights="f.npz")
     assert config.float_train.save_weights == "f.npz" and not config.model.pretrained
-    assert config.float_train.epochs == 4 and config.train.stop_at_step == 1
+    assert config.float_train.epochs == 3 and config.train.stop_at_step == 1
     quick_model = load_script("configs/tiny.py", "tiny_quick_config").get_config("quick").model
     assert config.model.block_setting == quick_model.block_setting
     assert config.model.width_multiplier == quick_model.width_multiplier
