@@ -1,7 +1,9 @@
 """``--help`` on every command of the repository: exit status 0 and a usage line on stdout.
 
 Each command is one interpreter start and its imports (one to three seconds), so the file is
-in the slow tier.
+in the slow tier. The scripts the README names run ``--help`` from a clone of the repository
+in test_packaging.py, which proves the same and more; they are not run twice (the PyTorch
+reference is, because that test skips it where torch is not installed).
 """
 
 import pathlib
@@ -11,6 +13,7 @@ import sys
 
 import pytest
 import testkit
+from test_packaging import README_SCRIPTS
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +38,11 @@ COMMANDS = [
     pytest.param(["-m", "oscqat_jax.deploy"], id="deploy"),
     pytest.param(["-m", "oscqat_jax.deploy", "check"], id="deploy-check"),
     pytest.param(["docs/build_api.py"], id="docs/build_api.py"),
-    *(pytest.param([script], id=script) for script in _scripts()),
+    *(
+        pytest.param([script], id=script)
+        for script in _scripts()
+        if script not in README_SCRIPTS or "torch" in script
+    ),
 ]
 
 
