@@ -13,7 +13,7 @@ TINY_BLOCKS = TEST_BLOCKS
 def test_benchmark_times_each_variant_with_one_compilation(capsys):
     bench = load_script("benchmarks/train_step.py", "train_step_benchmark")
     argv = [
-        "--variants=freeze+dampen,rules,nnx",
+        "--variants=fp,freeze+dampen,rules,nnx",
         "--batch=4",
         "--resolution=16",
         "--num_classes=10",
@@ -26,9 +26,7 @@ def test_benchmark_times_each_variant_with_one_compilation(capsys):
 
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
     assert printed == records
-    # The float step, at these sizes, is timed by the GPU check's dry run
-    # (tests/scripts/test_gpu_check.py), which also holds that it rounds nothing.
-    assert [r["variant"] for r in records] == ["freeze+dampen", "rules", "nnx"]
+    assert [r["variant"] for r in records] == ["fp", "freeze+dampen", "rules", "nnx"]
     for r in records:
         assert r["compiles"] == 1
         assert r["steps"] == 3
@@ -38,8 +36,9 @@ def test_benchmark_times_each_variant_with_one_compilation(capsys):
         assert r["lower_s"] > 0 and r["compile_s"] > 0
         assert r["peak_memory_bytes"] > 0 and r["peak_memory_source"]
         assert r["xla_temp_bytes"] > 0
-    freeze_dampen, rules, nnx_case = records
-    assert freeze_dampen["round_ops"] > 0
+    fp, freeze_dampen, rules, nnx_case = records
+    assert fp["round_ops"] == 0
+    assert freeze_dampen["round_ops"] > 0 and freeze_dampen["conv_ops"] == fp["conv_ops"]
     # The plain model quantized by rules rounds as often and carries a state of the same
     # size as the package's model (the depth-wise convs may differ: the package slices on CPU).
     assert rules["round_ops"] == freeze_dampen["round_ops"]
