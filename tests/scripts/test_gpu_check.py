@@ -23,8 +23,8 @@ def dry_run(tmp_path_factory, compile_cache_dir):
     if compile_cache_dir:
         # The command compiles into <workdir>/xla_cache, new for every command; there, the
         # suite's cache serves the programs it shares with the suite's other runs of the tiny
-        # models (the effects study's, the same configs) and with the previous runs of the
-        # suite, instead of compiling them all in every run (about 100 s on two cores).
+        # models and with the previous runs of the suite, instead of compiling them all in
+        # every run (about 100 s on two cores).
         os.symlink(compile_cache_dir, workdir / "xla_cache")
     command = [
         sys.executable,
