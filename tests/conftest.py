@@ -99,6 +99,22 @@ def _shared_dir(tmp_path_factory) -> pathlib.Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+def _once(tmp_path_factory, name: str, build) -> tuple[pathlib.Path, pathlib.Path]:
+    """``(workdir, done)`` of the shared run ``name``: the first xdist worker to ask calls
+    ``build(workdir, done)``, which must write the marker ``done`` last, while the others wait
+    on a file lock; a workdir that a failed worker left half way is removed first."""
+    import filelock
+
+    shared = _shared_dir(tmp_path_factory)
+    workdir, done = shared / name, shared / f"{name}.done"
+    with filelock.FileLock(str(shared / f"{name}.lock"), timeout=1200):
+        if not done.exists():
+            if workdir.exists():  # a worker that failed half way
+                shutil.rmtree(workdir)
+            build(workdir, done)
+    return workdir, done
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory, compile_cache_dir) -> TrainedRun:
     """testkit's digits run, trained once per test session by ``python train.py`` (the first
@@ -137,19 +153,15 @@ def tiny_run(tmp_path_factory) -> str:
     """The workdir of testkit's uninterrupted tiny run (:data:`testkit.TINY_RUN`), trained once
     per test session in the process of the first worker to ask (the others wait on a file
     lock). Shared: read it, or copy it (``shutil.copytree``) before training on it."""
-    import filelock
     from testkit import tiny_run_config
 
     from oscqat_jax.training import trainer
 
-    shared = _shared_dir(tmp_path_factory)
-    workdir, done = shared / "tiny_run", shared / "tiny_run.ok"
-    with filelock.FileLock(str(shared / "tiny_run.lock"), timeout=1200):
-        if not done.exists():
-            if workdir.exists():  # a worker that failed half way
-                shutil.rmtree(workdir)
-            trainer.train_and_evaluate(tiny_run_config(), str(workdir))
-            done.touch()
+    def build(workdir, done):
+        trainer.train_and_evaluate(tiny_run_config(), str(workdir))
+        done.touch()
+
+    workdir, _ = _once(tmp_path_factory, "tiny_run", build)
     return str(workdir)
 
 
@@ -168,25 +180,21 @@ def two_process_run(tmp_path_factory) -> TwoProcessRun:
     worker to ask starts both processes while the others wait on a file lock)."""
     import json
 
-    import filelock
     from testkit import distributed_result, free_port, launch_distributed
 
-    shared = _shared_dir(tmp_path_factory)
-    workdir, done = shared / "two_process_run", shared / "two_process_run.json"
-    with filelock.FileLock(str(shared / "two_process_run.lock"), timeout=1200):
-        if not done.exists():
-            if workdir.exists():  # a worker that failed half way
-                shutil.rmtree(workdir)
-            coordinator = f"localhost:{free_port()}"
-            procs = [
-                launch_distributed(
-                    str(workdir),
-                    process_id=i,
-                    num_processes=2,
-                    local_devices=2,
-                    coordinator=coordinator,
-                )
-                for i in range(2)
-            ]
-            done.write_text(json.dumps([distributed_result(p) for p in procs]))
+    def build(workdir, done):
+        coordinator = f"localhost:{free_port()}"
+        procs = [
+            launch_distributed(
+                str(workdir),
+                process_id=i,
+                num_processes=2,
+                local_devices=2,
+                coordinator=coordinator,
+            )
+            for i in range(2)
+        ]
+        done.write_text(json.dumps([distributed_result(p) for p in procs]))
+
+    workdir, done = _once(tmp_path_factory, "two_process_run", build)
     return TwoProcessRun(str(workdir), json.loads(done.read_text()))

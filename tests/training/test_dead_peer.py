@@ -6,7 +6,6 @@ processes resumes the run to the uninterrupted result."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from testkit import (
     TESTS,
     TWO_PROCESS_QAT_STEPS,
     assert_trees_equal,
+    free_port,
     restore_final,
     two_process_run_config,
 )
@@ -81,14 +81,8 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _start_both(workdir, cache, kill=""):
-    coordinator = f"localhost:{_free_port()}"
+    coordinator = f"localhost:{free_port()}"
     procs = []
     for process_id in range(2):
         script = WORKER.format(
